@@ -1,0 +1,91 @@
+"""The consumer protocol: everything downstream of the one trace per batch.
+
+The runner traces the model once per batch, pools each requested site, and hands the
+result to every active consumer as a :class:`PooledBatch`. Probes, geometry
+accumulators, diffusion gauges and stores are all consumers, so adding one never
+changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
+
+* ``requests``: the ``(site spec, pooling)`` pairs the consumer reads; the runner
+  reads the union of the active consumers' requests, each pair once per trace;
+* ``update(batch)``: fold in one batch;
+* ``compute()``: plain data (a dict or DataFrame); raises :class:`NotComputedError`
+  before any update;
+* ``merge(other)``: combine state from another instance fed disjoint data, where the
+  statistic allows it;
+* ``reset()``: back to the empty state;
+* ``active``: ``False`` once the consumer needs no more batches (a stopped probe), so
+  the runner stops reading its sites and can end the forward earlier;
+* ``finish()``: called once at the end of a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request"]
+
+Request = tuple[str, str]  #: (site spec as written, pooling name)
+
+
+class NotComputedError(RuntimeError):
+    """``compute()`` or a prediction was asked for before any data was seen."""
+
+
+@dataclass
+class PooledBatch:
+    """What one trace gives the consumers.
+
+    Attributes:
+        acts: ``{(site spec, pool): (rows, hidden) float32 array}``.
+        labels: ``(batch,)`` integer labels, or ``None`` for unlabeled passes.
+        step: Zero-based index of this training batch within the pass.
+        epoch: Zero-based epoch.
+        index: ``(batch,)`` dataset positions of the examples.
+        n_tokens: ``(batch,)`` number of real tokens per example.
+    """
+
+    acts: dict[Request, np.ndarray]
+    labels: np.ndarray | None = None
+    step: int = 0
+    epoch: int = 0
+    index: np.ndarray | None = None
+    n_tokens: np.ndarray | None = field(default=None, repr=False)
+
+
+class Consumer:
+    """Base class for anything that reads pooled activations from the runner."""
+
+    #: (site spec, pooling) pairs this consumer reads.
+    requests: tuple[Request, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether the consumer still wants batches."""
+        return True
+
+    def update(self, batch: PooledBatch) -> None:
+        """Fold one batch of pooled activations into the state."""
+        raise NotImplementedError
+
+    def compute(self) -> Any:
+        """Return the result as plain data (dict or DataFrame)."""
+        raise NotImplementedError
+
+    def merge(self, other: "Consumer") -> "Consumer":
+        """Combine with another instance that saw disjoint data; returns ``self``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be merged: its state is not a sufficient statistic"
+        )
+
+    def reset(self) -> None:
+        """Return to the empty state."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once when a pass over the data ends."""
+
+    def start(self, **context: Any) -> None:
+        """Called once before a pass, with what the runner knows (model, sites...)."""

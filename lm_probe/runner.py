@@ -1,0 +1,312 @@
+"""ProbeRunner: one trace per batch, fanned out to every consumer.
+
+The flow is one-way::
+
+    dataset -> batches -> one nnsight trace per batch -> pooled activations per
+    (site, pooling) -> consumers (probes, accumulators, gauges, stores) -> results
+
+:meth:`ProbeRunner.fit_probes` carves a validation split off the training set, pools
+it once (cached), then runs the main loop in :meth:`ProbeRunner._pass`: each batch is
+traced once for the sites that active consumers still need, the forward stops after
+the deepest of them, and each consumer updates on the pooled activations. Probes stop
+themselves early; when a probe stops its site is no longer read. Test activations are
+pooled the same way, one trace per batch for all probes, to fill :attr:`metrics`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from .consumer import Consumer, PooledBatch, Request
+from .dataset import ProbeDataset
+from .early_stopping import EarlyStopping
+from .metrics import METRIC_COLUMNS
+from .probe import LinearProbe, ProbeConfig
+from .sites import Site, resolve_sites
+from .trace import read_pooled
+
+__all__ = ["ProbeRunner"]
+
+
+class ProbeRunner:
+    """Train many probes (and feed other consumers) from one forward pass per batch.
+
+    Args:
+        model: An nnsight model (see :func:`lm_probe.load_model`).
+        configs: One :class:`ProbeConfig` per probe, in any order.
+        consumers: Other consumers (geometry accumulators, gauges...) fed from the
+            same traces.
+        seed: Seed for splits, batch order and the probes' SGD.
+        progress: Show a progress bar over batches.
+        **trace_kwargs: Passed to every ``model.trace`` call.
+
+    Raises:
+        SiteError: a site names no module of the model (before any forward pass).
+        ValueError: probe names collide.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        configs: Iterable[ProbeConfig] = (),
+        *,
+        consumers: Iterable[Consumer] = (),
+        seed: int = 0,
+        progress: bool = True,
+        **trace_kwargs: Any,
+    ) -> None:
+        if not hasattr(model, "trace") or not hasattr(model, "_module"):
+            raise TypeError(
+                f"ProbeRunner needs an nnsight model, got {type(model).__name__}; "
+                "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)"
+            )
+        self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
+        self.configs = list(configs)
+        self._check_names(self.configs)
+        self.probes = {
+            c.name: LinearProbe(c, random_state=(seed + zlib.crc32(c.name.encode())) % 2**32)
+            for c in self.configs
+        }
+        self.consumers: list[Consumer] = list(consumers)
+        specs = [spec for c in self.all_consumers for spec, _ in c.requests]
+        self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
+        self.metrics: pd.DataFrame | None = None
+
+    # ------------------------------------------------------------------ access
+    @property
+    def all_consumers(self) -> list[Consumer]:
+        """The probes followed by the other consumers."""
+        return [*self.probes.values(), *self.consumers]
+
+    def __getitem__(self, name: str) -> LinearProbe:
+        if name not in self.probes:
+            raise KeyError(f"no probe named {name!r}; probes are {list(self.probes)}")
+        return self.probes[name]
+
+    def __repr__(self) -> str:
+        return f"ProbeRunner({len(self.probes)} probes, {len(self.consumers)} other consumers, {len(self.sites)} sites)"
+
+    # ------------------------------------------------------------------ training
+    def fit_probes(
+        self,
+        train: ProbeDataset,
+        test: ProbeDataset | None = None,
+        *,
+        batch_size: int = 16,
+        num_epochs: int = 1,
+        val_size: float = 0.1,
+        eval_every: int = 10,
+        patience: int = 5,
+        min_delta: float = 1e-4,
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+    ) -> "ProbeRunner":
+        """Train every probe online, with early stopping, then score them on ``test``.
+
+        Args:
+            train: Training examples; a stratified ``val_size`` share is held out once
+                for early stopping.
+            test: Examples for :attr:`metrics` (skipped when ``None``).
+            batch_size: Examples per forward pass.
+            num_epochs: Passes over the training examples at most.
+            val_size: Validation share (0 disables validation and early stopping).
+            eval_every: Training steps between validation evaluations.
+            patience: Evaluations without an improvement of ``min_delta`` in validation
+                log-loss before a probe stops.
+            min_delta: Smallest improvement that counts.
+            warmup_steps: No early stop before this many steps.
+            max_steps: Steps per probe at most.
+
+        Returns:
+            ``self``, with :attr:`metrics` filled when ``test`` is given.
+        """
+        self._check_labels(train, "training")
+        if test is not None:
+            self._check_labels(test, "test", default=tuple(train.classes.tolist()))
+        if num_epochs < 1 or eval_every < 1:
+            raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
+        fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
+        logger.info("training {} probes on {} examples ({} held out for validation)",
+                    len(self.probes), len(fit), 0 if val is None else len(val))
+        val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
+        for probe in self.probes.values():
+            classes = probe.config.classes or tuple(train.classes)
+            probe._classes = np.asarray(classes, dtype=np.int64)
+            probe.start(
+                validation=(val_acts[probe.requests[0]], val.labels) if val else None,
+                early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
+                eval_every=eval_every, max_steps=max_steps,
+            )
+        for consumer in self.consumers:
+            consumer.start(model=self.model, sites=self.sites)
+        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True)
+        if test is not None:
+            self.metrics = self.evaluate(test, batch_size=batch_size)
+        return self
+
+    def collect(self, dataset: ProbeDataset, consumers: Sequence[Consumer] | None = None,
+                *, batch_size: int = 16) -> "ProbeRunner":
+        """One pass over ``dataset`` feeding consumers only (no probe training).
+
+        Args:
+            dataset: Examples to run.
+            consumers: Consumers to feed (default: the runner's non-probe consumers).
+            batch_size: Examples per forward pass.
+        """
+        consumers = list(self.consumers if consumers is None else consumers)
+        missing = [s for c in consumers for s, _ in c.requests if s not in self.sites]
+        self.sites.update(resolve_sites(self.model._module, dict.fromkeys(missing)))
+        for consumer in consumers:
+            consumer.start(model=self.model, sites=self.sites)
+        self._pass(dataset, consumers, batch_size, 1, shuffle=False)
+        return self
+
+    def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int,
+              num_epochs: int, shuffle: bool) -> None:
+        """The main loop: one trace per batch, fanned out to the active consumers."""
+        n_batches = -(-len(data) // batch_size) * num_epochs
+        step = 0
+        with tqdm(total=n_batches, desc="batches", disable=not self.progress, leave=False) as bar:
+            for epoch in range(num_epochs):
+                for batch in data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch):
+                    active = [c for c in consumers if c.active]
+                    if not active:
+                        break
+                    acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
+                    pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
+                                         batch.attention_mask.sum(1).numpy())
+                    for consumer in active:
+                        consumer.update(pooled)
+                    step += 1
+                    bar.update(1)
+        for consumer in consumers:
+            consumer.finish()
+        logger.info("pass done: {} batches traced", step)
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              requests: Sequence[Request]) -> dict[Request, np.ndarray]:
+        acts = read_pooled(self.model, self.sites, requests, input_ids, attention_mask, **self.trace_kwargs)
+        return {key: value.numpy() for key, value in acts.items()}
+
+    def pooled(self, dataset: ProbeDataset, requests: Sequence[Request] | None = None,
+               batch_size: int = 16, desc: str = "pooling") -> dict[Request, np.ndarray]:
+        """Pooled activations of a whole dataset, one trace per batch for all requests.
+
+        Args:
+            dataset: Examples, in order.
+            requests: ``(site, pooling)`` pairs (default: every probe's).
+            batch_size: Examples per forward pass.
+
+        Returns:
+            ``{(site, pooling): (n, hidden) float32 array}`` in dataset order.
+        """
+        requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
+        parts: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
+        batches = dataset.batches(batch_size)
+        for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
+                          disable=not self.progress, leave=False):
+            for key, value in self._read(batch.input_ids, batch.attention_mask, requests).items():
+                parts[key].append(value)
+        return {key: np.concatenate(value) for key, value in parts.items()}
+
+    def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Each probe's pooled input features for a padded batch.
+
+        Args:
+            input_ids: ``(n, tokens)`` ids.
+            attention_mask: ``(n, tokens)`` mask.
+            batch_size: Trace in chunks of this many rows (default: all at once).
+
+        Returns:
+            ``{probe name: (n, hidden) float32 array}``.
+        """
+        data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
+                                         pad_token_id=_pad_id(self.model),
+                                         padding_side=_padding_side(self.model))
+        acts = self.pooled(data, None, batch_size or len(data), "features")
+        return {name: acts[p.requests[0]] for name, p in self.probes.items()}
+
+    # ------------------------------------------------------------------ results
+    def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
+        """Score every probe on ``dataset`` (one trace per batch for all probes).
+
+        Returns:
+            DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``,
+            ``recall``, ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``,
+            ``n_steps``, ``stopped_early``, ``stop_reason``.
+        """
+        acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
+        rows = []
+        for name, probe in self.probes.items():
+            site = self.sites[probe.config.site]
+            try:
+                scores = probe.score(acts[probe.requests[0]], dataset.labels)
+                state = probe.compute()
+            except Exception as err:  # an unfitted probe (stopped at its first batch)
+                if probe.n_steps_:
+                    raise
+                logger.warning("probe {!r} has no metrics: {}", name, err)
+                scores = dict.fromkeys(METRIC_COLUMNS, np.nan)
+                state = {"n_steps": 0, "stopped_early": True, "stop_reason": str(probe.stopped_reason_)}
+            rows.append({**scores, "site": site.name, "pool": probe.config.pool, "layer": site.layer,
+                         "n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
+                         "stop_reason": state["stop_reason"], "probe": name})
+        frame = pd.DataFrame(rows).set_index("probe")
+        frame["layer"] = frame["layer"].astype("Int64")
+        return frame
+
+    # ------------------------------------------------------------------ checks
+    def _probe_requests(self) -> list[Request]:
+        return _requests(self.probes.values())
+
+    @staticmethod
+    def _check_names(configs: list[ProbeConfig]) -> None:
+        seen: dict[str, ProbeConfig] = {}
+        for config in configs:
+            if not isinstance(config, ProbeConfig):
+                raise TypeError(f"configs must be ProbeConfig objects, got {type(config).__name__}")
+            if config.name in seen:
+                raise ValueError(
+                    f"two probes are named {config.name!r} ({seen[config.name]!r} and {config!r}); "
+                    "give each a unique name=..., e.g. ProbeConfig(site, pool='last', name='l9-last')"
+                )
+            seen[config.name] = config
+
+    def _check_labels(self, data: ProbeDataset, what: str, default: tuple[int, ...] | None = None) -> None:
+        if not isinstance(data, ProbeDataset):
+            raise TypeError(f"the {what} set must be a ProbeDataset, got {type(data).__name__}")
+        present = set(data.classes.tolist())
+        if what == "training" and len(present) < 2:
+            raise ValueError(
+                f"the training set has a single class ({sorted(present)}); a probe needs examples of at least two"
+            )
+        for probe in self.probes.values():
+            allowed = probe.config.classes or default
+            if allowed is not None and not present <= set(allowed):
+                raise ValueError(
+                    f"the {what} set has labels {sorted(present - set(allowed))} outside the classes "
+                    f"{list(allowed)} of probe {probe.name!r}; add them to classes= or drop those examples"
+                )
+
+
+def _requests(consumers: Iterable[Consumer]) -> list[Request]:
+    return list(dict.fromkeys(r for c in consumers for r in c.requests))
+
+
+def _pad_id(model: Any) -> int:
+    tok = getattr(model, "tokenizer", None)
+    return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+
+
+def _padding_side(model: Any) -> str:
+    tok = getattr(model, "tokenizer", None)
+    return getattr(tok, "padding_side", "right") if tok is not None else "right"

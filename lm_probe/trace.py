@@ -1,0 +1,119 @@
+"""One trace per batch: read every requested site, pool it, stop early.
+
+This is the only place the model runs. Given the resolved sites and the
+``(site, pooling)`` requests of the active consumers, :func:`read_pooled` opens one
+nnsight trace over the batch, reads each distinct site once in execution order, pools
+it every way it was asked for, and stops the forward right after the deepest site
+(``tracer.stop()``), so no later layer and no logits run unless a site asks for them.
+Only the pooled float32 CPU tensors are saved out of the trace.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from .pooling import pool
+from .sites import Site
+
+__all__ = ["read_pooled", "model_inputs"]
+
+
+def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Forward keyword arguments for one batch.
+
+    Position ids are derived from the mask (``cumsum - 1``) so that a left- or
+    right-padded example sees exactly the positions it would see alone; the key-value
+    cache is switched off where the model has one.
+
+    Args:
+        model: The nnsight model.
+        input_ids: ``(batch, tokens)`` token ids.
+        attention_mask: ``(batch, tokens)`` mask, 1 for real tokens.
+
+    Returns:
+        Keyword arguments for ``model.trace``.
+    """
+    params = inspect.signature(model._module.forward).parameters
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in params:
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """Reduce a module's output (tensor, tuple, ModelOutput) to its hidden states."""
+    while not isinstance(value, torch.Tensor):
+        if isinstance(value, (tuple, list)) or hasattr(value, "to_tuple"):
+            value = value[0]
+        else:
+            raise TypeError(f"cannot read a tensor from a module output of type {type(value)}")
+    return value
+
+
+def read_pooled(
+    model: Any,
+    sites: dict[str, Site],
+    requests: Iterable[tuple[str, str]],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **trace_kwargs: Any,
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Run one trace over a batch and return the pooled activations.
+
+    Args:
+        model: nnsight model.
+        sites: ``{spec: Site}`` as resolved by :func:`lm_probe.sites.resolve_sites`.
+        requests: ``(spec, pooling)`` pairs to read; each distinct site is read once.
+        input_ids: ``(batch, tokens)``.
+        attention_mask: ``(batch, tokens)``.
+        **trace_kwargs: passed to ``model.trace`` (e.g. ``remote=``).
+
+    Returns:
+        ``{(spec, pooling): (rows, hidden) float32 CPU tensor}``.
+    """
+    wanted: dict[Site, set[str]] = defaultdict(set)
+    requests = list(dict.fromkeys(requests))
+    for spec, how in requests:
+        wanted[sites[spec]].add(how)
+    plan = sorted(
+        ((site, sorted(pools)) for site, pools in _merge_same_site(wanted).items()),
+        key=lambda item: item[0].rank,
+    )
+    if not plan:
+        return {}
+    device = _device(model)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+              for k, v in model_inputs(model, input_ids, attention_mask).items()}
+    mask = inputs["attention_mask"]
+    pooled: dict[tuple[str, str], torch.Tensor] = {}
+    with torch.no_grad():
+        with model.trace(inputs, **trace_kwargs) as tracer:
+            for site, pools in plan:
+                hidden = _tensor(getattr(site.envoy(model), site.attr))
+                for how in pools:
+                    pooled[(site.name, how)] = pool(hidden, mask, how).cpu().save()
+            tracer.stop()
+    return {(spec, how): pooled[(sites[spec].name, how)] for spec, how in requests}
+
+
+def _merge_same_site(wanted: dict[Site, set[str]]) -> dict[Site, set[str]]:
+    """Two specs may name one module (``layers[-1]`` and ``layers.29``): read it once."""
+    by_name: dict[str, Site] = {}
+    merged: dict[Site, set[str]] = defaultdict(set)
+    for site, pools in wanted.items():
+        key = by_name.setdefault(site.name, site)
+        merged[key] |= pools
+    return merged
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model._module.parameters()).device
+    except StopIteration:  # a parameterless module: keep inputs where they are
+        return torch.device("cpu")

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import SGDClassifier
+
+from lm_probe import LinearProbe, ProbeConfig
+
+
+def batches(seed=0, n=240, d=6, classes=(0, 1)):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, size=n)
+    X = rng.normal(size=(n, d)) + np.asarray(y)[:, None] * 0.7 + 5.0
+    return [(X[i:i + 16].astype(np.float32), y[i:i + 16]) for i in range(0, n, 16)]
+
+
+def test_without_standardization_it_is_exactly_sgdclassifier():
+    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], standardize=False, alpha=1e-3), random_state=3)
+    ref = SGDClassifier(loss="log_loss", alpha=1e-3, random_state=3)
+    for X, y in batches():
+        probe.partial_fit(X, y)
+        ref.partial_fit(X.astype(np.float64), y, classes=[0, 1])
+    np.testing.assert_array_equal(probe.coef_, ref.coef_)
+    X = batches(1)[0][0]
+    np.testing.assert_array_equal(probe.predict_proba(X), ref.predict_proba(X.astype(np.float64)))
+
+
+def test_standardization_uses_running_float64_moments():
+    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]), random_state=0)
+    ref = SGDClassifier(loss="log_loss", random_state=0)
+    seen = []
+    for X, y in batches():
+        seen.append(X.astype(np.float64))
+        allx = np.concatenate(seen)
+        mean, std = allx.mean(0), allx.std(0)
+        probe.partial_fit(X, y)
+        ref.partial_fit((X - mean) / std, y, classes=[0, 1])
+    np.testing.assert_allclose(probe.mean_, mean, rtol=1e-12)
+    np.testing.assert_allclose(probe.scale_, std, rtol=1e-10)
+    np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-9)
+
+
+def test_multiclass_with_arbitrary_integer_labels():
+    probe = LinearProbe(ProbeConfig("x.output", classes={7, -1, 3}), random_state=0)
+    for X, y in batches(classes=(-1, 3, 7), n=480):
+        probe.partial_fit(X, y)
+    X, y = batches(5, classes=(-1, 3, 7), n=480)[0]
+    assert probe.classes_.tolist() == [-1, 3, 7]
+    assert probe.predict_proba(X).shape == (16, 3)
+    assert set(probe.predict(X)) <= {-1, 3, 7}
+
+
+def test_predict_before_fit_is_a_clear_error():
+    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]))
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        probe.predict(np.zeros((1, 3)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(classes=[1]), ValueError, "at least two classes"),
+        (dict(pool="avg"), ValueError, "unknown pool 'avg'"),
+        (dict(pool="none"), ValueError, "token-level labels"),
+        (dict(alhpa=0.1), TypeError, r"unknown SGDClassifier arguments \['alhpa'\]"),
+        (dict(loss="hinge"), ValueError, "log_loss"),
+        (dict(class_weight="balanced"), ValueError, "pass a dict"),
+    ],
+)
+def test_config_rejects(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ProbeConfig("model.layers.0.output", **kwargs)
+
+
+def test_config_passes_sgd_arguments_through():
+    cfg = ProbeConfig("a.output", classes=[0, 1], alpha=0.01, penalty="l1", class_weight={0: 1.0, 1: 2.0})
+    probe = LinearProbe(cfg)
+    params = probe.sgd_.get_params()
+    assert (params["alpha"], params["penalty"], params["class_weight"]) == (0.01, "l1", {0: 1.0, 1: 2.0})
