@@ -145,6 +145,36 @@ class ProbeDataset:
                    padding_side=getattr(tokenizer, "padding_side", "right"), texts=texts)
 
     @classmethod
+    def from_hf(
+        cls,
+        dataset: Any,
+        tokenizer: Any,
+        *,
+        text_column: str = "text",
+        label_column: str = "label",
+        max_length: int = 128,
+    ) -> "ProbeDataset":
+        """Build a dataset from a Hugging Face ``datasets.Dataset`` (or any mapping of columns).
+
+        Args:
+            dataset: Has ``text_column`` (strings) and ``label_column`` (integers, or a
+                ``ClassLabel``).
+            tokenizer: A Hugging Face tokenizer.
+            text_column: Column with the texts.
+            label_column: Column with the integer labels.
+            max_length: Maximum tokens per example (longer texts are truncated and counted).
+        """
+        columns = list(getattr(dataset, "column_names", None) or dataset.keys())
+        missing = [c for c in (text_column, label_column) if c not in columns]
+        if missing:
+            raise ValueError(
+                f"the dataset has no column {missing[0]!r}; its columns are {columns}. "
+                "Pass text_column=... / label_column=..."
+            )
+        return cls.from_texts(list(dataset[text_column]), np.asarray(dataset[label_column]),
+                              tokenizer, max_length=max_length)
+
+    @classmethod
     def from_tensors(
         cls,
         input_ids: torch.Tensor | np.ndarray,
@@ -221,25 +251,48 @@ class ProbeDataset:
         return self.subset(np.sort(train)), self.subset(np.sort(test))
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, by_length: bool = False,
+        bucket: int = 16,
     ) -> Iterator[Batch]:
         """Yield padded batches.
+
+        Padding costs forward-pass time, so batches can group examples of similar
+        length. Pooled activations do not depend on which examples share a batch
+        (padding is exact), only the order in which a probe sees them does.
 
         Args:
             batch_size: Examples per batch (the last batch may be smaller).
             shuffle: Visit examples in a seeded random order.
             seed: Seed for the order.
+            by_length: Without ``shuffle``: sort all examples by length (fastest, for
+                evaluation; ``Batch.index`` says where each row belongs). With
+                ``shuffle``: shuffle, sort within windows of ``bucket`` batches, then
+                shuffle the batches (a bucketed shuffle, for training).
+            bucket: Window size in batches for the bucketed shuffle.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            index = order[start:start + batch_size]
-            rows = [self.ids[i] for i in index]
-            width = max(len(r) for r in rows)
-            ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for k, row in enumerate(rows):
-                span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
-                ids[k, span], mask[k, span] = row, 1
-            yield Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+        lengths = np.array([len(r) for r in self.ids])
+        if by_length and not shuffle:
+            order = np.argsort(lengths, kind="stable")
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if by_length and shuffle:
+            window = batch_size * bucket
+            order = np.concatenate([w[np.argsort(lengths[w], kind="stable")]
+                                    for w in np.split(order, range(window, len(order), window))])
+            chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        for index in chunks:
+            yield self._pad(index)
+
+    def _pad(self, index: np.ndarray) -> Batch:
+        rows = [self.ids[i] for i in index]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for k, row in enumerate(rows):
+            span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
+            ids[k, span], mask[k, span] = row, 1
+        return Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index)

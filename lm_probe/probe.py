@@ -29,6 +29,15 @@ __all__ = ["ProbeConfig", "LinearProbe"]
 
 _SGD_PARAMS = frozenset(SGDClassifier().get_params())
 
+#: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
+#: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
+#: makes online probes far too confident on real activations (test log-loss near 10
+#: on the demo data at 85% of the accuracy), which defeats early stopping on
+#: validation log-loss; a small constant step is calibrated (log-loss about 0.5) and,
+#: over 3 epochs, within 0.01 on average of an offline cross-validated logistic
+#: regression on the same activations.
+DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003}
+
 
 class ProbeConfig:
     """What to probe and how.
@@ -42,7 +51,8 @@ class ProbeConfig:
         name: Unique probe name (default: the site string).
         standardize: Standardize features with running moments before SGD.
         **probe_kwargs: Passed to ``SGDClassifier`` (``alpha``, ``penalty``,
-            ``learning_rate``, ``eta0``, ``class_weight`` as a dict, ...).
+            ``learning_rate``, ``eta0``, ``class_weight`` as a dict, ...), on top of
+            :data:`DEFAULT_PROBE_KWARGS` (constant step 0.003).
     """
 
     def __init__(
@@ -82,7 +92,8 @@ class ProbeConfig:
                 f"probe {self.name!r}: class_weight='balanced' cannot be used with partial_fit; "
                 "pass a dict such as {0: 1.0, 1: 3.0}"
             )
-        self.probe_kwargs: dict[str, Any] = {k: v for k, v in probe_kwargs.items() if k != "loss"}
+        given = {k: v for k, v in probe_kwargs.items() if k != "loss"}
+        self.probe_kwargs: dict[str, Any] = {**DEFAULT_PROBE_KWARGS, **given}
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.probe_kwargs.items())
@@ -201,10 +212,13 @@ class LinearProbe(Consumer):
     def active(self) -> bool:
         return self.stopped_reason_ is StopReason.NONE
 
-    def start(self, *, validation: tuple[np.ndarray, np.ndarray] | None = None,
+    def start(self, *, classes: Iterable[int] | None = None,
+              validation: tuple[np.ndarray, np.ndarray] | None = None,
               early_stopping: EarlyStopping | None = None, eval_every: int = 10,
               max_steps: int | None = None, **_: Any) -> None:
-        """Set the cached validation set and stopping rules for a training pass."""
+        """Start a training pass: classes, cached validation set ``(X, y)``, stopping rules."""
+        if classes is not None:
+            self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
         self.reset()
         self._val, self._stopper = validation, early_stopping
         self._eval_every, self._max_steps = eval_every, max_steps

@@ -100,7 +100,7 @@ class ProbeRunner:
         test: ProbeDataset | None = None,
         *,
         batch_size: int = 16,
-        num_epochs: int = 1,
+        num_epochs: int = 3,
         val_size: float = 0.1,
         eval_every: int = 10,
         patience: int = 5,
@@ -137,16 +137,15 @@ class ProbeRunner:
                     len(self.probes), len(fit), 0 if val is None else len(val))
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
         for probe in self.probes.values():
-            classes = probe.config.classes or tuple(train.classes)
-            probe._classes = np.asarray(classes, dtype=np.int64)
             probe.start(
+                classes=probe.config.classes or tuple(train.classes.tolist()),
                 validation=(val_acts[probe.requests[0]], val.labels) if val else None,
                 early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
                 eval_every=eval_every, max_steps=max_steps,
             )
         for consumer in self.consumers:
             consumer.start(model=self.model, sites=self.sites)
-        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True)
+        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
@@ -165,27 +164,29 @@ class ProbeRunner:
         self.sites.update(resolve_sites(self.model._module, dict.fromkeys(missing)))
         for consumer in consumers:
             consumer.start(model=self.model, sites=self.sites)
-        self._pass(dataset, consumers, batch_size, 1, shuffle=False)
+        self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False)
         return self
 
     def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int,
-              num_epochs: int, shuffle: bool) -> None:
+              num_epochs: int, shuffle: bool, by_length: bool) -> None:
         """The main loop: one trace per batch, fanned out to the active consumers."""
         n_batches = -(-len(data) // batch_size) * num_epochs
+        batches = ((epoch, batch) for epoch in range(num_epochs)
+                   for batch in data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch,
+                                             by_length=by_length))
         step = 0
         with tqdm(total=n_batches, desc="batches", disable=not self.progress, leave=False) as bar:
-            for epoch in range(num_epochs):
-                for batch in data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch):
-                    active = [c for c in consumers if c.active]
-                    if not active:
-                        break
-                    acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
-                    pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
-                                         batch.attention_mask.sum(1).numpy())
-                    for consumer in active:
-                        consumer.update(pooled)
-                    step += 1
-                    bar.update(1)
+            for epoch, batch in batches:
+                active = [c for c in consumers if c.active]
+                if not active:
+                    break
+                acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
+                pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
+                                     batch.attention_mask.sum(1).numpy())
+                for consumer in active:
+                    consumer.update(pooled)
+                step += 1
+                bar.update(1)
         for consumer in consumers:
             consumer.finish()
         logger.info("pass done: {} batches traced", step)
@@ -209,13 +210,18 @@ class ProbeRunner:
             ``{(site, pooling): (n, hidden) float32 array}`` in dataset order.
         """
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
-        parts: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
-        batches = dataset.batches(batch_size)
+        if any(how == "none" for _, how in requests):
+            raise ValueError("pooled() returns one row per example; pool='none' (one row per token) "
+                             "needs a consumer and runner.collect(...)")
+        out: dict[Request, np.ndarray] = {}
+        batches = dataset.batches(batch_size, by_length=True)  # least padding; rows put back in order
         for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
                           disable=not self.progress, leave=False):
             for key, value in self._read(batch.input_ids, batch.attention_mask, requests).items():
-                parts[key].append(value)
-        return {key: np.concatenate(value) for key, value in parts.items()}
+                if key not in out:
+                    out[key] = np.empty((len(dataset), *value.shape[1:]), dtype=value.dtype)
+                out[key][batch.index] = value
+        return out
 
     def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            batch_size: int | None = None) -> dict[str, np.ndarray]:

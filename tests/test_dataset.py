@@ -89,3 +89,28 @@ def test_shuffled_batches_are_seeded():
     order = lambda seed: np.concatenate([b.index for b in data.batches(3, shuffle=True, seed=seed)])
     assert order(1).tolist() == order(1).tolist() != order(2).tolist()
     assert sorted(order(1).tolist()) == list(range(10))
+
+
+def test_length_sorted_batches_cover_each_example_once():
+    rng = np.random.default_rng(0)
+    data = ProbeDataset([np.arange(1, n + 1) for n in rng.integers(1, 30, size=101)], [0, 1] * 50 + [0])
+    lengths = np.array([len(r) for r in data.ids])
+    batches = list(data.batches(8, by_length=True))
+    index = np.concatenate([b.index for b in batches])
+    assert sorted(index.tolist()) == list(range(101))
+    assert np.all(np.diff(lengths[index]) >= 0)
+    padded = sum(b.input_ids.numel() for b in batches)
+    plain = sum(b.input_ids.numel() for b in data.batches(8))
+    assert padded < 0.8 * plain
+
+
+def test_bucketed_shuffle_is_seeded_and_complete():
+    rng = np.random.default_rng(1)
+    data = ProbeDataset([np.arange(1, n + 1) for n in rng.integers(1, 30, size=300)], [0, 1] * 150)
+    order = lambda seed: [b.index.tolist() for b in data.batches(10, shuffle=True, seed=seed, by_length=True, bucket=4)]
+    first = order(3)
+    assert first == order(3) and first != order(4)
+    assert sorted(sum(first, [])) == list(range(300))
+    lengths = np.array([len(r) for r in data.ids])
+    spread = np.mean([np.ptp(lengths[b]) for b in first])
+    assert spread < np.mean([np.ptp(lengths[b.index]) for b in data.batches(10, shuffle=True, seed=3)])

@@ -79,7 +79,7 @@ def test_block_outputs_match_hf_hidden_states(any_model, side):
     ours = runner.get_probe_features(batch.input_ids, batch.attention_mask)
     for k, row in enumerate(rows):
         with torch.no_grad():
-            states = hf(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+            states = hf(input_ids=torch.from_numpy(row)[None], output_hidden_states=True).hidden_states
         for i in range(n_layers - 1):
             h = states[i + 1].numpy()
             for p in POOLS:

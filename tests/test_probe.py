@@ -4,6 +4,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier
 
 from lm_probe import LinearProbe, ProbeConfig
+from lm_probe.probe import DEFAULT_PROBE_KWARGS
 
 
 def batches(seed=0, n=240, d=6, classes=(0, 1)):
@@ -14,8 +15,9 @@ def batches(seed=0, n=240, d=6, classes=(0, 1)):
 
 
 def test_without_standardization_it_is_exactly_sgdclassifier():
-    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], standardize=False, alpha=1e-3), random_state=3)
-    ref = SGDClassifier(loss="log_loss", alpha=1e-3, random_state=3)
+    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], standardize=False, alpha=1e-3,
+                                    learning_rate="optimal"), random_state=3)
+    ref = SGDClassifier(loss="log_loss", alpha=1e-3, random_state=3, eta0=0.003)
     for X, y in batches():
         probe.partial_fit(X, y)
         ref.partial_fit(X.astype(np.float64), y, classes=[0, 1])
@@ -26,7 +28,7 @@ def test_without_standardization_it_is_exactly_sgdclassifier():
 
 def test_standardization_uses_running_float64_moments():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]), random_state=0)
-    ref = SGDClassifier(loss="log_loss", random_state=0)
+    ref = SGDClassifier(loss="log_loss", random_state=0, learning_rate="constant", eta0=0.003)
     seen = []
     for X, y in batches():
         seen.append(X.astype(np.float64))
@@ -69,6 +71,13 @@ def test_predict_before_fit_is_a_clear_error():
 def test_config_rejects(kwargs, error, match):
     with pytest.raises(error, match=match):
         ProbeConfig("model.layers.0.output", **kwargs)
+
+
+def test_defaults_are_a_small_constant_step_and_can_be_overridden():
+    assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.003}
+    assert LinearProbe(ProbeConfig("a.output")).sgd_.get_params()["learning_rate"] == "constant"
+    params = LinearProbe(ProbeConfig("a.output", learning_rate="optimal")).sgd_.get_params()
+    assert params["learning_rate"] == "optimal"
 
 
 def test_config_passes_sgd_arguments_through():

@@ -115,7 +115,7 @@ def test_metrics_agree_with_an_independent_reference(gpt2, toy):
     feats = []
     for ids in test.ids:
         with torch.no_grad():
-            h = gpt2._module(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2]
+            h = gpt2._module(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True).hidden_states[2]
         feats.append(h[0].double().mean(0).numpy())
     probe = runner["transformer.h.1.output"]
     proba = probe.predict_proba(np.stack(feats))
