@@ -9,6 +9,7 @@ from __future__ import annotations
 from .consumer import Consumer, NotComputedError, PooledBatch
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping, StopReason
+from .geometry import Geometry, GeometryResults
 from .model import load_model
 from .probe import LinearProbe, ProbeConfig
 from .runner import ProbeRunner
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Consumer",
     "EarlyStopping",
+    "Geometry",
+    "GeometryResults",
     "LinearProbe",
     "NotComputedError",
     "PooledBatch",

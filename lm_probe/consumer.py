@@ -54,6 +54,24 @@ class PooledBatch:
     index: np.ndarray | None = None
     n_tokens: np.ndarray | None = field(default=None, repr=False)
 
+    def first_tokens(self, budget: int) -> "PooledBatch":
+        """This batch cut to its first ``budget`` real tokens, example by example.
+
+        Token rows (``pool="none"``) are cut exactly at the budget; one-row-per-example
+        activations keep only the examples whose tokens all fit.
+        """
+        counts = np.asarray(self.n_tokens)
+        cum = np.cumsum(counts)
+        whole = int(np.searchsorted(cum, budget, side="right"))
+        touched = whole + int(whole < len(counts) and (cum[whole - 1] if whole else 0) < budget)
+        cut = {key: (value[:budget] if key[1] == "none" else value[:whole]) for key, value in self.acts.items()}
+        tokens = counts[:touched].copy()
+        if touched > whole:
+            tokens[-1] = budget - (cum[whole - 1] if whole else 0)
+        labels = None if self.labels is None else self.labels[:touched]
+        index = None if self.index is None else self.index[:touched]
+        return PooledBatch(cut, labels, self.step, self.epoch, index, tokens)
+
 
 class Consumer:
     """Base class for anything that reads pooled activations from the runner."""

@@ -151,30 +151,34 @@ class ProbeRunner:
         return self
 
     def collect(self, dataset: ProbeDataset, consumers: Sequence[Consumer] | None = None,
-                *, batch_size: int = 16) -> "ProbeRunner":
-        """One pass over ``dataset`` feeding consumers only (no probe training).
+                *, batch_size: int = 16, max_tokens: int | None = None) -> "ProbeRunner":
+        """One pass over ``dataset``, in order, feeding consumers only (no probe training).
 
         Args:
             dataset: Examples to run.
             consumers: Consumers to feed (default: the runner's non-probe consumers).
             batch_size: Examples per forward pass.
+            max_tokens: Stop after exactly this many real tokens: the last batch is cut
+                (see :meth:`PooledBatch.first_tokens`), never overshot.
         """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
         missing = [s for c in consumers for s, _ in c.requests if s not in self.sites]
         self.sites.update(resolve_sites(self.model._module, dict.fromkeys(missing)))
         for consumer in consumers:
             consumer.start(model=self.model, sites=self.sites)
-        self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False)
+        self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False, max_tokens=max_tokens)
         return self
 
     def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int,
-              num_epochs: int, shuffle: bool, by_length: bool) -> None:
+              num_epochs: int, shuffle: bool, by_length: bool, max_tokens: int | None = None) -> None:
         """The main loop: one trace per batch, fanned out to the active consumers."""
         n_batches = -(-len(data) // batch_size) * num_epochs
         batches = ((epoch, batch) for epoch in range(num_epochs)
                    for batch in data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch,
                                              by_length=by_length))
-        step = 0
+        step = tokens = 0
         with tqdm(total=n_batches, desc="batches", disable=not self.progress, leave=False) as bar:
             for epoch, batch in batches:
                 active = [c for c in consumers if c.active]
@@ -183,13 +187,18 @@ class ProbeRunner:
                 acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
                 pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
                                      batch.attention_mask.sum(1).numpy())
+                if max_tokens is not None and tokens + pooled.n_tokens.sum() >= max_tokens:
+                    pooled = pooled.first_tokens(max_tokens - tokens)
                 for consumer in active:
                     consumer.update(pooled)
+                tokens += int(pooled.n_tokens.sum())
                 step += 1
                 bar.update(1)
+                if max_tokens is not None and tokens >= max_tokens:
+                    break
         for consumer in consumers:
             consumer.finish()
-        logger.info("pass done: {} batches traced", step)
+        logger.info("pass done: {} batches, {} tokens traced", step, tokens)
 
     # ------------------------------------------------------------------ reading
     def _read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -44,3 +44,35 @@ def welford_update(
     b_mean = batch.mean(0)
     b_m2 = ((batch - b_mean) ** 2).sum(0)
     return welford_merge(n, mean, m2, batch.shape[0], b_mean, b_m2)
+
+
+def comoment_merge(
+    n_a: int, mx_a: np.ndarray, my_a: np.ndarray, c_a: np.ndarray,
+    n_b: int, mx_b: np.ndarray, my_b: np.ndarray, c_b: np.ndarray,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Combine co-moments ``C = sum (x - mean_x)(y - mean_y)^T`` of two disjoint samples.
+
+    The matrix form of :func:`welford_merge` (x = y gives the scatter matrix, whose
+    division by ``n - 1`` is the sample covariance).
+
+    Args:
+        n_a, mx_a, my_a, c_a: count, ``(dx,)`` and ``(dy,)`` means, ``(dx, dy)`` co-moment of A.
+        n_b, mx_b, my_b, c_b: the same for B.
+
+    Returns:
+        ``(n, mean_x, mean_y, C)`` of the union, float64.
+    """
+    n = n_a + n_b
+    if n_a == 0:
+        return n_b, mx_b, my_b, c_b
+    if n_b == 0:
+        return n_a, mx_a, my_a, c_a
+    dx, dy = mx_b - mx_a, my_b - my_a
+    return n, mx_a + dx * (n_b / n), my_a + dy * (n_b / n), c_a + c_b + np.outer(dx, dy) * (n_a * n_b / n)
+
+
+def comoment_batch(x: np.ndarray, y: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Co-moment state of one batch of paired rows ``x (rows, dx)``, ``y (rows, dy)``, in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    return x.shape[0], mx, my, (x - mx).T @ (y - my)

@@ -1,0 +1,403 @@
+"""Geometry: streaming covariance spectra and layer-to-layer similarity, on the same trace.
+
+A :class:`Geometry` is a consumer. It reads its sites from the same one trace per batch
+as the probes (a site used by both is read once), and keeps, per site, float64 running
+moments (count, mean, scatter matrix, merged with Chan's formula), a seeded uniform
+reservoir sample of rows, and, per consecutive pair of sites, the cross co-moment and
+the sum of row cosines. Memory depends on the hidden sizes and ``sample_limit``, never
+on the number of tokens. ``compute()`` turns the moments into the metrics of
+:mod:`lm_probe.spectra`.
+
+With ``pool="none"`` every real (non-padding) token is a row; with any other pooling
+each example is one row. Rows with a non-finite value at any of the sites are counted
+and left out (at every site, so rows stay paired). Two Geometry objects fed disjoint
+data merge into one equal to a single pass (the reservoir stays uniform).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from loguru import logger
+
+from .consumer import Consumer, NotComputedError, PooledBatch
+from .pooling import check_pool
+from .sketch import fd_eigh, fd_shrink
+from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
+                      spectrum_metrics, subspace_novelty)
+from .stats import comoment_batch, comoment_merge
+
+__all__ = ["Geometry", "GeometryResults", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+NORMALIZATIONS = ("raw", "token_l2", "token_rms", "feature_standardized")
+
+
+@dataclass
+class GeometryResults:
+    """What :meth:`Geometry.compute` returns and :meth:`Geometry.load` reads back.
+
+    Attributes:
+        metrics: One row per site: rows seen, spectrum and sample metrics, ``reason``
+            (why values are NaN, empty otherwise).
+        novelty: One row per consecutive pair of sites: ``linear_cka``,
+            ``layer_cosine_sim``, ``feature_subspace_novelty``.
+        eigenvalues: ``{site: descending float64 covariance eigenvalues}``.
+        normalization_ablation: Spectrum metrics of each site's sample under each
+            normalization (``raw``, ``token_l2``, ``token_rms``, ``feature_standardized``).
+        metadata: Run description (schema version, model, sites, counts, seeds, versions).
+    """
+
+    metrics: pd.DataFrame
+    novelty: pd.DataFrame
+    eigenvalues: dict[str, np.ndarray]
+    normalization_ablation: pd.DataFrame
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Geometry(Consumer):
+    """Streaming geometry of activations at several sites.
+
+    Args:
+        sites: Site strings, e.g. ``[f"model.layers.{i}.output" for i in range(30)]``;
+            novelty is reported for consecutive sites in this order.
+        pool: ``"none"`` (every real token a row) or a pooling (one row per example).
+        sample_limit: Rows kept in the seeded reservoir sample for sample metrics.
+        novelty_k: Dimension of the top-k covariance subspaces compared by novelty.
+        seed: Seed of the reservoir.
+        sketch_rank: Keep a Frequent Directions sketch of this rank instead of the dense
+            ``(D, D)`` scatter (for wide models); CKA then comes from the sample.
+
+    Attributes:
+        n_rows_: Rows folded in (after excluding non-finite ones).
+        n_examples_: Examples seen.
+        n_nonfinite_: Rows left out for non-finite values.
+    """
+
+    def __init__(self, sites: Sequence[str], *, pool: str = "mean", sample_limit: int = 512,
+                 novelty_k: int = 32, seed: int = 0, sketch_rank: int | None = None) -> None:
+        if isinstance(sites, str) or not sites:
+            raise ValueError("sites must be a non-empty list of site strings")
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"sites are listed twice: {sorted({s for s in sites if list(sites).count(s) > 1})}")
+        if sample_limit < 2:
+            raise ValueError(f"sample_limit must be at least 2, got {sample_limit}")
+        if sketch_rank is not None and sketch_rank < 1:
+            raise ValueError(f"sketch_rank must be a positive integer, got {sketch_rank}")
+        self.sites, self.pool = list(sites), check_pool(pool)
+        self.sample_limit, self.novelty_k, self.seed, self.sketch_rank = sample_limit, novelty_k, seed, sketch_rank
+        self.requests = tuple((s, self.pool) for s in self.sites)
+        self.pairs = list(zip(self.sites[:-1], self.sites[1:]))
+        self.metadata: dict[str, Any] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget all data."""
+        self.n_rows_ = self.n_examples_ = self.n_tokens_ = self.n_nonfinite_ = 0
+        self._moments: dict[str, tuple] = {}
+        self._sketch: dict[str, np.ndarray] = {}
+        self._cross: dict[tuple[str, str], tuple] = {}
+        self._cos_sum = dict.fromkeys(self.pairs, 0.0)
+        self._sample: dict[str, np.ndarray] = {}
+        self._rng = np.random.default_rng(self.seed)
+        self._updated = False
+        self._result: GeometryResults | None = None
+        self._started = time.perf_counter()
+        self._runtime = 0.0
+
+    def start(self, *, model: Any = None, **_: Any) -> None:
+        """Record what the runner knows about the model for the metadata."""
+        config = getattr(getattr(model, "_module", None), "config", None)
+        if config is not None:
+            self.metadata["model"] = {
+                "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
+                "model_type": getattr(config, "model_type", None),
+                "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+                "hidden_size": getattr(config, "hidden_size", None),
+            }
+        self._started = time.perf_counter()
+
+    def update(self, batch: PooledBatch) -> None:
+        rows = {s: np.asarray(batch.acts[(s, self.pool)], np.float64) for s in self.sites}
+        n_rows = {r.shape[0] for r in rows.values()}
+        if len(n_rows) != 1:
+            raise ValueError(f"sites gave different row counts {sorted(n_rows)}; rows must pair up")
+        finite = np.logical_and.reduce([np.isfinite(r).all(1) for r in rows.values()])
+        if not finite.all():
+            bad = int((~finite).sum())
+            self.n_nonfinite_ += bad
+            logger.warning("Geometry: {} rows with non-finite activations left out (at every site)", bad)
+            rows = {s: r[finite] for s, r in rows.items()}
+        self.n_examples_ += len(batch.labels) if batch.labels is not None else 0
+        self.n_tokens_ += int(np.sum(batch.n_tokens)) if batch.n_tokens is not None else 0
+        self._updated, self._result = True, None
+        n = next(iter(rows.values())).shape[0]
+        if n == 0:
+            return
+        for s, x in rows.items():
+            state = comoment_batch(x, x)
+            if self.sketch_rank:
+                self._fold_sketch(s, state, x)
+            else:
+                self._moments[s] = comoment_merge(*self._moments[s], *state) if s in self._moments else state
+        for a, b in self.pairs:
+            if not self.sketch_rank:
+                state = comoment_batch(rows[a], rows[b])
+                self._cross[(a, b)] = comoment_merge(*self._cross[(a, b)], *state) if (a, b) in self._cross else state
+            self._cos_sum[(a, b)] += float(np.sum(_row_cosines(rows[a], rows[b])))
+        self._reservoir(rows, self.n_rows_)
+        self.n_rows_ += n
+        self._runtime = time.perf_counter() - self._started
+
+    def _fold_sketch(self, site: str, state: tuple, x: np.ndarray) -> None:
+        """Sketch the batch's centered rows plus the rank-one between-batch term (Chan)."""
+        n_b, mean_b = state[0], state[1]
+        extra = x - mean_b
+        if site in self._moments:
+            n_a, mean_a = self._moments[site][:2]
+            n = n_a + n_b
+            extra = np.vstack([extra, np.sqrt(n_a * n_b / n) * (mean_b - mean_a)])
+            self._moments[site] = (n, mean_a + (mean_b - mean_a) * n_b / n)
+        else:
+            self._moments[site] = (n_b, mean_b)
+        old = self._sketch.get(site, np.zeros((0, x.shape[1])))
+        self._sketch[site] = fd_shrink(np.vstack([old, extra]), self.sketch_rank)
+
+    def _reservoir(self, rows: dict[str, np.ndarray], seen: int) -> None:
+        """Algorithm R over the stream of rows, the same slots for every site."""
+        n = next(iter(rows.values())).shape[0]
+        t = seen + np.arange(n)
+        slot = np.where(t < self.sample_limit, t, self._rng.integers(0, t + 1))
+        keep = slot < self.sample_limit
+        src, dst = np.nonzero(keep)[0], slot[keep]
+        last = {d: s for s, d in zip(src, dst)}  # a later row replaces an earlier one in the same slot
+        src, dst = np.array(list(last.values()), int), np.array(list(last.keys()), int)
+        for s, x in rows.items():
+            buf = self._sample.get(s)
+            size = min(self.sample_limit, seen + n)
+            if buf is None or buf.shape[0] < size:
+                grown = np.zeros((size, x.shape[1]))
+                if buf is not None:
+                    grown[: buf.shape[0]] = buf
+                buf = grown
+            buf[dst] = x[src]
+            self._sample[s] = buf
+
+    def merge(self, other: "Geometry") -> "Geometry":
+        """Fold in another Geometry (same settings) that saw disjoint data; returns ``self``."""
+        if not isinstance(other, Geometry) or (other.sites, other.pool, other.sample_limit, other.sketch_rank) != (
+                self.sites, self.pool, self.sample_limit, self.sketch_rank):
+            raise ValueError("can only merge a Geometry with the same sites, pool, sample_limit and sketch_rank")
+        for s in self.sites:
+            if s not in other._moments:
+                continue
+            if s not in self._moments:
+                self._moments[s] = other._moments[s]
+                if self.sketch_rank:
+                    self._sketch[s] = other._sketch[s]
+            elif self.sketch_rank:
+                (n_a, mean_a), (n_b, mean_b) = self._moments[s], other._moments[s]
+                n = n_a + n_b
+                between = np.sqrt(n_a * n_b / n) * (mean_b - mean_a)
+                self._sketch[s] = fd_shrink(np.vstack([self._sketch[s], other._sketch[s], between]), self.sketch_rank)
+                self._moments[s] = (n, mean_a + (mean_b - mean_a) * n_b / n)
+            else:
+                self._moments[s] = comoment_merge(*self._moments[s], *other._moments[s])
+        for pair in self.pairs:
+            if pair in other._cross:
+                self._cross[pair] = (comoment_merge(*self._cross[pair], *other._cross[pair])
+                                     if pair in self._cross else other._cross[pair])
+            self._cos_sum[pair] += other._cos_sum[pair]
+        self._merge_reservoir(other)
+        self.n_rows_ += other.n_rows_
+        self.n_examples_ += other.n_examples_
+        self.n_tokens_ += other.n_tokens_
+        self.n_nonfinite_ += other.n_nonfinite_
+        self._updated = self._updated or other._updated
+        self._runtime += other._runtime
+        self._result = None
+        return self
+
+    def _merge_reservoir(self, other: "Geometry") -> None:
+        """A uniform sample of the union: the count from each side is hypergeometric."""
+        n_a, n_b = self.n_rows_, other.n_rows_
+        if n_b == 0:
+            return
+        if n_a == 0:
+            self._sample = {s: v.copy() for s, v in other._sample.items()}
+            return
+        size = min(self.sample_limit, n_a + n_b)
+        from_a = int(self._rng.hypergeometric(n_a, n_b, size))
+        pick_a = self._rng.choice(self._sample[self.sites[0]].shape[0], from_a, replace=False)
+        pick_b = self._rng.choice(other._sample[self.sites[0]].shape[0], size - from_a, replace=False)
+        self._sample = {s: np.vstack([self._sample[s][pick_a], other._sample[s][pick_b]]) for s in self.sites}
+
+    # ------------------------------------------------------------------ results
+    def compute(self) -> GeometryResults:
+        """Metrics from the moments seen so far (cached until the next update)."""
+        if not self._updated:
+            raise NotComputedError("Geometry has seen no data yet: run runner.collect(...) or fit_probes first")
+        if self._result is None:
+            self._result = self._compute()
+        return self._result
+
+    def _compute(self) -> GeometryResults:
+        rows, eigen, ablation = [], {}, []
+        for s in self.sites:
+            n = self._moments.get(s, (0,))[0]
+            dim = self._dim(s)
+            row: dict[str, Any] = {"site": s, "n_rows": n, "hidden": dim, "reason": ""}
+            sample = self._sample.get(s, np.zeros((0, dim or 0)))
+            if n < 2:
+                row["reason"] = "no rows (all padding or non-finite)" if n == 0 else "fewer than 2 rows"
+                row.update(dict.fromkeys(SPECTRUM_KEYS + SAMPLE_KEYS, np.nan))
+                eigen[s] = (np.array([]), np.zeros((dim or 0, 0)))
+            else:
+                eigen[s] = self._eigh(s)
+                row.update(spectrum_metrics(eigen[s][0], dim))
+                row.update(sample_metrics(sample))
+            rows.append(row)
+            for how in NORMALIZATIONS:
+                values = (covariance_eigh(_scatter(normalize_rows(sample, how)), sample.shape[0])[0]
+                          if sample.shape[0] >= 2 else np.array([]))
+                ablation.append({"site": s, "normalization": how, "n_rows": sample.shape[0],
+                                 **spectrum_metrics(values, dim)})
+        novelty = []
+        for a, b in self.pairs:
+            n = min(self._moments.get(a, (0,))[0], self._moments.get(b, (0,))[0])
+            entry = {"site_a": a, "site_b": b, "n_rows": n, "linear_cka": np.nan, "layer_cosine_sim": np.nan,
+                     "feature_subspace_novelty": np.nan, "reason": "" if n >= 2 else "fewer than 2 rows"}
+            if n >= 2:
+                if self.sketch_rank:
+                    xa, xb = self._sample[a], self._sample[b]
+                    entry["linear_cka"] = linear_cka(*[_cross(p, q) for p, q in ((xa, xb), (xa, xa), (xb, xb))])
+                    entry["reason"] = "linear_cka from the sample (sketch_rank set)"
+                else:
+                    entry["linear_cka"] = linear_cka(self._cross[(a, b)][3], self._moments[a][3], self._moments[b][3])
+                entry["layer_cosine_sim"] = self._cos_sum[(a, b)] / self.n_rows_
+                entry["feature_subspace_novelty"] = subspace_novelty(eigen[a][1], eigen[b][1], self.novelty_k)
+            novelty.append(entry)
+        metadata = {**self._describe(), **self.metadata}
+        return GeometryResults(
+            metrics=pd.DataFrame(rows).set_index("site"),
+            novelty=pd.DataFrame(novelty),
+            eigenvalues={s: v[0] for s, v in eigen.items()},
+            normalization_ablation=pd.DataFrame(ablation),
+            metadata=metadata,
+        )
+
+    def _dim(self, site: str) -> int | None:
+        if site in self._sample:
+            return self._sample[site].shape[1]
+        return None
+
+    def _eigh(self, site: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.sketch_rank:
+            return fd_eigh(self._sketch[site], self._moments[site][0])
+        n, _, _, scatter = self._moments[site]
+        return covariance_eigh(scatter, n)
+
+    def _describe(self) -> dict[str, Any]:
+        import lm_probe
+
+        versions = {"lm_probe": lm_probe.__version__, "python": platform.python_version(), "numpy": np.__version__}
+        for name in ("torch", "transformers", "nnsight"):
+            try:
+                versions[name] = __import__(name).__version__
+            except ImportError:  # optional here: the versions only describe the run
+                pass
+        return {
+            "schema_version": SCHEMA_VERSION, "sites": self.sites, "pool": self.pool,
+            "sample_limit": self.sample_limit, "novelty_k": self.novelty_k, "sketch_rank": self.sketch_rank,
+            "seed": self.seed, "n_rows": self.n_rows_, "n_examples": self.n_examples_, "n_tokens": self.n_tokens_,
+            "n_nonfinite_rows": self.n_nonfinite_, "runtime_s": round(self._runtime, 3), "versions": versions,
+        }
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per site (see :class:`GeometryResults`)."""
+        return self.compute().metrics
+
+    @property
+    def novelty(self) -> pd.DataFrame:
+        """One row per consecutive pair of sites."""
+        return self.compute().novelty
+
+    @property
+    def eigenvalues(self) -> dict[str, np.ndarray]:
+        """``{site: descending covariance eigenvalues}``."""
+        return self.compute().eigenvalues
+
+    @property
+    def normalization_ablation(self) -> pd.DataFrame:
+        """Sample spectrum metrics under each normalization."""
+        return self.compute().normalization_ablation
+
+    # ------------------------------------------------------------------ artifacts
+    def save(self, path: str | Path) -> Path:
+        """Write ``metrics.csv``, ``novelty.csv``, ``normalization_ablation.csv``,
+        ``eigenvalues.npz`` and ``metadata.json`` into the folder ``path``."""
+        return save_results(self.compute(), path)
+
+    @staticmethod
+    def load(path: str | Path) -> GeometryResults:
+        """Read a bundle written by :meth:`save`.
+
+        Raises:
+            ValueError: the bundle's schema version is newer than this lm_probe reads.
+        """
+        path = Path(path)
+        metadata = json.loads((path / "metadata.json").read_text())
+        if metadata.get("schema_version", 0) > SCHEMA_VERSION:
+            raise ValueError(f"{path} was written with geometry schema {metadata['schema_version']}; this "
+                             f"lm_probe reads up to {SCHEMA_VERSION}: upgrade lm_probe")
+        with np.load(path / "eigenvalues.npz") as npz:
+            eigen = {metadata["sites"][int(k[1:])]: npz[k] for k in npz.files}
+        return GeometryResults(
+            metrics=pd.read_csv(path / "metrics.csv", index_col="site", keep_default_na=True).fillna({"reason": ""}),
+            novelty=pd.read_csv(path / "novelty.csv").fillna({"reason": ""}),
+            eigenvalues=eigen,
+            normalization_ablation=pd.read_csv(path / "normalization_ablation.csv"),
+            metadata=metadata,
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_result"] = None
+        return state
+
+
+def save_results(results: GeometryResults, path: str | Path) -> Path:
+    """Write a :class:`GeometryResults` bundle (see :meth:`Geometry.save`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    results.metrics.to_csv(path / "metrics.csv")
+    results.novelty.to_csv(path / "novelty.csv", index=False)
+    results.normalization_ablation.to_csv(path / "normalization_ablation.csv", index=False)
+    sites = results.metadata["sites"]
+    np.savez(path / "eigenvalues.npz", **{f"s{sites.index(s)}": v for s, v in results.eigenvalues.items()})
+    (path / "metadata.json").write_text(json.dumps(results.metadata, indent=2, default=str))
+    return path
+
+
+def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    denom = nx * ny
+    return np.divide(np.sum(x * y, axis=1), denom, out=np.zeros(len(x)), where=denom > 0)
+
+
+def _scatter(x: np.ndarray) -> np.ndarray:
+    centered = x - x.mean(0)
+    return centered.T @ centered
+
+
+def _cross(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x - x.mean(0)).T @ (y - y.mean(0))
