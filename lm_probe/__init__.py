@@ -9,16 +9,20 @@ from __future__ import annotations
 from .consumer import Consumer, NotComputedError, PooledBatch
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping, StopReason
+from .gauge import DiffusionGauge
 from .geometry import Geometry, GeometryResults
 from .model import load_model
 from .probe import LinearProbe, ProbeConfig
 from .runner import ProbeRunner
 from .sites import Site, SiteError
+from .trigger import Trigger
+from . import integrations  # noqa: E402  (lm_probe.integrations.GaugeCallback)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Consumer",
+    "DiffusionGauge",
     "EarlyStopping",
     "Geometry",
     "GeometryResults",
@@ -31,5 +35,6 @@ __all__ = [
     "Site",
     "SiteError",
     "StopReason",
+    "Trigger",
     "load_model",
 ]

@@ -15,7 +15,12 @@ changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
 * ``reset()``: back to the empty state;
 * ``active``: ``False`` once the consumer needs no more batches (a stopped probe), so
   the runner stops reading its sites and can end the forward earlier;
-* ``finish()``: called once at the end of a pass.
+* ``finish()``: called once at the end of a pass;
+* ``on_event(event, step, epoch)``: the pass's clock, for consumers that act at
+  moments rather than on every batch (``"start"``, ``"step"``, ``"validation"``,
+  ``"epoch_end"``, ``"end"``; ``step`` counts completed training steps);
+* ``site_specs()``: every site the consumer may read, checked against the model when
+  the runner is built (by default the sites of ``requests``).
 """
 
 from __future__ import annotations
@@ -106,4 +111,11 @@ class Consumer:
         """Called once when a pass over the data ends."""
 
     def start(self, **context: Any) -> None:
-        """Called once before a pass, with what the runner knows (model, sites...)."""
+        """Called once before a pass, with what the runner knows (model, sites, runner, data)."""
+
+    def on_event(self, event: str, step: int, epoch: int) -> None:
+        """A moment of the pass: start, step, validation, epoch_end, end."""
+
+    def site_specs(self) -> list[str]:
+        """Sites to check against the model before any forward pass."""
+        return [spec for spec, _ in self.requests]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["plot_accuracy_by_layer"]
+__all__ = ["plot_accuracy_by_layer", "plot_diffusion_spectra", "plot_spectral_gap"]
 
 
 def plot_accuracy_by_layer(
@@ -51,6 +52,78 @@ def plot_accuracy_by_layer(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
+
+
+def plot_diffusion_spectra(trajectory: pd.DataFrame, step: int | None = None, path: str | Path | None = None,
+                           ax: Any = None) -> Any:
+    """Top eigenvalues of each site's diffusion operator at one step (default: the last).
+
+    Args:
+        trajectory: ``gauge.trajectory``.
+        step: The step to draw.
+        path: Save the figure here when given.
+        ax: Draw into these axes.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    step = int(trajectory["step"].max()) if step is None else step
+    rows = trajectory[trajectory["step"] == step]
+    if rows.empty:
+        raise ValueError(f"no measurement at step {step}; steps are {sorted(trajectory['step'].unique())}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    else:
+        fig = ax.figure
+    colors = plt.cm.viridis(np.linspace(0, 1, len(rows)))
+    for color, (_, row) in zip(colors, rows.iterrows()):
+        ax.plot(np.arange(1, len(row["eigenvalues"]) + 1), row["eigenvalues"], color=color, label=row["site"])
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"Diffusion operator spectra at step {step}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
+
+
+def plot_spectral_gap(trajectory: pd.DataFrame, x: str = "layer", path: str | Path | None = None,
+                      ax: Any = None) -> Any:
+    """Spectral gap against layer (one line per step) or against step (one line per site).
+
+    Args:
+        trajectory: ``gauge.trajectory``.
+        x: ``"layer"`` or ``"step"``.
+        path: Save the figure here when given.
+        ax: Draw into these axes.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    if x not in ("layer", "step"):
+        raise ValueError(f"x must be 'layer' or 'step', got {x!r}")
+    lines = "step" if x == "layer" else "site"
+    frame = trajectory.dropna(subset=[x])
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    else:
+        fig = ax.figure
+    for key, group in frame.groupby(lines, sort=True):
+        group = group.sort_values(x)
+        ax.plot(group[x], group["spectral_gap"], marker="o", label=f"{lines} {key}")
+    ax.set_xlabel(x)
+    ax.set_ylabel("spectral gap 1 - λ₂")
+    ax.set_title(f"Spectral gap by {x}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
     if path is not None:
         fig.savefig(path, dpi=150)
     return fig

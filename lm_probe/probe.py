@@ -252,7 +252,7 @@ class LinearProbe(Consumer):
 
     def _stop(self, reason: StopReason) -> None:
         self.stopped_reason_ = reason
-        logger.debug("probe {!r} stopped after {} steps: {}", self.name, self.n_steps_, reason)
+        logger.trace("probe {!r} stopped after {} steps: {}", self.name, self.n_steps_, reason)
 
     def finish(self) -> None:
         """End of training: score the final weights too, then restore the best ones."""

@@ -75,7 +75,7 @@ class ProbeRunner:
             for c in self.configs
         }
         self.consumers: list[Consumer] = list(consumers)
-        specs = [spec for c in self.all_consumers for spec, _ in c.requests]
+        specs = [spec for c in self.all_consumers for spec in c.site_specs()]
         self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
         self.metrics: pd.DataFrame | None = None
 
@@ -135,6 +135,8 @@ class ProbeRunner:
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
+        for consumer in self.consumers:  # first: consumers check their own input before any forward
+            consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
         for probe in self.probes.values():
             probe.start(
@@ -143,9 +145,8 @@ class ProbeRunner:
                 early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
                 eval_every=eval_every, max_steps=max_steps,
             )
-        for consumer in self.consumers:
-            consumer.start(model=self.model, sites=self.sites)
-        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True)
+        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True,
+                   validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
@@ -164,23 +165,24 @@ class ProbeRunner:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
-        missing = [s for c in consumers for s, _ in c.requests if s not in self.sites]
-        self.sites.update(resolve_sites(self.model._module, dict.fromkeys(missing)))
+        self._resolve([s for c in consumers for s in c.site_specs()])
         for consumer in consumers:
-            consumer.start(model=self.model, sites=self.sites)
+            consumer.start(model=self.model, sites=self.sites, runner=self, data=dataset, batch_size=batch_size)
         self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False, max_tokens=max_tokens)
         return self
 
-    def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int,
-              num_epochs: int, shuffle: bool, by_length: bool, max_tokens: int | None = None) -> None:
+    def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int, num_epochs: int,
+              shuffle: bool, by_length: bool, max_tokens: int | None = None,
+              validate_every: int | None = None) -> None:
         """The main loop: one trace per batch, fanned out to the active consumers."""
-        n_batches = -(-len(data) // batch_size) * num_epochs
-        batches = ((epoch, batch) for epoch in range(num_epochs)
-                   for batch in data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch,
-                                             by_length=by_length))
-        step = tokens = 0
-        with tqdm(total=n_batches, desc="batches", disable=not self.progress, leave=False) as bar:
-            for epoch, batch in batches:
+        per_epoch = -(-len(data) // batch_size)
+        batches = ((epoch, k + 1 == per_epoch, batch) for epoch in range(num_epochs)
+                   for k, batch in enumerate(data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch,
+                                                          by_length=by_length)))
+        step = tokens = epoch = 0
+        _emit(consumers, "start", 0, 0)
+        with tqdm(total=per_epoch * num_epochs, desc="batches", disable=not self.progress, leave=False) as bar:
+            for epoch, last_of_epoch, batch in batches:
                 active = [c for c in consumers if c.active]
                 if not active:
                     break
@@ -194,10 +196,16 @@ class ProbeRunner:
                 tokens += int(pooled.n_tokens.sum())
                 step += 1
                 bar.update(1)
+                _emit(consumers, "step", step, epoch)
+                if validate_every and step % validate_every == 0:
+                    _emit(consumers, "validation", step, epoch)
+                if last_of_epoch:
+                    _emit(consumers, "epoch_end", step, epoch + 1)
                 if max_tokens is not None and tokens >= max_tokens:
                     break
         for consumer in consumers:
             consumer.finish()
+        _emit(consumers, "end", step, epoch + 1 if step else 0)
         logger.info("pass done: {} batches, {} tokens traced", step, tokens)
 
     # ------------------------------------------------------------------ reading
@@ -219,6 +227,7 @@ class ProbeRunner:
             ``{(site, pooling): (n, hidden) float32 array}`` in dataset order.
         """
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
+        self._resolve([spec for spec, _ in requests])
         if any(how == "none" for _, how in requests):
             raise ValueError("pooled() returns one row per example; pool='none' (one row per token) "
                              "needs a consumer and runner.collect(...)")
@@ -280,6 +289,12 @@ class ProbeRunner:
         return frame
 
     # ------------------------------------------------------------------ checks
+    def _resolve(self, specs: Iterable[str]) -> None:
+        """Check sites not seen yet against the model (before any forward pass)."""
+        missing = [s for s in dict.fromkeys(specs) if s not in self.sites]
+        if missing:
+            self.sites.update(resolve_sites(self.model._module, missing))
+
     def _probe_requests(self) -> list[Request]:
         return _requests(self.probes.values())
 
@@ -311,6 +326,11 @@ class ProbeRunner:
                     f"the {what} set has labels {sorted(present - set(allowed))} outside the classes "
                     f"{list(allowed)} of probe {probe.name!r}; add them to classes= or drop those examples"
                 )
+
+
+def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:
+    for consumer in consumers:
+        consumer.on_event(event, step, epoch)
 
 
 def _requests(consumers: Iterable[Consumer]) -> list[Request]:

@@ -93,7 +93,7 @@ def read_pooled(
     mask = inputs["attention_mask"]
     pooled: dict[tuple[str, str], torch.Tensor] = {}
     with torch.no_grad():
-        with model.trace(inputs, **trace_kwargs) as tracer:
+        with model.trace(**inputs, **trace_kwargs) as tracer:
             for site, pools in plan:
                 hidden = _tensor(getattr(site.envoy(model), site.attr))
                 for how in pools:

@@ -1,0 +1,236 @@
+"""Diffusion gauges: the spectrum of a diffusion operator on a fixed probe subset.
+
+A gauge turns the pooled activations ``X (n_samples, hidden)`` of a fixed, seeded subset
+of examples into a k-NN graph, a kernel, and a diffusion operator (see
+:mod:`lm_probe.diffusion`), and records its top eigenvalues, spectral gap and entropy
+whenever its :class:`~lm_probe.trigger.Trigger` fires. The same examples are used for
+every site and every step, so rows of :attr:`DiffusionGauge.trajectory` compare across
+layers (a frozen model) and across training steps (a model being trained).
+
+* Inside ``fit_probes`` / ``collect`` the model is frozen: the subset is pooled once, in
+  one trace per batch for all sites, when the gauge first fires; later firings reuse it.
+  The gauge reads nothing on training batches, so it never keeps the forward deeper.
+* For a model being trained, :meth:`DiffusionGauge.measure` pools the subset on the
+  model's current weights (``lm_probe.integrations.GaugeCallback`` calls it from a
+  ``transformers.Trainer``).
+
+Custom gauges add trajectory columns by overriding :meth:`DiffusionGauge.extra_metrics`
+or passing ``extra_metrics=fn`` (``fn(result) -> dict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from loguru import logger
+
+from .consumer import Consumer, NotComputedError, Request
+from .dataset import ProbeDataset
+from .diffusion import DiffusionResult, diffuse
+from .pooling import check_pool
+from .trigger import Trigger
+
+__all__ = ["DiffusionGauge"]
+
+
+class DiffusionGauge(Consumer):
+    """Diffusion-operator spectra of a fixed probe subset, per site, when a trigger fires.
+
+    Args:
+        sites: Site strings.
+        n_samples: Examples in the probe subset (drawn once with ``seed``).
+        seed: Seed of the subset.
+        knn, alpha, normalization, n_eigs, bandwidth, sparse, self_loops, n_pca, t:
+            The operator's definition (see :func:`lm_probe.diffusion.diffuse`).
+        trigger: When to measure (default: at the end of a pass).
+        pool: Pooling of each example's activations.
+        data: The examples to draw the subset from (default: the data of the pass
+            the gauge first runs in).
+        batch_size: Examples per forward pass when pooling the subset.
+        keep_operators: Keep each operator for :meth:`operator` / :meth:`get_trajectory`.
+        extra_metrics: ``fn(result: DiffusionResult) -> dict`` of extra columns.
+        wandb_run: A Weights & Biases run (``wandb.init(...)``, optional extra
+            ``pip install lm_probe[wandb]``): each measurement logs
+            ``gauge/{site}/spectral_gap``, ``.../entropy`` and ``.../eig_{i}`` at its step.
+    """
+
+    def __init__(self, sites: Sequence[str], *, n_samples: int = 512, seed: int = 0, knn: int = 15,
+                 alpha: float = 0.0, normalization: str = "markov", n_eigs: int = 32,
+                 trigger: Trigger | None = None, pool: str = "mean", bandwidth: str | float = "adaptive",
+                 sparse: bool = True, self_loops: bool = True, n_pca: int | None = None, t: int = 1,
+                 data: ProbeDataset | None = None, batch_size: int = 16, keep_operators: bool = True,
+                 extra_metrics: Callable[[DiffusionResult], dict] | None = None, wandb_run: Any = None) -> None:
+        if isinstance(sites, str) or not sites:
+            raise ValueError("sites must be a non-empty list of site strings")
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2, got {n_samples}")
+        if not 1 <= knn < n_samples:
+            raise ValueError(f"knn={knn} must be at least 1 and below n_samples={n_samples}")
+        if check_pool(pool) == "none":
+            raise ValueError("a gauge needs one row per example: use pool 'mean', 'last', 'first' or 'max'")
+        self.sites, self.pool, self.n_samples, self.seed = list(sites), pool, n_samples, seed
+        self.operator_kwargs = dict(knn=knn, alpha=alpha, normalization=normalization, n_eigs=n_eigs,
+                                    bandwidth=bandwidth, sparse=sparse, self_loops=self_loops, n_pca=n_pca, t=t)
+        self.trigger = trigger if trigger is not None else Trigger(on_end=True)
+        self.data, self.batch_size, self.keep_operators = data, batch_size, keep_operators
+        self._extra, self.wandb_run = extra_metrics, wandb_run
+        self.requests: tuple[Request, ...] = ()  # nothing per batch: the subset is pooled on its own
+        self.reset()
+
+    # ------------------------------------------------------------------ protocol
+    def reset(self) -> None:
+        """Forget all measurements."""
+        self._rows: list[dict[str, Any]] = []
+        self._operators: dict[tuple[str, int], Any] = {}
+        self._measured_steps: set[int] = set()
+        self._runner: Any = None
+        self._frozen: dict[str, DiffusionResult] | None = None
+        self._subset: ProbeDataset | None = None
+
+    def site_specs(self) -> list[str]:
+        return list(self.sites)
+
+    @property
+    def active(self) -> bool:
+        return False  # reads no training batch
+
+    def update(self, batch: Any) -> None:
+        """Unused: a gauge pools its own subset when it fires."""
+
+    def start(self, *, runner: Any = None, data: ProbeDataset | None = None, batch_size: int | None = None,
+              **_: Any) -> None:
+        """Bind to a runner's pass over a frozen model; choose the subset now (checks sizes)."""
+        self._runner, self._frozen = runner, None
+        if self._subset is None:
+            self._subset = self._choose(self.data if self.data is not None else data)
+        if batch_size:
+            self.batch_size = batch_size
+
+    def on_event(self, event: str, step: int, epoch: int) -> None:
+        if self._runner is None or step in self._measured_steps or not self.trigger.fires(step, epoch, event):
+            return
+        if self._frozen is None:  # the model is frozen during a pass: pool and diffuse once
+            acts = self._runner.pooled(self._subset, [(s, self.pool) for s in self.sites], self.batch_size, "gauge")
+            self._frozen = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
+        self._record(step, epoch, event, self._frozen, self._runner.sites)
+
+    def compute(self) -> pd.DataFrame:
+        """The trajectory (see :attr:`trajectory`)."""
+        if not self._rows:
+            raise NotComputedError("the gauge has not measured yet: its trigger has not fired")
+        return pd.DataFrame(self._rows)
+
+    # ------------------------------------------------------------------ measuring a model in training
+    def measure(self, model: Any, step: int, *, epoch: int = 0, event: str = "manual",
+                data: ProbeDataset | None = None) -> pd.DataFrame:
+        """Measure on ``model``'s current weights (a model being trained) and record at ``step``.
+
+        Args:
+            model: A transformers model or an nnsight model.
+            step: The training step to record.
+            epoch: The epoch to record.
+            event: A label for the trajectory.
+            data: Examples to draw the subset from, the first time (default: ``data=``
+                given at construction).
+
+        Returns:
+            The rows recorded for this step.
+        """
+        from nnsight import NNsight
+
+        from .runner import ProbeRunner
+
+        if self._subset is None:
+            self._subset = self._choose(data if data is not None else self.data)
+        wrapped = model if isinstance(model, NNsight) else NNsight(model)
+        module = wrapped._module
+        was_training = module.training
+        module.eval()
+        try:
+            runner = ProbeRunner(wrapped, progress=False)
+            acts = runner.pooled(self._subset, [(s, self.pool) for s in self.sites], self.batch_size, "gauge")
+        finally:
+            module.train(was_training)
+        results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
+        start = len(self._rows)
+        self._record(step, epoch, event, results, runner.sites)
+        return pd.DataFrame(self._rows[start:])
+
+    def maybe_measure(self, model: Any, event: str, step: int, epoch: int) -> bool:
+        """Measure if the trigger fires for this event and the step was not measured yet."""
+        if step in self._measured_steps or not self.trigger.fires(step, epoch, event):
+            return False
+        self.measure(model, step, epoch=epoch, event=event)
+        return True
+
+    # ------------------------------------------------------------------ results
+    @property
+    def trajectory(self) -> pd.DataFrame:
+        """One row per (measurement, site): ``step``, ``epoch``, ``event``, ``site``, ``layer``,
+        ``n_samples``, ``spectral_gap``, ``entropy``, ``eigenvalues`` (top n_eigs), extra columns."""
+        return self.compute()
+
+    def operator(self, site: str, step: int) -> Any:
+        """The operator measured at ``site`` and ``step`` (sparse where the graph is)."""
+        key = (site, step)
+        if key not in self._operators:
+            known = sorted({s for _, s in self._operators})
+            raise KeyError(f"no operator for site {site!r} at step {step}; measured steps: {known}"
+                           + ("" if self.keep_operators else " (keep_operators=False)"))
+        return self._operators[key]
+
+    def get_trajectory(self) -> list[tuple[int, str, Any]]:
+        """``(step, site, operator)`` in measurement order."""
+        return [(row["step"], row["site"], self._operators.get((row["site"], row["step"]))) for row in self._rows]
+
+    def extra_metrics(self, result: DiffusionResult) -> dict[str, Any]:
+        """Extra trajectory columns for one site's result; override in a subclass."""
+        return self._extra(result) if self._extra is not None else {}
+
+    # ------------------------------------------------------------------ internals
+    def _choose(self, data: ProbeDataset | None) -> ProbeDataset:
+        if data is None:
+            raise ValueError("the gauge has no data to draw its probe subset from: pass data=... "
+                             "to DiffusionGauge or to measure()")
+        if self.n_samples > len(data):
+            raise ValueError(f"n_samples={self.n_samples} is larger than the {len(data)} examples available; "
+                             f"lower n_samples or give more data")
+        index = np.sort(np.random.default_rng(self.seed).choice(len(data), self.n_samples, replace=False))
+        return data.subset(index)
+
+    def _diffuse(self, X: np.ndarray, site: str) -> DiffusionResult:
+        bad = ~np.isfinite(X).all(1)
+        if bad.any():
+            raise ValueError(f"gauge: {int(bad.sum())} of {len(X)} probe-subset rows at site {site!r} have "
+                             "non-finite activations; a diffusion operator needs finite points")
+        return diffuse(np.asarray(X, np.float64), **self.operator_kwargs)
+
+    def _record(self, step: int, epoch: int, event: str, results: dict[str, DiffusionResult],
+                sites: dict) -> None:
+        self._measured_steps.add(step)
+        for s in self.sites:
+            result = results[s]
+            site = sites.get(s)
+            self._rows.append({
+                "step": step, "epoch": epoch, "event": event, "site": s,
+                "layer": None if site is None else site.layer, "n_samples": self.n_samples,
+                "spectral_gap": result.spectral_gap, "entropy": result.entropy,
+                "eigenvalues": np.asarray(result.eigenvalues), **self.extra_metrics(result),
+            })
+            if self.keep_operators:
+                self._operators[(s, step)] = result.operator
+        if self.wandb_run is not None:
+            self.wandb_run.log(self._wandb_payload(results), step=step)
+        logger.trace("gauge measured {} sites at step {} ({})", len(self.sites), step, event)
+
+    def _wandb_payload(self, results: dict[str, DiffusionResult]) -> dict[str, float]:
+        """Eigenvalues (from the symmetric solver), gap and entropy per site, as flat scalars."""
+        payload: dict[str, float] = {}
+        for s, result in results.items():
+            payload[f"gauge/{s}/spectral_gap"] = float(result.spectral_gap)
+            payload[f"gauge/{s}/entropy"] = float(result.entropy)
+            payload.update({f"gauge/{s}/eig_{i}": float(v) for i, v in enumerate(result.eigenvalues)})
+        return payload
