@@ -12,7 +12,7 @@ from .early_stopping import EarlyStopping, StopReason
 from .gauge import DiffusionGauge
 from .geometry import Geometry, GeometryResults
 from .model import load_model
-from .probe import LinearProbe, ProbeConfig
+from .probe import IGNORE, LinearProbe, Probe, ProbeConfig
 from .runner import ProbeRunner
 from .sites import Site, SiteError
 from .trigger import Trigger
@@ -26,7 +26,9 @@ __all__ = [
     "EarlyStopping",
     "Geometry",
     "GeometryResults",
+    "IGNORE",
     "LinearProbe",
+    "Probe",
     "NotComputedError",
     "PooledBatch",
     "ProbeConfig",

@@ -50,6 +50,7 @@ class PooledBatch:
         epoch: Zero-based epoch.
         index: ``(batch,)`` dataset positions of the examples.
         n_tokens: ``(batch,)`` number of real tokens per example.
+        token_labels: Token tasks: labels of the token rows (``pool="none"`` order).
     """
 
     acts: dict[Request, np.ndarray]
@@ -58,6 +59,7 @@ class PooledBatch:
     epoch: int = 0
     index: np.ndarray | None = None
     n_tokens: np.ndarray | None = field(default=None, repr=False)
+    token_labels: np.ndarray | None = field(default=None, repr=False)
 
     def first_tokens(self, budget: int) -> "PooledBatch":
         """This batch cut to its first ``budget`` real tokens, example by example.
@@ -75,7 +77,8 @@ class PooledBatch:
             tokens[-1] = budget - (cum[whole - 1] if whole else 0)
         labels = None if self.labels is None else self.labels[:touched]
         index = None if self.index is None else self.index[:touched]
-        return PooledBatch(cut, labels, self.step, self.epoch, index, tokens)
+        token_labels = None if self.token_labels is None else self.token_labels[:budget]
+        return PooledBatch(cut, labels, self.step, self.epoch, index, tokens, token_labels)
 
 
 class Consumer:

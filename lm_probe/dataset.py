@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from loguru import logger
 
-__all__ = ["ProbeDataset", "Batch", "ensure_pad_token"]
+__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "IGNORE"]
+
+IGNORE = -100  #: token label of positions no probe trains or is scored on
 
 
 @dataclass
@@ -25,14 +27,17 @@ class Batch:
     Attributes:
         input_ids: ``(batch, tokens)`` int64.
         attention_mask: ``(batch, tokens)`` int64, 1 for real tokens.
-        labels: ``(batch,)`` int64.
+        labels: ``(batch,)`` labels (int64, or float64 regression targets).
         index: ``(batch,)`` positions in the dataset.
+        token_labels: Token tasks: the labels of every real token, example by example,
+            left to right (the row order of ``pool="none"``), ``IGNORE`` where unlabeled.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: np.ndarray
     index: np.ndarray
+    token_labels: np.ndarray | None = None
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -75,22 +80,33 @@ class ProbeDataset:
     def __init__(
         self,
         ids: Sequence[np.ndarray],
-        labels: Sequence[int] | np.ndarray,
+        labels: Sequence[int] | Sequence[float] | np.ndarray | None = None,
         *,
         pad_token_id: int = 0,
         padding_side: str = "right",
         texts: Sequence[str] | None = None,
+        token_labels: Sequence[np.ndarray] | None = None,
+        token_words: Sequence[Sequence[str | None]] | None = None,
+        label_names: Sequence[str] | None = None,
     ) -> None:
-        labels = np.asarray(labels)
         if len(ids) == 0:
             raise ValueError("the dataset is empty: give at least one example")
+        if labels is None:
+            if token_labels is None:
+                raise ValueError("give labels (one per example) or token_labels (one per token)")
+            labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels = np.asarray(labels)
         if len(ids) != len(labels):
             raise ValueError(f"got {len(ids)} examples but {len(labels)} labels; they must match")
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
             raise ValueError(
-                f"labels must be a flat sequence of integers, got dtype {labels.dtype} "
-                f"and shape {labels.shape}; map class names to integers first"
+                f"labels must be a flat sequence of integers (classes) or floats (regression targets), got "
+                f"dtype {labels.dtype} and shape {labels.shape}; map class names to integers first"
             )
+        if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():
+            bad = np.flatnonzero(~np.isfinite(labels))
+            raise ValueError(f"{len(bad)} regression targets are NaN or infinite (first at index {bad[0]}); "
+                             "drop those examples or fill them")
         if texts is not None and len(texts) != len(ids):
             raise ValueError(f"got {len(texts)} texts for {len(ids)} examples")
         empty = [i for i, row in enumerate(ids) if len(row) == 0]
@@ -98,11 +114,28 @@ class ProbeDataset:
             raise ValueError(f"{len(empty)} examples have no tokens (first at index {empty[0]})")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if token_labels is not None:
+            bad = [i for i, (row, tl) in enumerate(zip(ids, token_labels)) if len(row) != len(tl)]
+            if len(token_labels) != len(ids) or bad:
+                raise ValueError(f"token_labels must give one label per token of each example (example {bad[:1]})")
         self.ids = [np.asarray(row, dtype=np.int64) for row in ids]
-        self.labels = labels.astype(np.int64)
+        self.labels = labels if np.issubdtype(labels.dtype, np.floating) else labels.astype(np.int64)
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.texts = list(texts) if texts is not None else None
+        self.token_labels = None if token_labels is None else [np.asarray(t, np.int64) for t in token_labels]
+        self.token_words = None if token_words is None else [list(w) for w in token_words]
+        self.label_names = None if label_names is None else list(label_names)
+
+    @property
+    def is_token_level(self) -> bool:
+        """Whether the labels are per token (``from_tagged``)."""
+        return self.token_labels is not None
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the labels are continuous targets."""
+        return np.issubdtype(self.labels.dtype, np.floating)
 
     # ---------------------------------------------------------------- builders
     @classmethod
@@ -175,6 +208,83 @@ class ProbeDataset:
                               tokenizer, max_length=max_length)
 
     @classmethod
+    def from_tagged(
+        cls,
+        words_per_sentence: Sequence[Sequence[str]],
+        tags_per_sentence: Sequence[Sequence[Any]],
+        tokenizer: Any,
+        *,
+        label_first_subword_only: bool = True,
+        max_length: int = 128,
+    ) -> "ProbeDataset":
+        """Token-level labels from word-tagged sentences (part of speech, entities...).
+
+        Each sentence's words are joined with single spaces and tokenized once; each
+        token is aligned to the word whose characters it covers, through the fast
+        tokenizer's offsets (so leading-space markers such as GPT-2's ``Ġ`` stay on
+        their tokens). A word's tag goes to its first token (or to all of its tokens
+        with ``label_first_subword_only=False``); every other position (special tokens,
+        continuation subwords, padding) is ``IGNORE`` and is never trained or scored.
+
+        Args:
+            words_per_sentence: Words of each sentence.
+            tags_per_sentence: One tag per word: strings (mapped to integers in sorted
+                order; ``label_names`` keeps the names) or integers.
+            tokenizer: A fast Hugging Face tokenizer (it must return offsets).
+            label_first_subword_only: Label only each word's first token.
+            max_length: Tokens per sentence at most; labels cut off are counted and
+                reported in a warning.
+        """
+        if len(words_per_sentence) != len(tags_per_sentence):
+            raise ValueError(f"got {len(words_per_sentence)} sentences of words but {len(tags_per_sentence)} of tags")
+        for i, (words, tags) in enumerate(zip(words_per_sentence, tags_per_sentence)):
+            if len(words) != len(tags):
+                raise ValueError(f"sentence {i} has {len(words)} words but {len(tags)} tags; they must match "
+                                 f"(words: {list(words)[:8]}...)")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("from_tagged needs a fast tokenizer (offsets): load it with use_fast=True")
+        ensure_pad_token(tokenizer)
+        flat = sorted({t for tags in tags_per_sentence for t in tags}, key=str)
+        as_ints = all(isinstance(t, (int, np.integer)) for t in flat)
+        names = None if as_ints else [str(t) for t in flat]
+        code = {t: (int(t) if as_ints else k) for k, t in enumerate(flat)}
+        ids, token_labels, token_words, cut, cut_sentences = [], [], [], 0, 0
+        for words, tags in zip(words_per_sentence, tags_per_sentence):
+            text, spans, pos = "", [], 0
+            for w in words:
+                if text:
+                    text += " "
+                spans.append((len(text), len(text) + len(w)))
+                text += w
+            enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
+            row, offsets = enc["input_ids"], enc["offset_mapping"]
+            labels = np.full(len(row), IGNORE, dtype=np.int64)
+            owner: list[str | None] = [None] * len(row)
+            seen: set[int] = set()
+            for t, (a, b) in enumerate(offsets):
+                if b <= a:
+                    continue  # special tokens have empty spans
+                w = next((k for k, (s0, s1) in enumerate(spans) if a < s1 and b > s0), None)
+                if w is None:
+                    continue  # a token of the separating space alone
+                owner[t] = words[w]
+                if w not in seen or not label_first_subword_only:
+                    labels[t] = code[tags[w]]
+                seen.add(w)
+            if len(row) > max_length:
+                lost = int(np.sum(labels[max_length:] != IGNORE))
+                cut += lost
+                cut_sentences += lost > 0
+            ids.append(np.asarray(row[:max_length], np.int64))
+            token_labels.append(labels[:max_length])
+            token_words.append(owner[:max_length])
+        if cut:
+            logger.warning("{} word labels in {} sentences fell beyond max_length={} tokens and were cut; "
+                           "raise max_length to keep them", cut, cut_sentences, max_length)
+        return cls(ids, None, pad_token_id=tokenizer.pad_token_id, padding_side=getattr(tokenizer, "padding_side", "right"),
+                   token_labels=token_labels, token_words=token_words, label_names=names)
+
+    @classmethod
     def from_tensors(
         cls,
         input_ids: torch.Tensor | np.ndarray,
@@ -211,16 +321,24 @@ class ProbeDataset:
 
     @property
     def classes(self) -> np.ndarray:
-        """Sorted distinct labels."""
-        return np.unique(self.labels)
+        """Sorted distinct labels (of labeled tokens, for token tasks)."""
+        labels = self.flat_token_labels() if self.is_token_level else self.labels
+        return np.unique(labels[labels != IGNORE]) if not self.is_regression else np.array([])
+
+    def flat_token_labels(self) -> np.ndarray:
+        """All token labels, example by example (the row order of ``pool="none"``)."""
+        if self.token_labels is None:
+            raise ValueError("this dataset has no token labels; build it with ProbeDataset.from_tagged(...)")
+        return np.concatenate(self.token_labels)
 
     def subset(self, index: Sequence[int] | np.ndarray) -> "ProbeDataset":
         """The examples at ``index``, in that order."""
         index = np.asarray(index, dtype=np.int64)
+        pick = lambda values: None if values is None else [values[i] for i in index]
         return ProbeDataset(
             [self.ids[i] for i in index], self.labels[index],
-            pad_token_id=self.pad_token_id, padding_side=self.padding_side,
-            texts=[self.texts[i] for i in index] if self.texts is not None else None,
+            pad_token_id=self.pad_token_id, padding_side=self.padding_side, texts=pick(self.texts),
+            token_labels=pick(self.token_labels), token_words=pick(self.token_words), label_names=self.label_names,
         )
 
     def tt_split(self, test_size: float = 0.2, seed: int = 0) -> tuple["ProbeDataset", "ProbeDataset"]:
@@ -235,6 +353,12 @@ class ProbeDataset:
         """
         from sklearn.model_selection import train_test_split
 
+        if self.is_token_level or self.is_regression:  # split by example (sentence), never by token
+            try:
+                train, test = train_test_split(np.arange(len(self)), test_size=test_size, random_state=seed)
+            except ValueError as err:
+                raise ValueError(f"cannot split {len(self)} examples with test_size={test_size}: {err}") from None
+            return self.subset(np.sort(train)), self.subset(np.sort(test))
         classes, counts = np.unique(self.labels, return_counts=True)
         if counts.min() < 2:
             rare = classes[counts < 2].tolist()
@@ -295,4 +419,5 @@ class ProbeDataset:
         for k, row in enumerate(rows):
             span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
             ids[k, span], mask[k, span] = row, 1
-        return Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index)
+        tokens = None if self.token_labels is None else np.concatenate([self.token_labels[i] for i in index])
+        return Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index, tokens)

@@ -362,8 +362,8 @@ class Geometry(Consumer):
         with np.load(path / "eigenvalues.npz") as npz:
             eigen = {metadata["sites"][int(k[1:])]: npz[k] for k in npz.files}
         return GeometryResults(
-            metrics=pd.read_csv(path / "metrics.csv", index_col="site", keep_default_na=True).fillna({"reason": ""}),
-            novelty=pd.read_csv(path / "novelty.csv").fillna({"reason": ""}),
+            metrics=_with_reasons(pd.read_csv(path / "metrics.csv", index_col="site")),
+            novelty=_with_reasons(pd.read_csv(path / "novelty.csv")),
             eigenvalues=eigen,
             normalization_ablation=pd.read_csv(path / "normalization_ablation.csv"),
             metadata=metadata,
@@ -386,6 +386,12 @@ def save_results(results: GeometryResults, path: str | Path) -> Path:
     np.savez(path / "eigenvalues.npz", **{f"s{sites.index(s)}": v for s, v in results.eigenvalues.items()})
     (path / "metadata.json").write_text(json.dumps(results.metadata, indent=2, default=str))
     return path
+
+
+def _with_reasons(frame: pd.DataFrame) -> pd.DataFrame:
+    """CSV reads an empty ``reason`` back as NaN; restore the empty strings."""
+    frame["reason"] = ["" if pd.isna(v) else str(v) for v in frame["reason"]]
+    return frame
 
 
 def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Linear probes: online logistic regression on pooled activations.
+"""Probes: online classifiers and regressors on pooled activations.
 
-A :class:`LinearProbe` wraps scikit-learn's ``SGDClassifier(loss="log_loss")`` and
-trains it with ``partial_fit`` one batch at a time, standardizing features with
+A :class:`Probe` wraps a scikit-learn estimator that learns with ``partial_fit``
+(``head="linear"``: ``SGDClassifier(loss="log_loss")`` or, for ``task="regression"``,
+``SGDRegressor``; ``head="mlp"``: ``MLPClassifier`` / ``MLPRegressor``) and trains it
+one batch at a time, standardizing features with
 running float64 moments (on by default, as SGD is sensitive to feature scale). It is
 a :class:`~lm_probe.consumer.Consumer`: the runner feeds it pooled activations,
 it evaluates itself on a cached validation set every ``eval_every`` steps, asks its
@@ -12,22 +14,34 @@ convention); predicting before any training raises :class:`NotFittedError`.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from loguru import logger
 from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import SGDClassifier
+from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from .consumer import Consumer, PooledBatch
 from .early_stopping import EarlyStopping, StopReason
-from .metrics import classification_metrics
+from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "LinearProbe"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS"]
 
-_SGD_PARAMS = frozenset(SGDClassifier().get_params())
+#: Label of positions that no probe trains or is scored on (padding, continuation
+#: subwords, special tokens), as in Hugging Face token classification.
+IGNORE = -100
+
+_HEADS: dict[tuple[str, str], type] = {
+    ("classification", "linear"): SGDClassifier,
+    ("classification", "mlp"): MLPClassifier,
+    ("regression", "linear"): SGDRegressor,
+    ("regression", "mlp"): MLPRegressor,
+}
+_PARAMS = {cls: frozenset(cls().get_params()) for cls in _HEADS.values()}
 
 #: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
 #: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
@@ -37,6 +51,12 @@ _SGD_PARAMS = frozenset(SGDClassifier().get_params())
 #: over 3 epochs, within 0.01 on average of an offline cross-validated logistic
 #: regression on the same activations.
 DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003}
+_DEFAULTS: dict[type, dict[str, Any]] = {
+    SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
+    SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
+    MLPClassifier: {},
+    MLPRegressor: {},
+}
 
 
 class ProbeConfig:
@@ -47,12 +67,21 @@ class ProbeConfig:
             ``"model.layers[-1].mlp.output"``).
         classes: The labels this probe predicts (any integers). ``None``: the
             distinct labels of the training set.
-        pool: ``"mean"`` (default), ``"last"``, ``"first"`` or ``"max"``.
+        pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"max"``, or ``"none"``
+            for token-level probes (one row per labeled token; needs token labels,
+            see :meth:`ProbeDataset.from_tagged`).
         name: Unique probe name (default: the site string).
-        standardize: Standardize features with running moments before SGD.
-        **probe_kwargs: Passed to ``SGDClassifier`` (``alpha``, ``penalty``,
-            ``learning_rate``, ``eta0``, ``class_weight`` as a dict, ...), on top of
-            :data:`DEFAULT_PROBE_KWARGS` (constant step 0.003).
+        standardize: Standardize features with running moments before the estimator.
+        head: ``"linear"`` (SGD) or ``"mlp"`` (scikit-learn's MLP, ``hidden_size`` units).
+        task: ``"classification"`` or ``"regression"`` (continuous targets; metrics
+            ``r2``, ``mse``, ``pearson``).
+        hidden_size: Hidden units of the ``mlp`` head.
+        control: Also train a control-task twin on the same activations in the same
+            pass (Hewitt and Liang, 2019); metrics gain ``control_accuracy`` and
+            ``selectivity``.
+        **probe_kwargs: Passed to the estimator (for the linear classifier: ``alpha``,
+            ``penalty``, ``learning_rate``, ``eta0``, ``class_weight`` as a dict...), on
+            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier.
     """
 
     def __init__(
@@ -63,88 +92,106 @@ class ProbeConfig:
         pool: str = "mean",
         name: str | None = None,
         standardize: bool = True,
+        head: str = "linear",
+        task: str = "classification",
+        hidden_size: int = 64,
+        control: bool = False,
         **probe_kwargs: Any,
     ) -> None:
         if not isinstance(site, str):
             raise TypeError(f"site must be a string such as 'model.layers.3.output', got {site!r}")
-        self.site = site
+        label = name or site
+        if (task, head) not in _HEADS:
+            raise ValueError(f"probe {label!r}: head must be 'linear' or 'mlp' and task 'classification' or "
+                             f"'regression', got head={head!r}, task={task!r}")
+        self.site, self.head, self.task = site, head, task
         self.classes = None if classes is None else tuple(sorted(int(c) for c in set(classes)))
+        if task == "regression" and classes is not None:
+            raise ValueError(f"probe {label!r}: a regression probe has no classes")
         if self.classes is not None and len(self.classes) < 2:
-            raise ValueError(f"probe {name or site!r}: classes={self.classes} needs at least two classes")
-        if check_pool(pool) == "none":
-            raise ValueError(
-                f"probe {name or site!r}: pool='none' gives one row per token, which needs "
-                "token-level labels; use 'mean', 'last', 'first' or 'max'"
-            )
-        self.pool = pool
-        self.name = name if name is not None else site
-        self.standardize = bool(standardize)
-        unknown = sorted(set(probe_kwargs) - _SGD_PARAMS)
+            raise ValueError(f"probe {label!r}: classes={self.classes} needs at least two classes")
+        if control and task != "classification":
+            raise ValueError(f"probe {label!r}: control tasks are defined for classification probes")
+        self.pool = check_pool(pool)
+        self.name = label
+        self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
+        estimator = _HEADS[(task, head)]
+        unknown = sorted(set(probe_kwargs) - _PARAMS[estimator])
         if unknown:
             raise TypeError(
-                f"probe {self.name!r}: unknown SGDClassifier arguments {unknown}; "
-                f"valid ones are {sorted(_SGD_PARAMS - {'loss'})}"
+                f"probe {self.name!r}: unknown {estimator.__name__} arguments {unknown}; "
+                f"valid ones are {sorted(_PARAMS[estimator] - {'loss'})}"
             )
-        if probe_kwargs.get("loss", "log_loss") != "log_loss":
+        if estimator is SGDClassifier and probe_kwargs.get("loss", "log_loss") != "log_loss":
             raise ValueError(f"probe {self.name!r}: only loss='log_loss' gives probabilities; remove 'loss'")
         if probe_kwargs.get("class_weight") == "balanced":
             raise ValueError(
                 f"probe {self.name!r}: class_weight='balanced' cannot be used with partial_fit; "
                 "pass a dict such as {0: 1.0, 1: 3.0}"
             )
-        given = {k: v for k, v in probe_kwargs.items() if k != "loss"}
-        self.probe_kwargs: dict[str, Any] = {**DEFAULT_PROBE_KWARGS, **given}
+        defaults = dict(_DEFAULTS[estimator])
+        if head == "mlp":
+            defaults["hidden_layer_sizes"] = (self.hidden_size,)
+        self.probe_kwargs: dict[str, Any] = {**defaults, **probe_kwargs}
+
+    @property
+    def estimator(self) -> type:
+        """The scikit-learn estimator class of this probe."""
+        return _HEADS[(self.task, self.head)]
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.probe_kwargs.items())
-        return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, "
-                f"name={self.name!r}{extra})")
+        return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
+                f"task={self.task!r}, name={self.name!r}{extra})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ProbeConfig) and vars(self) == vars(other)
 
 
-class LinearProbe(Consumer):
-    """An online logistic-regression probe on one (site, pooling).
+class Probe(Consumer):
+    """An online probe on one (site, pooling): a classifier or a regressor.
 
     Args:
         config: The probe's configuration.
         classes: The classes to predict (overrides ``config.classes`` when that is None).
-        random_state: Seed for ``SGDClassifier``.
+        random_state: Seed of the estimator.
+        name: Override the probe's name (control twins are ``"<name> [control]"``).
 
     Attributes:
-        classes_: ``(n_classes,)`` labels, in the column order of ``predict_proba``.
-        coef_, intercept_: Weights on standardized features (best validation weights
-            once training has finished).
+        estimator_: The scikit-learn estimator (best validation state once trained).
+        classes_: ``(n_classes,)`` labels in the column order of ``predict_proba``
+            (``None`` for regression).
+        coef_, intercept_: Weights on standardized features (linear heads).
         mean_, scale_: Standardization (zeros / ones when ``standardize=False``).
         n_steps_: Training batches seen.
-        best_loss_: Best validation log-loss.
+        best_loss_: Best validation loss (log-loss, or mean squared error).
         best_step_: Step of ``best_loss_``.
         stopped_reason_: A :class:`StopReason`.
     """
 
     def __init__(self, config: ProbeConfig, classes: Iterable[int] | None = None,
-                 random_state: int | None = None) -> None:
+                 random_state: int | None = None, name: str | None = None) -> None:
         self.config = config
-        self.name = config.name
+        self.name = name or config.name
         self.requests = ((config.site, config.pool),)
+        self.is_classifier = config.task == "classification"
         self._classes = np.asarray(config.classes if config.classes is not None else
                                    sorted(set(int(c) for c in classes or ())), dtype=np.int64)
         self.random_state = random_state
+        self._relabel: Any = None
         self.reset()
 
     # ------------------------------------------------------------ estimator API
     def reset(self) -> None:
         """Forget everything learned."""
-        self.classes_ = self._classes
-        self.sgd_ = SGDClassifier(loss="log_loss", random_state=self.random_state,
-                                  **self.config.probe_kwargs)
+        self.classes_ = self._classes if self.is_classifier else None
+        self.estimator_ = self.config.estimator(random_state=self.random_state, **self.config.probe_kwargs)
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
         self.n_steps_ = 0
         self.best_loss_ = float("inf")
         self.best_step_: int | None = None
         self.stopped_reason_ = StopReason.NONE
-        self._best: tuple[np.ndarray, ...] | None = None
+        self._best: tuple | None = None
         self._val: tuple[np.ndarray, np.ndarray] | None = None
         self._stopper: EarlyStopping | None = None
         self._eval_every, self._max_steps = 0, None
@@ -164,15 +211,15 @@ class LinearProbe(Consumer):
     @property
     def coef_(self) -> np.ndarray:
         self._check_fitted()
-        return self.sgd_.coef_
+        return self.estimator_.coef_
 
     @property
     def intercept_(self) -> np.ndarray:
         self._check_fitted()
-        return self.sgd_.intercept_
+        return self.estimator_.intercept_
 
     def _check_fitted(self) -> None:
-        if not hasattr(self.sgd_, "coef_"):
+        if self.n_steps_ == 0 and self._best is None:
             raise NotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
@@ -181,31 +228,42 @@ class LinearProbe(Consumer):
             return X
         return (X - self.mean_) / self.scale_
 
-    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> "LinearProbe":
-        """One SGD step on a batch ``X (batch, hidden)``, labels ``y (batch,)``."""
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> "Probe":
+        """One step on a batch ``X (rows, hidden)``, targets ``y (rows,)``."""
         if self.config.standardize:
             self._n, self._mean, self._m2 = welford_update(self._n, self._mean, self._m2, X)
-        self.sgd_.partial_fit(self._transform(X), y, classes=self.classes_)
+        if self.is_classifier:
+            self.estimator_.partial_fit(self._transform(X), y, classes=self.classes_)
+        else:
+            self.estimator_.partial_fit(self._transform(X), np.asarray(y, np.float64))
         self.n_steps_ += 1
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Raw scores for pooled activations ``X (n, hidden)``."""
+        """Raw scores for pooled activations ``X (n, hidden)`` (linear classifiers)."""
         self._check_fitted()
-        return self.sgd_.decision_function(self._transform(X))
+        return self.estimator_.decision_function(self._transform(X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` for pooled activations ``X (n, hidden)``."""
         self._check_fitted()
-        return self.sgd_.predict_proba(self._transform(X))
+        if not self.is_classifier:
+            raise AttributeError(f"probe {self.name!r} is a regression probe: use predict()")
+        return self.estimator_.predict_proba(self._transform(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted labels ``(n,)`` for pooled activations ``X (n, hidden)``."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """Predicted labels (or values, for regression) ``(n,)`` for ``X (n, hidden)``."""
+        if self.is_classifier:
+            return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        self._check_fitted()
+        return self.estimator_.predict(self._transform(X))
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Metrics (loss, accuracy, precision, recall, f1, matthews) on ``X``, ``y``."""
-        return classification_metrics(np.asarray(y), self.predict_proba(X), self.classes_)
+    def score(self, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """Metrics on ``X``, ``y``: classification (loss = log-loss, accuracy, precision,
+        recall, f1, matthews, support) or regression (loss = mse, r2, mse, pearson)."""
+        if self.is_classifier:
+            return classification_metrics(np.asarray(y), self.predict_proba(X), self.classes_)
+        return regression_metrics(np.asarray(y, np.float64), self.predict(X))
 
     # ------------------------------------------------------------ consumer API
     @property
@@ -215,22 +273,51 @@ class LinearProbe(Consumer):
     def start(self, *, classes: Iterable[int] | None = None,
               validation: tuple[np.ndarray, np.ndarray] | None = None,
               early_stopping: EarlyStopping | None = None, eval_every: int = 10,
-              max_steps: int | None = None, **_: Any) -> None:
-        """Start a training pass: classes, cached validation set ``(X, y)``, stopping rules."""
+              max_steps: int | None = None, relabel: Any = None, **_: Any) -> None:
+        """Start a training pass.
+
+        Args:
+            classes: The classes (classification).
+            validation: Cached validation set ``(X, y)``, unlabeled rows already removed.
+            early_stopping: The stopping rule.
+            eval_every: Steps between validation evaluations.
+            max_steps: Steps at most.
+            relabel: Targets to use instead of the batch's, indexed by dataset position
+                (an array for sequence tasks, a list of per-example token arrays for
+                token tasks): a control task.
+        """
         if classes is not None:
             self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
         self.reset()
-        self._val, self._stopper = validation, early_stopping
+        self._val, self._stopper, self._relabel = validation, early_stopping, relabel
         self._eval_every, self._max_steps = eval_every, max_steps
 
+    def targets(self, batch: PooledBatch) -> np.ndarray:
+        """This probe's targets for a batch's rows (``IGNORE`` where unlabeled)."""
+        token = self.config.pool == "none"
+        if self._relabel is not None:
+            if token:
+                return np.concatenate([self._relabel[i] for i in batch.index])
+            return np.asarray(self._relabel)[batch.index]
+        if token:
+            if batch.token_labels is None:
+                raise ValueError(f"probe {self.name!r} uses pool='none' but the data has no token labels; "
+                                 "build it with ProbeDataset.from_tagged(...)")
+            return batch.token_labels
+        return batch.labels
+
     def update(self, batch: PooledBatch) -> None:
-        X = batch.acts[self.requests[0]]
+        X, y = batch.acts[self.requests[0]], self.targets(batch)
+        keep = _labeled(y)
+        X, y = X[keep], y[keep]
+        if len(y) == 0:
+            return
         if not np.isfinite(X).all():
             logger.warning("probe {!r}: non-finite activations at step {}; stopping it",
                            self.name, self.n_steps_)
             self._stop(StopReason.NON_FINITE)
             return
-        self.partial_fit(X, batch.labels)
+        self.partial_fit(X, y)
         if self._eval_every and self.n_steps_ % self._eval_every == 0:
             self._evaluate()
         if self.active and self._max_steps is not None and self.n_steps_ >= self._max_steps:
@@ -245,8 +332,7 @@ class LinearProbe(Consumer):
         stop, reason = self._stopper.check(loss, self.n_steps_)
         if self._stopper.improved_:
             self.best_loss_, self.best_step_ = loss, self.n_steps_
-            self._best = (self.sgd_.coef_.copy(), self.sgd_.intercept_.copy(),
-                          np.copy(self._mean), np.copy(self._m2), self._n)
+            self._best = (copy.deepcopy(self.estimator_), np.copy(self._mean), np.copy(self._m2), self._n)
         if stop and decide:
             self._stop(reason)
 
@@ -256,15 +342,15 @@ class LinearProbe(Consumer):
 
     def finish(self) -> None:
         """End of training: score the final weights too, then restore the best ones."""
-        if self.stopped_reason_ is StopReason.NON_FINITE or not hasattr(self.sgd_, "coef_"):
+        if self.stopped_reason_ is StopReason.NON_FINITE or self.n_steps_ == 0:
             return
         if not self.history_ or self.history_[-1][0] != self.n_steps_:
             self._evaluate(decide=False)
         if self.active:
             self.stopped_reason_ = StopReason.END_OF_DATA
         if self._best is not None:
-            coef, intercept, self._mean, self._m2, self._n = self._best
-            self.sgd_.coef_, self.sgd_.intercept_ = coef.copy(), intercept.copy()
+            estimator, mean, m2, n = self._best
+            self.estimator_, self._mean, self._m2, self._n = copy.deepcopy(estimator), mean, m2, n
 
     def compute(self) -> dict[str, Any]:
         """Training summary: steps, best validation loss, stop reason."""
@@ -278,4 +364,15 @@ class LinearProbe(Consumer):
         }
 
     def __repr__(self) -> str:
-        return f"LinearProbe({self.name!r}, steps={self.n_steps_}, stop={self.stopped_reason_})"
+        return f"Probe({self.name!r}, {self.config.task}/{self.config.head}, steps={self.n_steps_}, stop={self.stopped_reason_})"
+
+
+#: The name of issue 2's API; every head is a :class:`Probe`.
+LinearProbe = Probe
+
+
+def _labeled(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.floating):
+        return np.isfinite(y)
+    return y != IGNORE

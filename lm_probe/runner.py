@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 from .consumer import Consumer, PooledBatch, Request
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping
-from .metrics import METRIC_COLUMNS
-from .probe import LinearProbe, ProbeConfig
+from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
+from .control import control_targets, label_distribution
+from .dataset import IGNORE
+from .probe import Probe, ProbeConfig
 from .sites import Site, resolve_sites
 from .trace import read_pooled
 
@@ -70,10 +72,11 @@ class ProbeRunner:
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
         self.configs = list(configs)
         self._check_names(self.configs)
-        self.probes = {
-            c.name: LinearProbe(c, random_state=(seed + zlib.crc32(c.name.encode())) % 2**32)
-            for c in self.configs
-        }
+        self.probes: dict[str, Probe] = {}
+        for c in self.configs:
+            names = [c.name] + ([f"{c.name} [control]"] if c.control else [])
+            for name in names:
+                self.probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
         self.consumers: list[Consumer] = list(consumers)
         specs = [spec for c in self.all_consumers for spec in c.site_specs()]
         self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
@@ -85,7 +88,7 @@ class ProbeRunner:
         """The probes followed by the other consumers."""
         return [*self.probes.values(), *self.consumers]
 
-    def __getitem__(self, name: str) -> LinearProbe:
+    def __getitem__(self, name: str) -> Probe:
         if name not in self.probes:
             raise KeyError(f"no probe named {name!r}; probes are {list(self.probes)}")
         return self.probes[name]
@@ -138,12 +141,17 @@ class ProbeRunner:
         for consumer in self.consumers:  # first: consumers check their own input before any forward
             consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
+        self._control = self._control_labels(fit, train)
         for probe in self.probes.values():
+            classes = probe.config.classes or tuple(train.classes.tolist())
+            validation = None
+            if val is not None:
+                validation = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes)[:2]
             probe.start(
-                classes=probe.config.classes or tuple(train.classes.tolist()),
-                validation=(val_acts[probe.requests[0]], val.labels) if val else None,
+                classes=classes if probe.is_classifier else None, validation=validation,
                 early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
                 eval_every=eval_every, max_steps=max_steps,
+                relabel=self._control[1](fit) if probe.name.endswith(" [control]") else None,
             )
         self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True,
                    validate_every=eval_every if val is not None else None)
@@ -188,7 +196,7 @@ class ProbeRunner:
                     break
                 acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
                 pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
-                                     batch.attention_mask.sum(1).numpy())
+                                     batch.attention_mask.sum(1).numpy(), batch.token_labels)
                 if max_tokens is not None and tokens + pooled.n_tokens.sum() >= max_tokens:
                     pooled = pooled.first_tokens(max_tokens - tokens)
                 for consumer in active:
@@ -224,22 +232,21 @@ class ProbeRunner:
             batch_size: Examples per forward pass.
 
         Returns:
-            ``{(site, pooling): (n, hidden) float32 array}`` in dataset order.
+            ``{(site, pooling): (n, hidden) float32 array}`` in dataset order; for
+            ``pool="none"`` the rows are every real token, example by example.
         """
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
         self._resolve([spec for spec, _ in requests])
-        if any(how == "none" for _, how in requests):
-            raise ValueError("pooled() returns one row per example; pool='none' (one row per token) "
-                             "needs a consumer and runner.collect(...)")
-        out: dict[Request, np.ndarray] = {}
+        rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
         batches = dataset.batches(batch_size, by_length=True)  # least padding; rows put back in order
         for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
                           disable=not self.progress, leave=False):
-            for key, value in self._read(batch.input_ids, batch.attention_mask, requests).items():
-                if key not in out:
-                    out[key] = np.empty((len(dataset), *value.shape[1:]), dtype=value.dtype)
-                out[key][batch.index] = value
-        return out
+            n_tokens = batch.attention_mask.sum(1).numpy()
+            for (spec, how), value in self._read(batch.input_ids, batch.attention_mask, requests).items():
+                parts = np.split(value, np.cumsum(n_tokens)[:-1]) if how == "none" else value[:, None]
+                for i, part in zip(batch.index, parts):
+                    rows[(spec, how)][i] = part
+        return {key: np.concatenate(parts) for key, parts in rows.items()}
 
     def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            batch_size: int | None = None) -> dict[str, np.ndarray]:
@@ -271,22 +278,71 @@ class ProbeRunner:
         acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
         rows = []
         for name, probe in self.probes.items():
-            site = self.sites[probe.config.site]
-            try:
-                scores = probe.score(acts[probe.requests[0]], dataset.labels)
-                state = probe.compute()
-            except Exception as err:  # an unfitted probe (stopped at its first batch)
-                if probe.n_steps_:
-                    raise
-                logger.warning("probe {!r} has no metrics: {}", name, err)
-                scores = dict.fromkeys(METRIC_COLUMNS, np.nan)
-                state = {"n_steps": 0, "stopped_early": True, "stop_reason": str(probe.stopped_reason_)}
-            rows.append({**scores, "site": site.name, "pool": probe.config.pool, "layer": site.layer,
-                         "n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
-                         "stop_reason": state["stop_reason"], "probe": name})
+            if name.endswith(" [control]"):
+                continue
+            rows.append({**self._score(probe, acts, dataset), "probe": name})
+            twin = self.probes.get(f"{name} [control]")
+            if twin is not None:
+                control = self._score(twin, acts, dataset)
+                rows[-1]["control_accuracy"] = control["accuracy"]
+                rows[-1]["selectivity"] = rows[-1]["accuracy"] - control["accuracy"]
         frame = pd.DataFrame(rows).set_index("probe")
         frame["layer"] = frame["layer"].astype("Int64")
         return frame
+
+    def _score(self, probe: Probe, acts: dict[Request, np.ndarray], dataset: ProbeDataset) -> dict[str, Any]:
+        """One probe's metrics row on a dataset's pooled activations."""
+        site = self.sites[probe.config.site]
+        classes = probe.classes_ if probe.is_classifier else None
+        X, y, unseen = self._scored_rows(probe, acts[probe.requests[0]], dataset, classes)
+        if probe.name.endswith(" [control]"):
+            y = _flat(self._control[1](dataset), probe.config.pool == "none")
+            y = y[_labeled_mask(dataset, probe)]
+        info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
+                "n_scored": len(y), "n_unseen_label": unseen}
+        if probe.n_steps_ == 0:
+            logger.warning("probe {!r} has no metrics: it never trained ({})", probe.name, probe.stopped_reason_)
+            columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS
+            return {**dict.fromkeys(columns, np.nan), **info, "n_steps": 0, "stopped_early": True,
+                    "stop_reason": str(probe.stopped_reason_)}
+        state = probe.compute()
+        return {**probe.score(X, y), **info, "n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
+                "stop_reason": state["stop_reason"]}
+
+    def _scored_rows(self, probe: Probe, X: np.ndarray, data: ProbeDataset,
+                     classes: Any) -> tuple[np.ndarray, np.ndarray, int]:
+        """The rows a probe is scored on: labeled tokens (or all examples), labels in its classes.
+
+        Returns:
+            ``(X, y, n_unseen)``: rows, targets, and labeled rows left out because their
+            label is not among the probe's classes (token tasks only: a new tag in test).
+        """
+        keep = _labeled_mask(data, probe)
+        y = _flat(data.token_labels if probe.config.pool == "none" else data.labels, probe.config.pool == "none")
+        X, y = X[keep], y[keep]
+        unseen = 0
+        if probe.is_classifier and classes is not None:
+            known = np.isin(y, np.asarray(classes))
+            unseen = int((~known).sum())
+            if unseen:
+                logger.warning("probe {!r}: {} labeled tokens have tags never seen in training ({}); "
+                               "they are left out of its metrics", probe.name, unseen, sorted(set(y[~known].tolist())))
+                X, y = X[known], y[known]
+        return X, y, unseen
+
+    def _control_labels(self, fit: ProbeDataset, train: ProbeDataset) -> tuple[Any, Any]:
+        """(distribution, fn(split) -> control targets) for this fit; seeded, per word type."""
+        token = fit.is_token_level
+        labels = fit.flat_token_labels() if token else fit.labels
+        classes, probs = label_distribution(labels) if not fit.is_regression else (np.array([]), np.array([]))
+        cache: dict[int, Any] = {}
+
+        def targets(split: ProbeDataset) -> Any:
+            if id(split) not in cache:
+                cache[id(split)] = control_targets(split, token, classes, probs, self.seed)
+            return cache[id(split)]
+
+        return (classes, probs), targets
 
     # ------------------------------------------------------------------ checks
     def _resolve(self, specs: Iterable[str]) -> None:
@@ -314,18 +370,43 @@ class ProbeRunner:
     def _check_labels(self, data: ProbeDataset, what: str, default: tuple[int, ...] | None = None) -> None:
         if not isinstance(data, ProbeDataset):
             raise TypeError(f"the {what} set must be a ProbeDataset, got {type(data).__name__}")
+        for probe in self.probes.values():
+            token, config = probe.config.pool == "none", probe.config
+            if token and not data.is_token_level:
+                raise ValueError(f"probe {probe.name!r} uses pool='none' (token-level) but the {what} set has one "
+                                 "label per example; build it with ProbeDataset.from_tagged(...)")
+            if not token and data.is_token_level:
+                raise ValueError(f"probe {probe.name!r} pools to one row per example but the {what} set has token "
+                                 "labels; use pool='none' for token-level probes")
+            if probe.is_classifier and data.is_regression:
+                raise ValueError(f"probe {probe.name!r} is a classifier but the {what} labels are floats; "
+                                 "use ProbeConfig(..., task='regression') for continuous targets")
+        if data.is_regression or not any(p.is_classifier for p in self.probes.values()):
+            return
         present = set(data.classes.tolist())
         if what == "training" and len(present) < 2:
             raise ValueError(
                 f"the training set has a single class ({sorted(present)}); a probe needs examples of at least two"
             )
+        if data.is_token_level and what != "training":
+            return  # a new tag in the test set is reported at scoring time, not an error
         for probe in self.probes.values():
             allowed = probe.config.classes or default
-            if allowed is not None and not present <= set(allowed):
+            if probe.is_classifier and allowed is not None and not present <= set(allowed):
                 raise ValueError(
                     f"the {what} set has labels {sorted(present - set(allowed))} outside the classes "
                     f"{list(allowed)} of probe {probe.name!r}; add them to classes= or drop those examples"
                 )
+
+
+def _flat(values: Any, token: bool) -> np.ndarray:
+    return np.concatenate(values) if token else np.asarray(values)
+
+
+def _labeled_mask(data: ProbeDataset, probe: Probe) -> np.ndarray:
+    if probe.config.pool == "none":
+        return data.flat_token_labels() != IGNORE
+    return np.ones(len(data), bool)
 
 
 def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_model", "toy_texts", "WORDS"]
+__all__ = ["tiny_tokenizer", "tiny_bpe_tokenizer", "tiny_model", "toy_texts", "WORDS"]
 
 WORDS = (
     "the a an this that movie film story plot actor actress scene ending music "
@@ -45,7 +45,25 @@ def tiny_tokenizer(eos: bool = True, pad: bool = False) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=core, **special)
 
 
-def tiny_model(family: str = "gpt2", *, layers: int = 4, hidden: int = 32, seed: int = 0) -> torch.nn.Module:
+def tiny_bpe_tokenizer(vocab_size: int = 300) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 style, ``Ġ`` marks a leading space) trained on
+    :data:`WORDS` sentences, small enough that most words split into several subwords.
+    Its ids fit a :func:`tiny_model` built with ``vocab=vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts, _ = toy_texts(300, seed=11)
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(family: str = "gpt2", *, layers: int = 4, hidden: int = 32, seed: int = 0,
+               vocab: int | None = None) -> torch.nn.Module:
     """A small random model in eval mode, built from a config (no download).
 
     Args:
@@ -53,10 +71,11 @@ def tiny_model(family: str = "gpt2", *, layers: int = 4, hidden: int = 32, seed:
         layers: Number of blocks.
         hidden: Hidden size.
         seed: Seed for the random weights.
+        vocab: Vocabulary size (default: that of :func:`tiny_tokenizer`).
     """
     import transformers as tf
 
-    vocab = len(WORDS) + 3
+    vocab = vocab or len(WORDS) + 3
     torch.manual_seed(seed)
     if family == "gpt2":
         cfg = tf.GPT2Config(n_layer=layers, n_embd=hidden, n_head=4, vocab_size=vocab, n_positions=128,

@@ -62,7 +62,10 @@ def test_predict_before_fit_is_a_clear_error():
     [
         (dict(classes=[1]), ValueError, "at least two classes"),
         (dict(pool="avg"), ValueError, "unknown pool 'avg'"),
-        (dict(pool="none"), ValueError, "token-level labels"),
+        (dict(head="cnn"), ValueError, "head must be 'linear' or 'mlp'"),
+        (dict(task="regression", classes=[0, 1]), ValueError, "regression probe has no classes"),
+        (dict(task="regression", control=True), ValueError, "control tasks are defined for classification"),
+        (dict(head="mlp", eta0=0.1), TypeError, r"unknown MLPClassifier arguments \['eta0'\]"),
         (dict(alhpa=0.1), TypeError, r"unknown SGDClassifier arguments \['alhpa'\]"),
         (dict(loss="hinge"), ValueError, "log_loss"),
         (dict(class_weight="balanced"), ValueError, "pass a dict"),
@@ -75,13 +78,13 @@ def test_config_rejects(kwargs, error, match):
 
 def test_defaults_are_a_small_constant_step_and_can_be_overridden():
     assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.003}
-    assert LinearProbe(ProbeConfig("a.output")).sgd_.get_params()["learning_rate"] == "constant"
-    params = LinearProbe(ProbeConfig("a.output", learning_rate="optimal")).sgd_.get_params()
+    assert LinearProbe(ProbeConfig("a.output")).estimator_.get_params()["learning_rate"] == "constant"
+    params = LinearProbe(ProbeConfig("a.output", learning_rate="optimal")).estimator_.get_params()
     assert params["learning_rate"] == "optimal"
 
 
 def test_config_passes_sgd_arguments_through():
     cfg = ProbeConfig("a.output", classes=[0, 1], alpha=0.01, penalty="l1", class_weight={0: 1.0, 1: 2.0})
     probe = LinearProbe(cfg)
-    params = probe.sgd_.get_params()
+    params = probe.estimator_.get_params()
     assert (params["alpha"], params["penalty"], params["class_weight"]) == (0.01, "l1", {0: 1.0, 1: 2.0})
