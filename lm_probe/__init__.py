@@ -6,11 +6,13 @@ activations per site -> consumers (probes, ...) -> result tables.
 
 from __future__ import annotations
 
+from .architectures import Architecture, describe
 from .consumer import Consumer, NotComputedError, PooledBatch
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping, StopReason
 from .gauge import DiffusionGauge
 from .geometry import Geometry, GeometryResults
+from .lens import LogitLens
 from .model import load_model
 from .probe import IGNORE, LinearProbe, Probe, ProbeConfig
 from .runner import ProbeRunner
@@ -21,6 +23,7 @@ from . import integrations  # noqa: E402  (lm_probe.integrations.GaugeCallback)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Architecture",
     "Consumer",
     "DiffusionGauge",
     "EarlyStopping",
@@ -28,6 +31,7 @@ __all__ = [
     "GeometryResults",
     "IGNORE",
     "LinearProbe",
+    "LogitLens",
     "Probe",
     "NotComputedError",
     "PooledBatch",
@@ -38,5 +42,6 @@ __all__ = [
     "SiteError",
     "StopReason",
     "Trigger",
+    "describe",
     "load_model",
 ]

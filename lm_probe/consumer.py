@@ -20,7 +20,8 @@ changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
   moments rather than on every batch (``"start"``, ``"step"``, ``"validation"``,
   ``"epoch_end"``, ``"end"``; ``step`` counts completed training steps);
 * ``site_specs()``: every site the consumer may read, checked against the model when
-  the runner is built (by default the sites of ``requests``).
+  the runner is built, and again after ``start()``, where a consumer may add sites that
+  depend on the model (by default the sites of ``requests``).
 """
 
 from __future__ import annotations

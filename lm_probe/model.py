@@ -34,14 +34,14 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
     Returns:
         The nnsight model, in eval mode, with a pad token set.
     """
-    from nnsight import NNsight, TransformersModel
+    from nnsight import Envoy, TransformersModel
 
-    if isinstance(model, NNsight):
+    if isinstance(model, Envoy):
         wrapped = model
     elif isinstance(model, torch.nn.Module):
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
-        wrapped = TransformersModel(model, tokenizer=tokenizer)
+        wrapped = TransformersModel(model, tokenizer=tokenizer, task=_module_task(model))
     elif isinstance(model, (str, Path)):
         source = str(model)
         if source in EMBEDDED_MODELS:
@@ -63,6 +63,12 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
         raise ValueError("the model has no tokenizer; pass tokenizer=... to load_model")
     ensure_pad_token(wrapped.tokenizer)
     return wrapped
+
+
+def _module_task(module: torch.nn.Module) -> str:
+    """'text-generation' for a model that generates, else 'feature-extraction': probing only
+    traces the forward, and a task such as 'fill-mask' would demand a mask token."""
+    return "text-generation" if getattr(module, "can_generate", lambda: False)() else "feature-extraction"
 
 
 def _tokenizer_for(module: torch.nn.Module) -> Any:

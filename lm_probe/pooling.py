@@ -80,4 +80,6 @@ def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
         raise ValueError(
             f"pooling needs (batch, tokens, hidden) activations, got shape {tuple(hidden.shape)}"
         )
+    if how in ("last", "first"):  # a row selection: convert only the chosen rows (logits can be huge)
+        return POOLINGS[how](hidden, mask.to(hidden.device)).float()
     return POOLINGS[check_pool(how)](hidden.float(), mask.to(hidden.device))

@@ -140,6 +140,7 @@ class ProbeRunner:
                     len(self.probes), len(fit), 0 if val is None else len(val))
         for consumer in self.consumers:  # first: consumers check their own input before any forward
             consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
+        self._resolve([s for c in self.consumers for s in c.site_specs()])
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
         self._control = self._control_labels(fit, train)
         for probe in self.probes.values():
@@ -176,6 +177,7 @@ class ProbeRunner:
         self._resolve([s for c in consumers for s in c.site_specs()])
         for consumer in consumers:
             consumer.start(model=self.model, sites=self.sites, runner=self, data=dataset, batch_size=batch_size)
+        self._resolve([s for c in consumers for s in c.site_specs()])  # start() may add model-dependent sites
         self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False, max_tokens=max_tokens)
         return self
 

@@ -18,6 +18,7 @@ the order they run.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -59,9 +60,18 @@ class Site:
 
     def envoy(self, model: Any) -> Any:
         """The nnsight envoy for this site's module, walked from ``model``."""
+        from nnsight import Envoy
+
         node = model
         for part in self.path.split(".") if self.path else ():
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
+            if part.isdigit():
+                node = node[int(part)]
+                continue
+            if inspect.isdatadescriptor(getattr(Envoy, part, None)):
+                # nnsight serves .output/.input on every envoy, so it mounts a submodule
+                # named like one of them (BERT's `output`) as `E_output`
+                part = Envoy.OVERLOAD_PREFIX + part
+            node = getattr(node, part)
         return node
 
 

@@ -40,10 +40,18 @@ def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     params = inspect.signature(model._module.forward).parameters
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "position_ids" in params:
-        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + _first_position(model)
     if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
+
+
+def _first_position(model: Any) -> int:
+    """Position id of a sequence's first token: 0, but ``padding_idx + 1`` for RoBERTa-style
+    embeddings, which number positions after the padding index."""
+    base = getattr(model._module, "base_model", model._module)
+    padding_idx = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+    return 0 if padding_idx is None else int(padding_idx) + 1
 
 
 def _tensor(value: Any) -> torch.Tensor:
