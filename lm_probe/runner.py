@@ -16,6 +16,7 @@ pooled the same way, one trace per batch for all probes, to fill :attr:`metrics`
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -268,6 +269,29 @@ class ProbeRunner:
         acts = self.pooled(data, None, batch_size or len(data), "features")
         return {name: acts[p.requests[0]] for name, p in self.probes.items()}
 
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the probes, their configurations and the metrics (JSON + npz, no pickle).
+
+        Raises:
+            FileExistsError: ``path`` is not empty and ``overwrite`` is False.
+        """
+        from .persist import save_probes
+
+        return save_probes(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> "ProbeRunner":
+        """Load probes saved with :meth:`save`; give ``model`` to trace again, or use
+        ``runner[name].predict(features)`` without one.
+
+        Raises:
+            ValueError: a newer schema version, or a model of another hidden size.
+        """
+        from .persist import load_probes
+
+        return load_probes(path, model=model)
+
     # ------------------------------------------------------------------ results
     def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
         """Score every probe on ``dataset`` (one trace per batch for all probes).
@@ -337,6 +361,9 @@ class ProbeRunner:
         token = fit.is_token_level
         labels = fit.flat_token_labels() if token else fit.labels
         classes, probs = label_distribution(labels) if not fit.is_regression else (np.array([]), np.array([]))
+        return self._control_from(token, classes, probs)
+
+    def _control_from(self, token: bool, classes: np.ndarray, probs: np.ndarray) -> tuple[Any, Any]:
         cache: dict[int, Any] = {}
 
         def targets(split: ProbeDataset) -> Any:
@@ -344,7 +371,7 @@ class ProbeRunner:
                 cache[id(split)] = control_targets(split, token, classes, probs, self.seed)
             return cache[id(split)]
 
-        return (classes, probs), targets
+        return (token, classes, probs), targets
 
     # ------------------------------------------------------------------ checks
     def _resolve(self, specs: Iterable[str]) -> None:

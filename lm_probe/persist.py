@@ -1,0 +1,194 @@
+"""Saving and loading trained probes without pickle.
+
+A saved runner is a folder with ``probes.json`` (schema version, versions, model
+summary, each probe's configuration, training state and the estimator's scalar
+attributes, the metrics) and ``arrays.npz`` (standardization moments and the
+estimator's fitted arrays), read back with ``allow_pickle=False``: loading cannot
+execute code. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
+regressors) round-trips to identical predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .early_stopping import StopReason
+from .probe import Probe, ProbeConfig
+
+__all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control")
+
+
+def _encode(value: Any) -> Any:
+    """JSON for estimator kwargs: tuples become lists, int-keyed dicts become tagged pairs."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__pairs__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__pairs__" in value:
+            return {_decode(k): _decode(v) for k, v in value["__pairs__"]}
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _estimator_state(estimator: Any, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fitted public attributes (``name_``): arrays into ``arrays``, scalars returned."""
+    scalars: dict[str, Any] = {}
+    for key, value in vars(estimator).items():
+        if not key.endswith("_") or key.startswith("_"):
+            continue
+        if isinstance(value, np.ndarray):
+            arrays[f"{prefix}/{key}"] = value
+        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+            for i, v in enumerate(value):
+                arrays[f"{prefix}/{key}/{i}"] = v
+            scalars[key] = {"__arrays__": len(value)}
+        elif value is None or isinstance(value, (bool, int, float, str, np.generic, list)):
+            scalars[key] = _encode(value)
+    return scalars
+
+
+def _restore_estimator(probe: Probe, scalars: dict[str, Any], prefix: str, arrays: Any) -> None:
+    est = probe.estimator_
+    for key, value in scalars.items():
+        if isinstance(value, dict) and "__arrays__" in value:
+            value = [arrays[f"{prefix}/{key}/{i}"] for i in range(value["__arrays__"])]
+        setattr(est, key, value)
+    for key in arrays.files:
+        head, _, name = key.rpartition("/")
+        if head == prefix:
+            setattr(est, name, arrays[key])
+    if hasattr(est, "classes_") and hasattr(est, "coefs_"):  # MLPClassifier predicts through a binarizer
+        from sklearn.preprocessing import LabelBinarizer
+
+        est._label_binarizer = LabelBinarizer().fit(est.classes_)
+
+
+def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a runner's probes, configurations and metrics to the folder ``path``.
+
+    Raises:
+        FileExistsError: ``path`` holds files and ``overwrite`` is False.
+    """
+    import lm_probe
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the saved probes")
+    path.mkdir(parents=True, exist_ok=True)
+    config = getattr(getattr(getattr(runner, "model", None), "_module", None), "config", None)
+    arrays: dict[str, np.ndarray] = {}
+    probes = []
+    for k, (name, probe) in enumerate(runner.probes.items()):
+        prefix = f"p{k}"
+        arrays[f"{prefix}/mean"] = np.atleast_1d(np.asarray(probe._mean, np.float64))
+        arrays[f"{prefix}/m2"] = np.atleast_1d(np.asarray(probe._m2, np.float64))
+        cfg = {f: getattr(probe.config, f) for f in _CONFIG_FIELDS}
+        probes.append({
+            "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
+            "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,
+            "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
+            "classes": None if probe.classes_ is None else probe.classes_.tolist(),
+            "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
+        })
+    versions = {"lm_probe": lm_probe.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    import sklearn
+
+    versions["scikit-learn"] = sklearn.__version__
+    document = {
+        "schema_version": SCHEMA_VERSION, "versions": versions, "seed": runner.seed,
+        "model": None if config is None else {
+            "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
+            "model_type": getattr(config, "model_type", None), "hidden_size": getattr(config, "hidden_size", None),
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None)},
+        "probes": probes,
+        "control": None if not hasattr(runner, "_control") else {
+            "token": bool(runner._control[0][0]), "classes": np.asarray(runner._control[0][1]).tolist(),
+            "probs": np.asarray(runner._control[0][2]).tolist()},
+        "metrics": None if runner.metrics is None else json.loads(runner.metrics.to_json(orient="split")),
+    }
+    np.savez(path / "arrays.npz", **arrays)
+    (path / "probes.json").write_text(json.dumps(document, indent=2, default=_encode))
+    return path
+
+
+def load_probes(path: str | Path, model: Any = None) -> Any:
+    """Read probes saved by :func:`save_probes` into a :class:`~lm_probe.ProbeRunner`.
+
+    Args:
+        path: The folder.
+        model: The nnsight model to attach (checked against the saved hidden size and
+            sites); ``None`` gives a runner whose probes predict from features.
+
+    Raises:
+        ValueError: a newer schema, or a model whose hidden size or modules differ.
+    """
+    from .runner import ProbeRunner
+
+    path = Path(path)
+    document = json.loads((path / "probes.json").read_text())
+    if document.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{path} was saved with probe schema {document['schema_version']}; this lm_probe reads up "
+                         f"to {SCHEMA_VERSION}: upgrade lm_probe to load it")
+    saved_hidden = (document.get("model") or {}).get("hidden_size")
+    if model is not None:
+        hidden = getattr(model._module.config, "hidden_size", None)
+        if saved_hidden is not None and hidden is not None and hidden != saved_hidden:
+            raise ValueError(f"the probes in {path} were trained on hidden size {saved_hidden} "
+                             f"({document['model']['name']!r}) but this model has hidden size {hidden}")
+    configs, states = {}, []
+    for entry in document["probes"]:
+        cfg = _decode(entry["config"])
+        config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(entry["probe_kwargs"]))
+        configs.setdefault(config.name, config)
+        states.append((config, entry))
+    runner = ProbeRunner.__new__(ProbeRunner)
+    if model is not None:
+        runner.__init__(model, list(configs.values()), seed=document["seed"], progress=False)
+    else:
+        runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, document["seed"], False, {}
+        runner.configs, runner.consumers, runner.sites, runner.probes = list(configs.values()), [], {}, {}
+    with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
+        for k, (config, entry) in enumerate(states):
+            probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])
+            probe.n_steps_, probe.best_loss_, probe.best_step_ = entry["n_steps"], entry["best_loss"], entry["best_step"]
+            probe.stopped_reason_ = StopReason(entry["stop_reason"])
+            probe._n, probe._mean, probe._m2 = entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"]
+            _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
+            runner.probes[entry["name"]] = probe
+    runner.metrics = _metrics(document.get("metrics"))
+    control = document.get("control")
+    if control is not None:
+        runner._control = runner._control_from(control["token"], np.asarray(control["classes"]),
+                                                np.asarray(control["probs"]))
+    return runner
+
+
+def _metrics(split: dict | None) -> pd.DataFrame | None:
+    if split is None:
+        return None
+    frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name="probe"), columns=split["columns"])
+    if "layer" in frame:
+        frame["layer"] = frame["layer"].astype("Int64")
+    if "support" in frame:
+        frame["support"] = [None if v is None else {int(k): c for k, c in v.items()} for v in frame["support"]]
+    return frame

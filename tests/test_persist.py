@@ -1,0 +1,74 @@
+"""Saving and loading probes: arrays + JSON, identical predictions, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe.testing import POSITIVE, tiny_model, tiny_tokenizer, toy_texts
+
+FIT = dict(batch_size=16, eval_every=5, patience=3, num_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def trained(gpt2, toy):
+    train, test = toy
+    configs = [ProbeConfig("transformer.h.1.output", name="lin", class_weight={0: 1.0, 1: 2.0}),
+               ProbeConfig("transformer.h.2.output", name="mlp", head="mlp", hidden_size=8),
+               ProbeConfig("transformer.h[-1].output", name="ctl", pool="last", control=True)]
+    runner = ProbeRunner(gpt2, configs, progress=False).fit_probes(train, test, **FIT)
+    return runner, test
+
+
+def test_round_trip_gives_identical_predictions_without_pickle(trained, gpt2, tmp_path):
+    runner, test = trained
+    runner.save(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["arrays.npz", "probes.json"]
+    np.load(tmp_path / "run" / "arrays.npz", allow_pickle=False).files  # no object arrays
+    batch = next(test.batches(len(test)))
+    feats = runner.get_probe_features(batch.input_ids, batch.attention_mask)
+    for model in (None, gpt2):
+        back = ProbeRunner.load(tmp_path / "run", model=model)
+        assert list(back.probes) == list(runner.probes) == ["lin", "mlp", "ctl", "ctl [control]"]
+        for name, probe in runner.probes.items():
+            X = feats[name.replace(" [control]", "")]
+            np.testing.assert_array_equal(back[name].predict_proba(X), probe.predict_proba(X))
+            assert back[name].stopped_reason_ == probe.stopped_reason_ and back[name].n_steps_ == probe.n_steps_
+        pd.testing.assert_frame_equal(back.metrics, runner.metrics, check_dtype=False)
+    assert back["lin"].estimator_.get_params()["class_weight"] == {0: 1.0, 1: 2.0}
+    again = back.evaluate(test)  # the loaded runner with a model traces again
+    np.testing.assert_allclose(again["accuracy"], runner.metrics["accuracy"])
+
+
+def test_regression_round_trip(gpt2, tmp_path):
+    texts, _ = toy_texts(120, seed=6)
+    share = np.array([sum(w in POSITIVE for w in t.split()) / len(t.split()) for t in texts])
+    data = ProbeDataset.from_texts(texts, share, tokenizer=tiny_tokenizer())
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.0.output", task="regression", name="r"),
+                                ProbeConfig("transformer.h.0.output", task="regression", head="mlp", name="m")],
+                         progress=False).fit_probes(data, **FIT)
+    runner.save(tmp_path / "reg")
+    back = ProbeRunner.load(tmp_path / "reg")
+    X = runner.pooled(data)[("transformer.h.0.output", "mean")]
+    for name in ("r", "m"):
+        np.testing.assert_array_equal(back[name].predict(X), runner[name].predict(X))
+
+
+def test_refusals(trained, tmp_path):
+    runner, _ = trained
+    runner.save(tmp_path / "run")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        runner.save(tmp_path / "run")
+    runner.save(tmp_path / "run", overwrite=True)
+    doc = json.loads((tmp_path / "run" / "probes.json").read_text())
+    other = load_model(tiny_model("gpt2", hidden=64), tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="hidden size 32 .* this model has hidden size 64"):
+        ProbeRunner.load(tmp_path / "run", model=other)
+    doc["schema_version"] = 7
+    (tmp_path / "run" / "probes.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="schema 7.*upgrade lm_probe"):
+        ProbeRunner.load(tmp_path / "run")
