@@ -17,12 +17,14 @@ from .model import load_model
 from .probe import IGNORE, LinearProbe, Probe, ProbeConfig
 from .runner import ProbeRunner
 from .sites import Site, SiteError
+from .store import ActivationStore
 from .trigger import Trigger
 from . import integrations  # noqa: E402  (lm_probe.integrations.GaugeCallback)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationStore",
     "Architecture",
     "Consumer",
     "DiffusionGauge",

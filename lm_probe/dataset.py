@@ -75,6 +75,8 @@ class ProbeDataset:
         pad_token_id: Id used to pad batches.
         padding_side: ``"left"`` or ``"right"``.
         texts: The source texts, when built from texts.
+        example_ids: A stable id per example (its position in the dataset it was built
+            as; kept through ``subset`` and ``tt_split``), used by activation stores.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ProbeDataset:
         token_labels: Sequence[np.ndarray] | None = None,
         token_words: Sequence[Sequence[str | None]] | None = None,
         label_names: Sequence[str] | None = None,
+        example_ids: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if len(ids) == 0:
             raise ValueError("the dataset is empty: give at least one example")
@@ -126,6 +129,9 @@ class ProbeDataset:
         self.token_labels = None if token_labels is None else [np.asarray(t, np.int64) for t in token_labels]
         self.token_words = None if token_words is None else [list(w) for w in token_words]
         self.label_names = None if label_names is None else list(label_names)
+        self.example_ids = np.arange(len(ids)) if example_ids is None else np.asarray(example_ids, np.int64)
+        if len(self.example_ids) != len(ids) or len(np.unique(self.example_ids)) != len(ids):
+            raise ValueError("example_ids must give one distinct id per example")
 
     @property
     def is_token_level(self) -> bool:
@@ -339,6 +345,7 @@ class ProbeDataset:
             [self.ids[i] for i in index], self.labels[index],
             pad_token_id=self.pad_token_id, padding_side=self.padding_side, texts=pick(self.texts),
             token_labels=pick(self.token_labels), token_words=pick(self.token_words), label_names=self.label_names,
+            example_ids=self.example_ids[index],
         )
 
     def tt_split(self, test_size: float = 0.2, seed: int = 0) -> tuple["ProbeDataset", "ProbeDataset"]:

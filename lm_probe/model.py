@@ -19,7 +19,7 @@ from .embedded import EMBEDDED_MODELS, embedded_model_path
 __all__ = ["load_model"]
 
 
-def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
+def load_model(model: Any, tokenizer: Any = None, *, remote: bool = False, **kwargs: Any) -> Any:
     """Wrap or load a model as an nnsight ``TransformersModel`` ready for probing.
 
     Args:
@@ -28,6 +28,8 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
             ``transformers`` model (then pass ``tokenizer``), or an nnsight model.
         tokenizer: The tokenizer for a loaded model (default: loaded from the model's
             ``name_or_path``).
+        remote: For a hub id served by NDIF: build the model on the meta device (no
+            weights downloaded) for ``ProbeRunner(..., remote=True)``.
         **kwargs: Passed to ``TransformersModel`` when loading (``dtype``,
             ``device_map``, ``revision``...).
 
@@ -52,7 +54,7 @@ def load_model(model: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
         else:
             logger.info("loading model {!r} from the Hugging Face hub", source)
         kwargs.setdefault("task", _task_for(source))
-        wrapped = TransformersModel(source, tokenizer=tokenizer, dispatch=True, **kwargs)
+        wrapped = TransformersModel(source, tokenizer=tokenizer, dispatch=not remote, **kwargs)
     else:
         raise TypeError(
             f"load_model takes a hub id, a folder, a transformers model or an nnsight model, "

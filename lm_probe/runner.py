@@ -48,7 +48,9 @@ class ProbeRunner:
             same traces.
         seed: Seed for splits, batch order and the probes' SGD.
         progress: Show a progress bar over batches.
-        **trace_kwargs: Passed to every ``model.trace`` call.
+        **trace_kwargs: Passed to every ``model.trace`` call; ``remote=True`` runs every
+            trace through nnsight's remote execution (NDIF), ``remote="local"`` simulates
+            it offline. Only the pooled ``(batch, hidden)`` tensors come back.
 
     Raises:
         SiteError: a site names no module of the model (before any forward pass).
@@ -71,6 +73,15 @@ class ProbeRunner:
                 "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)"
             )
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
+        self.store: Any = None  # a StoredRun when built with from_store
+        if trace_kwargs.get("remote"):
+            import nnsight
+
+            from . import pooling
+
+            # the trace body pools with lm_probe.pooling: ship its source with each request,
+            # since the server does not have lm_probe installed
+            nnsight.register(pooling)
         self.configs = list(configs)
         self._check_names(self.configs)
         self.probes: dict[str, Probe] = {}
@@ -197,7 +208,7 @@ class ProbeRunner:
                 active = [c for c in consumers if c.active]
                 if not active:
                     break
-                acts = self._read(batch.input_ids, batch.attention_mask, _requests(active))
+                acts = self._read(batch, data, _requests(active))
                 pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
                                      batch.attention_mask.sum(1).numpy(), batch.token_labels)
                 if max_tokens is not None and tokens + pooled.n_tokens.sum() >= max_tokens:
@@ -220,9 +231,12 @@ class ProbeRunner:
         logger.info("pass done: {} batches, {} tokens traced", step, tokens)
 
     # ------------------------------------------------------------------ reading
-    def _read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              requests: Sequence[Request]) -> dict[Request, np.ndarray]:
-        acts = read_pooled(self.model, self.sites, requests, input_ids, attention_mask, **self.trace_kwargs)
+    def _read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
+        """Pooled activations of one batch: one trace of the model, or rows of a store."""
+        if self.store is not None:
+            return self.store.read(data.example_ids[batch.index], requests)
+        acts = read_pooled(self.model, self.sites, requests, batch.input_ids, batch.attention_mask,
+                           **self.trace_kwargs)
         return {key: value.numpy() for key, value in acts.items()}
 
     def pooled(self, dataset: ProbeDataset, requests: Sequence[Request] | None = None,
@@ -245,7 +259,7 @@ class ProbeRunner:
         for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
                           disable=not self.progress, leave=False):
             n_tokens = batch.attention_mask.sum(1).numpy()
-            for (spec, how), value in self._read(batch.input_ids, batch.attention_mask, requests).items():
+            for (spec, how), value in self._read(batch, dataset, requests).items():
                 parts = np.split(value, np.cumsum(n_tokens)[:-1]) if how == "none" else value[:, None]
                 for i, part in zip(batch.index, parts):
                     rows[(spec, how)][i] = part
@@ -268,6 +282,32 @@ class ProbeRunner:
                                          padding_side=_padding_side(self.model))
         acts = self.pooled(data, None, batch_size or len(data), "features")
         return {name: acts[p.requests[0]] for name, p in self.probes.items()}
+
+    @classmethod
+    def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,
+                   consumers: Iterable[Consumer] = (), progress: bool = True) -> "ProbeRunner":
+        """A runner that reads pooled activations from a stored run instead of a model.
+
+        ``fit_probes`` / ``evaluate`` then work as with the live model (same seed, same
+        splits, same batches), on the datasets the run was collected from (or their
+        ``tt_split`` parts: rows are matched by ``example_ids``).
+
+        Args:
+            run: A :class:`~lm_probe.store.StoredRun` (``ActivationStore.open(path).run(name)``).
+            configs: Probe configurations; their (site, pooling) must be in the run.
+        """
+        runner = cls.__new__(cls)
+        runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, seed, progress, {}
+        runner.store, runner.configs, runner.consumers = run, list(configs), list(consumers)
+        cls._check_names(runner.configs)
+        runner.probes = {}
+        for c in runner.configs:
+            for name in [c.name] + ([f"{c.name} [control]"] if c.control else []):
+                runner.probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+        run.check(requests=_requests(runner.all_consumers))
+        runner.sites = run.sites_for([spec for c in runner.all_consumers for spec in c.site_specs()])
+        runner.metrics = None
+        return runner
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -377,7 +417,9 @@ class ProbeRunner:
     def _resolve(self, specs: Iterable[str]) -> None:
         """Check sites not seen yet against the model (before any forward pass)."""
         missing = [s for s in dict.fromkeys(specs) if s not in self.sites]
-        if missing:
+        if missing and self.store is not None:
+            self.store.check(sites=missing)
+        elif missing:
             self.sites.update(resolve_sites(self.model._module, missing))
 
     def _probe_requests(self) -> list[Request]:

@@ -95,7 +95,7 @@ def read_pooled(
     )
     if not plan:
         return {}
-    device = _device(model)
+    device = torch.device("cpu") if trace_kwargs.get("remote") else _device(model)  # a remote model may be on meta
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in model_inputs(model, input_ids, attention_mask).items()}
     mask = inputs["attention_mask"]
