@@ -17,7 +17,8 @@ def batches(seed=0, n=240, d=6, classes=(0, 1)):
 def test_without_standardization_it_is_exactly_sgdclassifier():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], standardize=False, alpha=1e-3,
                                     learning_rate="optimal"), random_state=3)
-    ref = SGDClassifier(loss="log_loss", alpha=1e-3, random_state=3, eta0=0.003)
+    ref = SGDClassifier(loss="log_loss", random_state=3, **{**DEFAULT_PROBE_KWARGS, "alpha": 1e-3,
+                                                           "learning_rate": "optimal"})
     for X, y in batches():
         probe.partial_fit(X, y)
         ref.partial_fit(X.astype(np.float64), y, classes=[0, 1])
@@ -28,7 +29,7 @@ def test_without_standardization_it_is_exactly_sgdclassifier():
 
 def test_standardization_uses_running_float64_moments():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]), random_state=0)
-    ref = SGDClassifier(loss="log_loss", random_state=0, learning_rate="constant", eta0=0.003)
+    ref = SGDClassifier(loss="log_loss", random_state=0, **DEFAULT_PROBE_KWARGS)
     seen = []
     for X, y in batches():
         seen.append(X.astype(np.float64))
@@ -77,7 +78,7 @@ def test_config_rejects(kwargs, error, match):
 
 
 def test_defaults_are_a_small_constant_step_and_can_be_overridden():
-    assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.003}
+    assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.003, "average": True}
     assert LinearProbe(ProbeConfig("a.output")).estimator_.get_params()["learning_rate"] == "constant"
     params = LinearProbe(ProbeConfig("a.output", learning_rate="optimal")).estimator_.get_params()
     assert params["learning_rate"] == "optimal"
