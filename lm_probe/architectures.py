@@ -261,7 +261,9 @@ def _find_child(children: dict[str, torch.nn.Module], pattern: re.Pattern, what:
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
+    """A normalization layer: torch's LayerNorm/RMSNorm or a class named ``...Norm``."""
+    return (isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+            or type(module).__name__.lower().endswith("norm"))
 
 
 def _residual_projection(sub: torch.nn.Module, sub_path: str, name: str, blocks_path: str) -> str:

@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 from loguru import logger
 
+from .architectures import _find_blocks, _is_norm
 from .consumer import Consumer, NotComputedError, PooledBatch, Request
 from .sites import resolve_sites
 
@@ -55,24 +56,12 @@ def _text_config(module: torch.nn.Module) -> Any:
 
 
 def find_blocks(module: torch.nn.Module) -> str:
-    """Path of the block stack: the ``ModuleList`` with ``config.num_hidden_layers`` entries.
-
-    Without such a config, the longest ``ModuleList`` (the first one on a tie).
+    """Path of the block stack, by the same structural rule as :mod:`lm_probe.architectures`.
 
     Raises:
-        ValueError: the model has no ``ModuleList``.
+        ValueError: the model has no ``ModuleList`` of blocks.
     """
-    n_layers = getattr(_text_config(module), "num_hidden_layers", None)
-    lists = [(name, len(m)) for name, m in module.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ValueError(f"{type(module).__name__} has no ModuleList of blocks; the logit lens needs a block stack")
-    exact = [name for name, size in lists if size == n_layers]
-    return exact[0] if exact else max(lists, key=lambda item: item[1])[0]
-
-
-def _is_norm(module: torch.nn.Module) -> bool:
-    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.lower().endswith("norm")
+    return _find_blocks(module, type(module).__name__)[0]
 
 
 def find_final_norm(module: torch.nn.Module, blocks: str) -> str:
