@@ -401,9 +401,8 @@ def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _scatter(x: np.ndarray) -> np.ndarray:
-    centered = x - x.mean(0)
-    return centered.T @ centered
+    return comoment_batch(x, x)[3]
 
 
 def _cross(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (x - x.mean(0)).T @ (y - y.mean(0))
+    return comoment_batch(x, y)[3]

@@ -161,12 +161,10 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
         config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(entry["probe_kwargs"]))
         configs.setdefault(config.name, config)
         states.append((config, entry))
-    runner = ProbeRunner.__new__(ProbeRunner)
     if model is not None:
-        runner.__init__(model, list(configs.values()), seed=document["seed"], progress=False)
+        runner = ProbeRunner(model, list(configs.values()), seed=document["seed"], progress=False)
     else:
-        runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, document["seed"], False, {}
-        runner.configs, runner.consumers, runner.sites, runner.probes = list(configs.values()), [], {}, {}
+        runner = ProbeRunner._without_model(list(configs.values()), seed=document["seed"])
     with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
         for k, (config, entry) in enumerate(states):
             probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])

@@ -84,11 +84,7 @@ class ProbeRunner:
             nnsight.register(pooling)
         self.configs = list(configs)
         self._check_names(self.configs)
-        self.probes: dict[str, Probe] = {}
-        for c in self.configs:
-            names = [c.name] + ([f"{c.name} [control]"] if c.control else [])
-            for name in names:
-                self.probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+        self.probes: dict[str, Probe] = _probes_for(self.configs, seed)
         self.consumers: list[Consumer] = list(consumers)
         specs = [spec for c in self.all_consumers for spec in c.site_specs()]
         self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
@@ -164,7 +160,7 @@ class ProbeRunner:
                 classes=classes if probe.is_classifier else None, validation=validation,
                 early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
                 eval_every=eval_every, max_steps=max_steps,
-                relabel=self._control[1](fit) if probe.name.endswith(" [control]") else None,
+                relabel=self._control[1](fit) if _is_control(probe.name) else None,
             )
         self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True,
                    validate_every=eval_every if val is not None else None)
@@ -296,17 +292,20 @@ class ProbeRunner:
             run: A :class:`~lm_probe.store.StoredRun` (``ActivationStore.open(path).run(name)``).
             configs: Probe configurations; their (site, pooling) must be in the run.
         """
-        runner = cls.__new__(cls)
-        runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, seed, progress, {}
-        runner.store, runner.configs, runner.consumers = run, list(configs), list(consumers)
-        cls._check_names(runner.configs)
-        runner.probes = {}
-        for c in runner.configs:
-            for name in [c.name] + ([f"{c.name} [control]"] if c.control else []):
-                runner.probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, store=run)
         run.check(requests=_requests(runner.all_consumers))
         runner.sites = run.sites_for([spec for c in runner.all_consumers for spec in c.site_specs()])
-        runner.metrics = None
+        return runner
+
+    @classmethod
+    def _without_model(cls, configs: Iterable[ProbeConfig], *, seed: int, consumers: Iterable[Consumer] = (),
+                       progress: bool = False, store: Any = None) -> "ProbeRunner":
+        """A runner with probes but no model (activations come from a store, or none are read)."""
+        runner = cls.__new__(cls)
+        runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, seed, progress, {}
+        runner.store, runner.configs, runner.consumers = store, list(configs), list(consumers)
+        cls._check_names(runner.configs)
+        runner.probes, runner.sites, runner.metrics = _probes_for(runner.configs, seed), {}, None
         return runner
 
     # ------------------------------------------------------------------ persistence
@@ -344,10 +343,10 @@ class ProbeRunner:
         acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
         rows = []
         for name, probe in self.probes.items():
-            if name.endswith(" [control]"):
+            if _is_control(name):
                 continue
             rows.append({**self._score(probe, acts, dataset), "probe": name})
-            twin = self.probes.get(f"{name} [control]")
+            twin = self.probes.get(name + CONTROL_SUFFIX)
             if twin is not None:
                 control = self._score(twin, acts, dataset)
                 rows[-1]["control_accuracy"] = control["accuracy"]
@@ -361,7 +360,7 @@ class ProbeRunner:
         site = self.sites[probe.config.site]
         classes = probe.classes_ if probe.is_classifier else None
         X, y, unseen = self._scored_rows(probe, acts[probe.requests[0]], dataset, classes)
-        if probe.name.endswith(" [control]"):
+        if _is_control(probe.name):
             y = _flat(self._control[1](dataset), probe.config.pool == "none")
             y = y[_labeled_mask(dataset, probe)]
         info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
@@ -478,6 +477,22 @@ def _labeled_mask(data: ProbeDataset, probe: Probe) -> np.ndarray:
     if probe.config.pool == "none":
         return data.flat_token_labels() != IGNORE
     return np.ones(len(data), bool)
+
+
+CONTROL_SUFFIX = " [control]"  #: name suffix of a probe's control-task twin
+
+
+def _is_control(name: str) -> bool:
+    return name.endswith(CONTROL_SUFFIX)
+
+
+def _probes_for(configs: Iterable[ProbeConfig], seed: int) -> dict[str, Probe]:
+    """One probe per config, plus its control twin where asked; seeds depend on the name only."""
+    probes = {}
+    for c in configs:
+        for name in [c.name] + ([c.name + CONTROL_SUFFIX] if c.control else []):
+            probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+    return probes
 
 
 def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:
