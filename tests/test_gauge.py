@@ -180,6 +180,7 @@ def test_wandb_payload_per_step_and_site(gpt2, toy):
 def test_wandb_offline_run(gpt2, toy, tmp_path, monkeypatch):
     """A real W&B run in offline mode: the run file holds each key and its JSON value."""
     import json
+    import time
 
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -191,6 +192,10 @@ def test_wandb_offline_run(gpt2, toy, tmp_path, monkeypatch):
     finally:
         run.finish()
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    key = b"gauge/transformer.h.1.output/spectral_gap"
+    deadline = time.monotonic() + 30  # W&B's background writer may flush after finish() returns
+    while key not in path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     raw = path.read_bytes()
     gap = float(gauge.trajectory.iloc[0]["spectral_gap"])
     assert b"gauge/transformer.h.1.output/spectral_gap" in raw and json.dumps(gap).encode() in raw
