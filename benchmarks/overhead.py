@@ -9,7 +9,10 @@ For the same training batches, same threads, interleaved repetitions (medians, m
 5. naive: one full forward per probe (five probes), what a user without lm_probe writes;
 6. memory: peak RSS of fit_probes on 1x and 4x the examples (separate processes);
 7. quality: each online probe's test accuracy against scikit-learn LogisticRegressionCV
-   fit offline on the same pooled training activations.
+   fit offline on the same pooled training activations, for both probe backends;
+8. backends: the probe updates alone (activations read from a store, no forward), all
+   layers x 4 values of alpha, scikit-learn ``partial_fit`` per probe against the batched
+   torch backend (``backend="torch"``), and both inside fit_probes.
 
 Usage:
     python benchmarks/overhead.py --quick            # tiny random Llama, seconds
@@ -75,8 +78,8 @@ def naive(model, batches, layers):
                 probe.partial_fit(x, b.labels, classes=[0, 1])
 
 
-def ours(model, data, configs, consumers=(), batch_size=16):
-    runner = ProbeRunner(model, configs, consumers=list(consumers), progress=False)
+def ours(model, data, configs, consumers=(), batch_size=16, backend="sklearn"):
+    runner = ProbeRunner(model, configs, consumers=list(consumers), progress=False, backend=backend)
     runner.fit_probes(data, None, batch_size=batch_size, num_epochs=1, val_size=0, eval_every=10**9)
 
 
@@ -95,6 +98,30 @@ def peak_rss_child(quick: bool, n: int, layers: list[int]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def probe_updates(model, data, L, reps, device="cpu"):
+    """Seconds of fit_probes from a store (no forward): sklearn vs torch, 4 alphas per layer."""
+    import tempfile
+
+    from lm_probe import ActivationStore
+
+    sites = [f"model.layers.{i}.output" for i in range(L)]
+    configs = [ProbeConfig(s, name=f"{s}/alpha={a}", alpha=a) for s in sites for a in (1e-5, 1e-4, 1e-3, 1e-2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ActivationStore(tmp, sites=sites, pool="mean", run="bench")
+        ProbeRunner(model, progress=False).collect(data, [store])
+        run = ActivationStore.open(tmp).run("bench")
+        fit = lambda backend: ProbeRunner.from_store(run, configs, progress=False, backend=backend, device=device
+                                                     ).fit_probes(data, None, batch_size=16, num_epochs=1, val_size=0,
+                                                                  eval_every=10**9)
+        seconds = {"sklearn": [], "torch": []}
+        for backend in seconds:
+            fit(backend)  # warm-up
+        for _ in range(reps):
+            for backend in seconds:
+                seconds[backend].append(timed(lambda: fit(backend)))
+    return len(configs), seconds
+
+
 def quality(model, train, test, layers):
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
@@ -102,6 +129,8 @@ def quality(model, train, test, layers):
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
     configs = [ProbeConfig(f"model.layers.{i}.output") for i in layers]
     runner = ProbeRunner(model, configs, seed=0, progress=False).fit_probes(train, test, batch_size=16)
+    torch_runner = ProbeRunner(model, configs, seed=0, progress=False, backend="torch").fit_probes(
+        train, test, batch_size=16)
     Xtr, Xte = runner.pooled(train), runner.pooled(test)
     rows = []
     for i, c in zip(layers, configs):
@@ -109,7 +138,8 @@ def quality(model, train, test, layers):
         scaler = StandardScaler().fit(Xtr[key])
         lr = LogisticRegressionCV(Cs=8, max_iter=3000).fit(scaler.transform(Xtr[key]), train.labels)
         ref = float(np.mean(lr.predict(scaler.transform(Xte[key])) == test.labels))
-        rows.append({"layer": i, "online": float(runner.metrics.loc[c.name, "accuracy"]), "offline_lr": ref})
+        rows.append({"layer": i, "online": float(runner.metrics.loc[c.name, "accuracy"]), "offline_lr": ref,
+                     "online_torch": float(torch_runner.metrics.loc[c.name, "accuracy"])})
     return rows
 
 
@@ -134,6 +164,9 @@ def main() -> None:
         f"{L} probes + Geometry at every layer": lambda: ours(
             model, timing, [ProbeConfig(f"model.layers.{i}.output") for i in range(L)],
             [Geometry([f"model.layers.{i}.output" for i in range(L)], pool="mean")]),
+        f"{L} probes + Geometry, backend=torch": lambda: ours(
+            model, timing, [ProbeConfig(f"model.layers.{i}.output") for i in range(L)],
+            [Geometry([f"model.layers.{i}.output" for i in range(L)], pool="mean")], backend="torch"),
         "early exit (deepest = middle layer)": lambda: ours(
             model, timing, [ProbeConfig(f"model.layers.{i}.output") for i in range(0, L // 2 + 1, max(1, L // 8))]),
         "naive: 5 full forwards per batch": lambda: naive(model, batches, five),
@@ -154,6 +187,8 @@ def main() -> None:
     speedup = statistics.median([nv / ov for nv, ov in zip(seconds["naive: 5 full forwards per batch"],
                                                              seconds["5 probes (deepest = last layer)"])])
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        device += f", {torch.cuda.get_device_name()}"
     print(f"\n{'quick (tiny random Llama, 8 layers, hidden 128)' if args.quick else 'SmolLM2-135M, Rotten Tomatoes'}: "
           f"{n} training examples, batch 16, {len(batches)} batches, {args.reps} interleaved reps; {device}\n")
     print("| run | median s | ratio to bare (min-max) |\n|---|---:|---:|")
@@ -166,12 +201,21 @@ def main() -> None:
         print(f"peak RSS of fit_probes: {one:.0f} MiB at {n} examples, {four:.0f} MiB at {4 * n} "
               f"({(four / one - 1) * 100:+.1f}%, target within 10%)")
         result["memory_mib"] = {"1x": one, "4x": four}
+    n_probes, updates = probe_updates(model, timing, L, args.reps)
+    sk, th = statistics.median(updates["sklearn"]), statistics.median(updates["torch"])
+    ratios = [a / b for a, b in zip(updates["sklearn"], updates["torch"])]
+    print(f"\nprobe updates only ({n_probes} linear probes, {len(batches)} batches, from a store): "
+          f"sklearn {sk:.2f} s, torch {th:.2f} s: torch {statistics.median(ratios):.1f}x faster "
+          f"({min(ratios):.1f}-{max(ratios):.1f})")
+    result["probe_updates"] = {"n_probes": n_probes, **updates}
     if not args.skip_quality:
         train, test = data.tt_split(0.2, seed=0)
         rows = quality(model, train, test, five)
-        print("\n| layer | online probe acc | offline LogisticRegressionCV acc | gap |\n|---:|---:|---:|---:|")
+        print("\n| layer | online acc (sklearn) | online acc (torch) | offline LogisticRegressionCV acc | gap (sklearn) "
+              "| gap (torch) |\n|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['layer']} | {r['online']:.3f} | {r['offline_lr']:.3f} | {r['offline_lr'] - r['online']:+.3f} |")
+            print(f"| {r['layer']} | {r['online']:.3f} | {r['online_torch']:.3f} | {r['offline_lr']:.3f} | "
+                  f"{r['offline_lr'] - r['online']:+.3f} | {r['offline_lr'] - r['online_torch']:+.3f} |")
         result["quality"] = rows
     if args.json:
         with open(args.json, "w") as f:

@@ -26,12 +26,14 @@ changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import torch
 
-__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request"]
+__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "HostArrays"]
 
 Request = tuple[str, str]  #: (site spec as written, pooling name)
 
@@ -40,12 +42,35 @@ class NotComputedError(RuntimeError):
     """``compute()`` or a prediction was asked for before any data was seen."""
 
 
+class HostArrays(Mapping):
+    """``{request: numpy array}`` over ``{request: torch tensor}``, each converted to a host
+    array on first access (free for CPU tensors). Consumers that work in torch (the
+    torch probe backend) read ``tensors`` directly, so activations left on an
+    accelerator by the trace are copied to the host only if a numpy consumer asks."""
+
+    def __init__(self, tensors: dict[Request, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self._arrays: dict[Request, np.ndarray] = {}
+
+    def __getitem__(self, key: Request) -> np.ndarray:
+        if key not in self._arrays:
+            self._arrays[key] = self.tensors[key].detach().cpu().numpy()
+        return self._arrays[key]
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 @dataclass
 class PooledBatch:
     """What one trace gives the consumers.
 
     Attributes:
-        acts: ``{(site spec, pool): (rows, hidden) float32 array}``.
+        acts: ``{(site spec, pool): (rows, hidden) float32 array}`` (a :class:`HostArrays`
+            when the activations come from a trace; :meth:`tensor` reads them as tensors).
         labels: ``(batch,)`` integer labels, or ``None`` for unlabeled passes.
         step: Zero-based index of this training batch within the pass.
         epoch: Zero-based epoch.
@@ -54,13 +79,20 @@ class PooledBatch:
         token_labels: Token tasks: labels of the token rows (``pool="none"`` order).
     """
 
-    acts: dict[Request, np.ndarray]
+    acts: Mapping[Request, np.ndarray]
     labels: np.ndarray | None = None
     step: int = 0
     epoch: int = 0
     index: np.ndarray | None = None
     n_tokens: np.ndarray | None = field(default=None, repr=False)
     token_labels: np.ndarray | None = field(default=None, repr=False)
+
+    def tensor(self, key: Request, device: torch.device | str | None = None) -> torch.Tensor:
+        """The activations of ``key`` as a torch tensor (on ``device`` if given), without a
+        host round trip when the trace left them on the device."""
+        value = self.acts.tensors[key] if isinstance(self.acts, HostArrays) else torch.from_numpy(
+            np.asarray(self.acts[key]))
+        return value if device is None else value.to(device)
 
     def first_tokens(self, budget: int) -> "PooledBatch":
         """This batch cut to its first ``budget`` real tokens, example by example.
@@ -72,7 +104,10 @@ class PooledBatch:
         cum = np.cumsum(counts)
         whole = int(np.searchsorted(cum, budget, side="right"))
         touched = whole + int(whole < len(counts) and (cum[whole - 1] if whole else 0) < budget)
-        cut = {key: (value[:budget] if key[1] == "none" else value[:whole]) for key, value in self.acts.items()}
+        source = self.acts.tensors if isinstance(self.acts, HostArrays) else self.acts
+        cut: Any = {key: (value[:budget] if key[1] == "none" else value[:whole]) for key, value in source.items()}
+        if isinstance(self.acts, HostArrays):
+            cut = HostArrays(cut)
         tokens = counts[:touched].copy()
         if touched > whole:
             tokens[-1] = budget - (cum[whole - 1] if whole else 0)

@@ -29,7 +29,7 @@ from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "asgd_weight"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -51,6 +51,14 @@ _PARAMS = {cls: frozenset(cls().get_params()) for cls in _HEADS.values()}
 #: Averaging the iterates (ASGD) then takes the gap to an offline cross-validated
 #: logistic regression on the same activations from 0.028 to 0.005 on average over
 #: 11 layers of the demo model (benchmarks/overhead.py measures it).
+#:
+#: ``average`` is implemented by the probe, not by scikit-learn: with ``partial_fit``,
+#: scikit-learn 1.x restarts the running intercept of an averaged SGD from a stale value
+#: on every call (binary: ``_standard_intercept`` is only stored before averaging
+#: starts; multi-class: the averaged intercept is overwritten by the running one), so
+#: its averaged intercept is shrunk towards 0 (0.22 instead of 1.75 on a 3:1 toy set).
+#: The probe trains a plain SGD (``average=False``) and keeps the average of its
+#: iterates after each batch, weighted by the batch's rows (:func:`asgd_weight`).
 DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003, "average": True}
 _DEFAULTS: dict[type, dict[str, Any]] = {
     SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
@@ -58,6 +66,30 @@ _DEFAULTS: dict[type, dict[str, Any]] = {
     MLPClassifier: {},
     MLPRegressor: {},
 }
+
+
+def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
+    """Weight of the newest iterate in the running average of SGD iterates (ASGD).
+
+    Every training row counts once, as in scikit-learn's ``average``: after a batch of
+    ``rows`` rows that followed ``seen`` rows, the average moves towards the new weights
+    by ``rows_in_window / rows_in_window_so_far``. Averaging covers rows from number
+    ``average`` on (``True`` = 1: all rows); before that the weights are not averaged
+    (weight 1). Works elementwise on numpy arrays.
+
+    Args:
+        seen: Rows seen before this batch.
+        rows: Rows in this batch.
+        average: ``True``/``1``: average all rows; ``n``: from row ``n`` on.
+
+    Returns:
+        The weight in ``[0, 1]`` (1 replaces the average with the new weights).
+    """
+    start = np.maximum(np.asarray(average, np.int64), 1)
+    after = np.asarray(seen) + np.asarray(rows)
+    in_window = np.clip(after - np.maximum(start - 1, seen), 0, None)
+    total = np.maximum(after - (start - 1), 1)
+    return np.where(after - (start - 1) > 0, in_window / total, 1.0)
 
 
 class ProbeConfig:
@@ -186,7 +218,14 @@ class Probe(Consumer):
     def reset(self) -> None:
         """Forget everything learned."""
         self.classes_ = self._classes if self.is_classifier else None
-        self.estimator_ = self.config.estimator(random_state=self.random_state, **self.config.probe_kwargs)
+        kwargs = dict(self.config.probe_kwargs)
+        self._average = kwargs.pop("average", False) if self.config.head == "linear" else False
+        if self.config.head == "linear":
+            kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS
+        self.estimator_ = self.config.estimator(random_state=self.random_state, **kwargs)
+        self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
+        self._avg: tuple[np.ndarray, np.ndarray] | None = None
+        self._seen = 0
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
         self.n_steps_ = 0
         self.best_loss_ = float("inf")
@@ -233,10 +272,23 @@ class Probe(Consumer):
         """One step on a batch ``X (rows, hidden)``, targets ``y (rows,)``."""
         if self.config.standardize:
             self._n, self._mean, self._m2 = welford_update(self._n, self._mean, self._m2, X)
+        est = self.estimator_
+        if self._running is not None:  # step from the plain SGD weights, not their average
+            est.coef_, est.intercept_ = self._running[0].copy(), self._running[1].copy()
         if self.is_classifier:
-            self.estimator_.partial_fit(self._transform(X), y, classes=self.classes_)
+            est.partial_fit(self._transform(X), y, classes=self.classes_)
         else:
-            self.estimator_.partial_fit(self._transform(X), np.asarray(y, np.float64))
+            est.partial_fit(self._transform(X), np.asarray(y, np.float64))
+        if self._average:
+            self._running = (est.coef_.copy(), np.atleast_1d(est.intercept_).copy())
+            weight = float(asgd_weight(self._seen, len(y), self._average))
+            if self._avg is None:
+                self._avg = (self._running[0].copy(), self._running[1].copy())
+            else:
+                self._avg = tuple(a + (r - a) * weight for a, r in zip(self._avg, self._running))
+            if self._seen + len(y) >= int(self._average):
+                est.coef_, est.intercept_ = self._avg[0].copy(), self._avg[1].copy().reshape(est.intercept_.shape)
+        self._seen += len(y)
         self.n_steps_ += 1
         return self
 
@@ -319,7 +371,15 @@ class Probe(Consumer):
             self._stop(StopReason.NON_FINITE)
             return
         self.partial_fit(X, y)
-        if self._eval_every and self.n_steps_ % self._eval_every == 0:
+        self._after_step()
+
+    def _eval_due(self) -> bool:
+        """Whether the step just taken is one where the validation set is scored."""
+        return bool(self._eval_every) and self.n_steps_ % self._eval_every == 0
+
+    def _after_step(self) -> None:
+        """Bookkeeping after a training step: evaluate when due, stop at the step budget."""
+        if self._eval_due():
             self._evaluate()
         if self.active and self._max_steps is not None and self.n_steps_ >= self._max_steps:
             self._stop(StopReason.MAX_STEPS)

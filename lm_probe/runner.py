@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,8 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .consumer import Consumer, PooledBatch, Request
+from .backend import ProbeBank, check_backend, supports
+from .consumer import Consumer, HostArrays, PooledBatch, Request
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
@@ -48,6 +49,13 @@ class ProbeRunner:
             same traces.
         seed: Seed for splits, batch order and the probes' SGD.
         progress: Show a progress bar over batches.
+        backend: ``"sklearn"`` (default): each probe steps its own scikit-learn estimator
+            with ``partial_fit``. ``"torch"``: the linear classification probes are
+            trained together, one batched tensor step per batch on ``device``, from
+            activations that stay there (:mod:`lm_probe.backend`); other heads stay on
+            scikit-learn. Same loss, L2 penalty, step schedule, averaging,
+            standardization and early stopping.
+        device: Where the torch backend computes (default: the model's device).
         **trace_kwargs: Passed to every ``model.trace`` call; ``remote=True`` runs every
             trace through nnsight's remote execution (NDIF), ``remote="local"`` simulates
             it offline. Only the pooled ``(batch, hidden)`` tensors come back.
@@ -65,6 +73,8 @@ class ProbeRunner:
         consumers: Iterable[Consumer] = (),
         seed: int = 0,
         progress: bool = True,
+        backend: str = "sklearn",
+        device: str | torch.device | None = None,
         **trace_kwargs: Any,
     ) -> None:
         if not hasattr(model, "trace") or not hasattr(model, "_module"):
@@ -85,6 +95,7 @@ class ProbeRunner:
         self.configs = list(configs)
         self._check_names(self.configs)
         self.probes: dict[str, Probe] = _probes_for(self.configs, seed)
+        self.bank = _bank_for(self.probes, backend, device if device is not None else _device(model, trace_kwargs))
         self.consumers: list[Consumer] = list(consumers)
         specs = [spec for c in self.all_consumers for spec in c.site_specs()]
         self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
@@ -162,11 +173,20 @@ class ProbeRunner:
                 eval_every=eval_every, max_steps=max_steps,
                 relabel=self._control[1](fit) if _is_control(probe.name) else None,
             )
-        self._pass(fit, self.all_consumers, batch_size, num_epochs, shuffle=True, by_length=True,
+        self._pass(fit, self._training_consumers(), batch_size, num_epochs, shuffle=True, by_length=True,
                    validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
+
+    def _training_consumers(self) -> list[Consumer]:
+        """What the training pass feeds: the probe bank (torch backend) in place of its
+        probes, the other probes, then the other consumers."""
+        if self.bank is None:
+            return self.all_consumers
+        self.bank.start()
+        banked = {id(p) for p in self.bank.probes}
+        return [self.bank, *(p for p in self.probes.values() if id(p) not in banked), *self.consumers]
 
     def collect(self, dataset: ProbeDataset, consumers: Sequence[Consumer] | None = None,
                 *, batch_size: int = 16, max_tokens: int | None = None) -> "ProbeRunner":
@@ -227,13 +247,16 @@ class ProbeRunner:
         logger.info("pass done: {} batches, {} tokens traced", step, tokens)
 
     # ------------------------------------------------------------------ reading
-    def _read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
-        """Pooled activations of one batch: one trace of the model, or rows of a store."""
+    def _read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> Mapping[Request, np.ndarray]:
+        """Pooled activations of one batch: one trace of the model, or rows of a store.
+
+        With the torch backend on an accelerator the traced tensors stay there
+        (:class:`HostArrays` copies one to the host only when a numpy consumer reads it)."""
         if self.store is not None:
             return self.store.read(data.example_ids[batch.index], requests)
-        acts = read_pooled(self.model, self.sites, requests, batch.input_ids, batch.attention_mask,
-                           **self.trace_kwargs)
-        return {key: value.numpy() for key, value in acts.items()}
+        on_device = self.bank is not None and self.bank.device.type != "cpu" and not self.trace_kwargs.get("remote")
+        return HostArrays(read_pooled(self.model, self.sites, requests, batch.input_ids, batch.attention_mask,
+                                      to_cpu=not on_device, **self.trace_kwargs))
 
     def pooled(self, dataset: ProbeDataset, requests: Sequence[Request] | None = None,
                batch_size: int = 16, desc: str = "pooling") -> dict[Request, np.ndarray]:
@@ -281,7 +304,8 @@ class ProbeRunner:
 
     @classmethod
     def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,
-                   consumers: Iterable[Consumer] = (), progress: bool = True) -> "ProbeRunner":
+                   consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
+                   device: str | torch.device | None = None) -> "ProbeRunner":
         """A runner that reads pooled activations from a stored run instead of a model.
 
         ``fit_probes`` / ``evaluate`` then work as with the live model (same seed, same
@@ -291,21 +315,25 @@ class ProbeRunner:
         Args:
             run: A :class:`~lm_probe.store.StoredRun` (``ActivationStore.open(path).run(name)``).
             configs: Probe configurations; their (site, pooling) must be in the run.
+            backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
         """
-        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, store=run)
+        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, store=run,
+                                    backend=backend, device=device)
         run.check(requests=_requests(runner.all_consumers))
         runner.sites = run.sites_for([spec for c in runner.all_consumers for spec in c.site_specs()])
         return runner
 
     @classmethod
     def _without_model(cls, configs: Iterable[ProbeConfig], *, seed: int, consumers: Iterable[Consumer] = (),
-                       progress: bool = False, store: Any = None) -> "ProbeRunner":
+                       progress: bool = False, store: Any = None, backend: str = "sklearn",
+                       device: str | torch.device | None = None) -> "ProbeRunner":
         """A runner with probes but no model (activations come from a store, or none are read)."""
         runner = cls.__new__(cls)
         runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, seed, progress, {}
         runner.store, runner.configs, runner.consumers = store, list(configs), list(consumers)
         cls._check_names(runner.configs)
         runner.probes, runner.sites, runner.metrics = _probes_for(runner.configs, seed), {}, None
+        runner.bank = _bank_for(runner.probes, backend, torch.device(device or "cpu"))
         return runner
 
     # ------------------------------------------------------------------ persistence
@@ -493,6 +521,27 @@ def _probes_for(configs: Iterable[ProbeConfig], seed: int) -> dict[str, Probe]:
         for name in [c.name] + ([c.name + CONTROL_SUFFIX] if c.control else []):
             probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
     return probes
+
+
+def _bank_for(probes: dict[str, Probe], backend: str, device: torch.device) -> ProbeBank | None:
+    """The torch backend's bank of linear classifiers (``None`` for scikit-learn, or no such probe)."""
+    if check_backend(backend) == "sklearn":
+        return None
+    banked = [p for p in probes.values() if supports(p)]
+    others = [p.name for p in probes.values() if not supports(p)]
+    if others:
+        logger.info("backend='torch' trains linear classifiers; {} stay on scikit-learn: {}", len(others), others)
+    return ProbeBank(banked, device) if banked else None
+
+
+def _device(model: Any, trace_kwargs: dict[str, Any]) -> torch.device:
+    """The model's device (the CPU for remote execution, whose results come back to the host)."""
+    if trace_kwargs.get("remote"):
+        return torch.device("cpu")
+    try:
+        return next(model._module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
 
 
 def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:

@@ -70,6 +70,8 @@ def read_pooled(
     requests: Iterable[tuple[str, str]],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    *,
+    to_cpu: bool = True,
     **trace_kwargs: Any,
 ) -> dict[tuple[str, str], torch.Tensor]:
     """Run one trace over a batch and return the pooled activations.
@@ -80,10 +82,12 @@ def read_pooled(
         requests: ``(spec, pooling)`` pairs to read; each distinct site is read once.
         input_ids: ``(batch, tokens)``.
         attention_mask: ``(batch, tokens)``.
+        to_cpu: Move the pooled tensors to the host inside the trace; ``False`` leaves them
+            on the model's device (for consumers that compute there).
         **trace_kwargs: passed to ``model.trace`` (e.g. ``remote=``).
 
     Returns:
-        ``{(spec, pooling): (rows, hidden) float32 CPU tensor}``.
+        ``{(spec, pooling): (rows, hidden) float32 tensor}``, on the CPU unless ``to_cpu=False``.
     """
     wanted: dict[Site, set[str]] = defaultdict(set)
     requests = list(dict.fromkeys(requests))
@@ -105,7 +109,8 @@ def read_pooled(
             for site, pools in plan:
                 hidden = _tensor(getattr(site.envoy(model), site.attr))
                 for how in pools:
-                    pooled[(site.name, how)] = pool(hidden, mask, how).cpu().save()
+                    value = pool(hidden, mask, how)
+                    pooled[(site.name, how)] = (value.cpu() if to_cpu else value).save()
             tracer.stop()
     return {(spec, how): pooled[(sites[spec].name, how)] for spec, how in requests}
 

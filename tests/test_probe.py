@@ -16,9 +16,9 @@ def batches(seed=0, n=240, d=6, classes=(0, 1)):
 
 def test_without_standardization_it_is_exactly_sgdclassifier():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], standardize=False, alpha=1e-3,
-                                    learning_rate="optimal"), random_state=3)
+                                    learning_rate="optimal", average=False), random_state=3)
     ref = SGDClassifier(loss="log_loss", random_state=3, **{**DEFAULT_PROBE_KWARGS, "alpha": 1e-3,
-                                                           "learning_rate": "optimal"})
+                                                           "learning_rate": "optimal", "average": False})
     for X, y in batches():
         probe.partial_fit(X, y)
         ref.partial_fit(X.astype(np.float64), y, classes=[0, 1])
@@ -27,9 +27,33 @@ def test_without_standardization_it_is_exactly_sgdclassifier():
     np.testing.assert_array_equal(probe.predict_proba(X), ref.predict_proba(X.astype(np.float64)))
 
 
+@pytest.mark.parametrize("classes", [(0, 1), (0, 1, 2)])
+def test_averaged_sgd_equals_sklearns_single_pass_fit(classes):
+    """One row per batch, the probe's ASGD is scikit-learn's averaged SGD over one pass
+    (``fit``, which keeps the running intercept right; ``partial_fit`` with ``average``
+    restarts it from a stale value on every call, which is why the probe averages itself)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4)) + 1.0
+    y = np.where(X[:, 0] + rng.normal(size=300) > 1.8, classes[-1], classes[0])  # imbalanced: needs an intercept
+    if len(classes) == 3:
+        y[rng.random(300) < 0.3] = 1
+    kwargs = dict(loss="log_loss", learning_rate="constant", eta0=0.01, alpha=1e-4)
+    ref = SGDClassifier(**kwargs, average=True, shuffle=False, max_iter=1, tol=None, random_state=0)
+    ref.fit(X, y)
+    probe = LinearProbe(ProbeConfig("x.output", classes=classes, standardize=False, **kwargs), random_state=0)
+    for i in range(len(y)):
+        probe.partial_fit(X[i:i + 1], y[i:i + 1])
+    np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(probe.intercept_, ref.intercept_, rtol=1e-9, atol=1e-12)
+    buggy = SGDClassifier(**kwargs, average=True, random_state=0)
+    for i in range(0, len(y), 30):
+        buggy.partial_fit(X[i:i + 30], y[i:i + 30], classes=classes)
+    assert np.abs(buggy.intercept_ - ref.intercept_).max() > 0.1, "scikit-learn fixed partial_fit + average"
+
+
 def test_standardization_uses_running_float64_moments():
-    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]), random_state=0)
-    ref = SGDClassifier(loss="log_loss", random_state=0, **DEFAULT_PROBE_KWARGS)
+    ref = SGDClassifier(loss="log_loss", random_state=0, **{**DEFAULT_PROBE_KWARGS, "average": False})
+    probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], average=False), random_state=0)
     seen = []
     for X, y in batches():
         seen.append(X.astype(np.float64))

@@ -65,3 +65,24 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 def test_demo_rejects_layers_out_of_range(tmp_path, capsys):
     assert main(["demo", "--layers", "3,30", "--out", str(tmp_path)]) == 1
     assert "--layers [30] out of range: the model has 30 layers" in capsys.readouterr().err
+
+
+def test_torch_backend_matches_sklearn_on_the_demo_data(smollm, tmp_path):
+    """Issue 8: the batched torch backend's test accuracy is within 0.01 of scikit-learn's
+    on the demo data (averaged over layers; activations collected once, trained twice)."""
+    from lm_probe import ActivationStore
+
+    reviews = rotten_tomatoes().shuffle(seed=0).select(range(800))
+    data = ProbeDataset.from_hf(reviews, smollm.tokenizer, max_length=64)
+    train, test = data.tt_split(test_size=0.25, seed=0)
+    sites = [f"model.layers.{i}.output" for i in (3, 9, 15, 21)]
+    store = ActivationStore(tmp_path / "acts", sites=sites, pool="mean", run="demo")
+    ProbeRunner(smollm, progress=False).collect(data, [store], batch_size=32)
+    run = ActivationStore.open(tmp_path / "acts").run("demo")
+    configs = [ProbeConfig(s, classes={0, 1}) for s in sites]
+    acc = {backend: ProbeRunner.from_store(run, configs, seed=0, progress=False, backend=backend)
+           .fit_probes(train, test, batch_size=32).metrics["accuracy"] for backend in ("sklearn", "torch")}
+    diff = (acc["torch"] - acc["sklearn"]).abs()
+    assert abs(acc["torch"].mean() - acc["sklearn"].mean()) <= 0.01, (acc, diff)
+    assert diff.max() <= 0.03, diff
+    assert acc["torch"].max() > 0.7

@@ -1,0 +1,379 @@
+"""The torch probe backend: every linear classifier of a batch updated in one tensor op.
+
+With ``ProbeRunner(..., backend="torch")`` the linear classification probes are not
+stepped one by one through scikit-learn's ``partial_fit``: a :class:`ProbeBank` holds all
+their weights as one ``(probes, outputs, hidden)`` tensor on the model's device and
+takes one batched SGD step per training batch, reading the pooled activations where the
+trace left them (no copy to the host). What is learned is the same model as
+``SGDClassifier(loss="log_loss")``:
+
+* one-vs-rest logistic regression (one output for two classes, one per class
+  otherwise), probabilities as scikit-learn's ``predict_proba`` normalizes them;
+* L2 penalty ``alpha`` applied as weight decay, intercept not penalized;
+* ``learning_rate="constant"`` (``eta0``) or ``"invscaling"``; averaged weights
+  (``average``): the mean of the iterates, each training row counted once, as the
+  scikit-learn backend keeps it (:func:`lm_probe.probe.asgd_weight`);
+* standardization with running float64 moments of the probe's own training rows,
+  updated with each batch before the step;
+* ``class_weight`` as a dict.
+
+scikit-learn steps once per example; the bank steps once per batch with the summed
+gradient of its rows (each example still moves the weights by ``eta0`` times its own
+gradient, against the weights of the batch start). Weight decay is compounded over the
+batch's rows. Early stopping is unchanged: when a probe's evaluation is due, the bank
+copies its current weights into the probe's ``SGDClassifier`` (``coef_``,
+``intercept_``), so validation scoring, snapshots of the best weights, metrics,
+:meth:`~lm_probe.ProbeRunner.save` and prediction all go through scikit-learn as with
+the default backend.
+
+The math is in the pure functions :func:`ovr_targets`, :func:`logistic_sgd_step` and
+:func:`masked_moments`; :class:`ProbeBank` only holds state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from loguru import logger
+from sklearn.linear_model import SGDClassifier
+
+from .consumer import Consumer, PooledBatch, Request
+from .early_stopping import StopReason
+from .probe import Probe, _labeled, asgd_weight
+
+__all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
+           "masked_moments"]
+
+BACKENDS = ("sklearn", "torch")
+
+#: SGDClassifier arguments the bank implements; the rest must keep scikit-learn's default
+#: unless they do not change what ``partial_fit`` learns (the second set).
+_IMPLEMENTED = {"loss", "penalty", "alpha", "fit_intercept", "learning_rate", "eta0", "power_t",
+                "class_weight", "average"}
+_NO_EFFECT_ON_PARTIAL_FIT = {"shuffle", "random_state", "verbose", "n_jobs", "warm_start", "tol", "max_iter",
+                             "early_stopping", "validation_fraction", "n_iter_no_change", "epsilon", "l1_ratio"}
+_SKLEARN_DEFAULTS = SGDClassifier().get_params()
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise a ValueError naming them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def supports(probe: Probe) -> bool:
+    """Whether the torch backend trains this probe (linear classifiers; others stay on scikit-learn)."""
+    return probe.config.head == "linear" and probe.config.task == "classification"
+
+
+def _check_kwargs(probe: Probe) -> dict[str, Any]:
+    """The probe's SGDClassifier arguments, or a ValueError naming what the bank cannot do."""
+    kw = {**_SKLEARN_DEFAULTS, **probe.config.probe_kwargs}
+    unsupported = sorted(k for k, v in probe.config.probe_kwargs.items()
+                         if k not in _IMPLEMENTED | _NO_EFFECT_ON_PARTIAL_FIT and v != _SKLEARN_DEFAULTS.get(k))
+    problems = [f"{k}={kw[k]!r}" for k in unsupported]
+    if kw["penalty"] not in ("l2", None):
+        problems.append(f"penalty={kw['penalty']!r} (l2 or None only)")
+    if kw["learning_rate"] not in ("constant", "invscaling"):
+        problems.append(f"learning_rate={kw['learning_rate']!r} ('constant' or 'invscaling' only)")
+    if problems:
+        raise ValueError(f"probe {probe.name!r}: backend='torch' does not implement {', '.join(problems)}; "
+                         "use backend='sklearn' for this probe's settings")
+    return kw
+
+
+def ovr_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """One-vs-rest targets ``(rows, outputs)`` float32: one output (``y == classes[1]``)
+    for two classes, one per class otherwise (scikit-learn's layout of ``coef_``)."""
+    y, classes = np.asarray(y), np.asarray(classes)
+    if len(classes) == 2:
+        return (y == classes[1]).astype(np.float32)[:, None]
+    return (y[:, None] == classes[None, :]).astype(np.float32)
+
+
+def masked_moments(X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count, mean and sum of squared deviations of the rows of ``X (rows, hidden)``
+    where ``mask (rows,)`` is true, in float64: ``((), (hidden,), (hidden,))``."""
+    rows = X[mask].double()
+    n = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=X.device)
+    if rows.shape[0] == 0:
+        zeros = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+        return n, zeros, zeros.clone()
+    mean = rows.mean(0)
+    return n, mean, ((rows - mean) ** 2).sum(0)
+
+
+def logistic_sgd_step(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, T: torch.Tensor, weight: torch.Tensor,
+                      eta: torch.Tensor, alpha: torch.Tensor, fit_intercept: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of one-vs-rest logistic regression for many probes at once.
+
+    Each row moves the weights by its own step size times its own log-loss gradient
+    (evaluated at the batch's starting weights, summed over the batch); L2 decay
+    ``(1 - eta * alpha)`` is compounded once per row, as scikit-learn applies it once per
+    example. With one row per batch this is scikit-learn's update exactly.
+
+    Args:
+        W: ``(probes, outputs, hidden)`` weights.
+        b: ``(probes, outputs)`` intercepts.
+        X: ``(probes, rows, hidden)`` standardized features.
+        T: ``(probes, rows, outputs)`` 0/1 targets.
+        weight: ``(probes, rows, outputs)`` per-row weights (class weights; 0 for rows a probe skips).
+        eta: ``(probes, rows)`` step size of each row (0 for rows a probe skips).
+        alpha: ``(probes,)`` L2 strengths (0 for no penalty).
+        fit_intercept: ``(probes,)`` 1.0 to learn the intercept, 0.0 to keep it at 0.
+
+    Returns:
+        The new ``(W, b)``.
+    """
+    Z = torch.einsum("prd,pkd->prk", X, W) + b[:, None, :]
+    G = (torch.sigmoid(Z) - T) * weight * eta[:, :, None]
+    decay = torch.clamp(1 - eta * alpha[:, None], min=0).prod(1)
+    W = W * decay[:, None, None] - torch.einsum("prk,prd->pkd", G, X)
+    b = b - fit_intercept[:, None] * G.sum(1)
+    return W, b
+
+
+@contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """Run the block with one intra-op torch thread (restored after)."""
+    before = torch.get_num_threads()
+    if enabled and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class _Group:
+    """Probes that share row layout, hidden size and number of outputs: one stacked state."""
+
+    def __init__(self, probes: list[Probe], hidden: int, device: torch.device) -> None:
+        self.probes = probes
+        kws = [_check_kwargs(p) for p in probes]
+        P, K = len(probes), ovr_targets(np.zeros(0), probes[0].classes_).shape[1]
+        f32 = dict(dtype=torch.float32, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.W, self.b = torch.zeros(P, K, hidden, **f32), torch.zeros(P, K, **f32)
+        self.W_avg, self.b_avg = torch.zeros(P, K, hidden, **f32), torch.zeros(P, K, **f32)
+        self.n, self.mean, self.m2 = torch.zeros(P, **f64), torch.zeros(P, hidden, **f64), torch.zeros(P, hidden, **f64)
+        self.seen = np.zeros(P, np.int64)  # training rows seen per probe (the schedule's t)
+        self.eta0 = np.array([float(k["eta0"]) for k in kws])
+        self.power_t = np.array([float(k["power_t"]) for k in kws])
+        self.invscaling = np.array([k["learning_rate"] == "invscaling" for k in kws])
+        self.alpha = torch.tensor([float(k["alpha"]) if k["penalty"] == "l2" else 0.0 for k in kws], **f32)
+        self.fit_intercept = torch.tensor([float(bool(k["fit_intercept"])) for k in kws], **f32)
+        self.average_from = np.array([0 if not k["average"] else int(k["average"]) for k in kws])
+        self.class_weight = [k["class_weight"] or {} for k in kws]
+        self.standardize = torch.tensor([p.config.standardize for p in probes], device=device)
+        self.hidden, self.device = hidden, device
+
+    def eta(self, idx: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """``(probes, rows)`` step sizes: ``eta0``, or ``eta0 / t ** power_t`` for the row's
+        own count ``t`` (1-based, over the probe's training rows); 0 on skipped rows."""
+        t = self.seen[idx][:, None] + np.cumsum(masks, axis=1)
+        eta = np.where(self.invscaling[idx][:, None], self.eta0[idx][:, None] / t.clip(min=1) ** self.power_t[idx][:, None],
+                       self.eta0[idx][:, None])
+        return np.where(masks, eta, 0.0)
+
+    def weights(self, k: int, y: np.ndarray, T: np.ndarray) -> np.ndarray:
+        """Per-row, per-output weights of probe ``k``: its class weights (scikit-learn's
+        one-vs-rest use: positive class weight, 1 for the rest; binary: each class its own)."""
+        cw, classes = self.class_weight[k], self.probes[k].classes_
+        if not cw:
+            return np.ones_like(T)
+        if len(classes) == 2:
+            return np.where(y == classes[1], cw.get(classes[1], 1.0), cw.get(classes[0], 1.0))[:, None].astype(np.float32)
+        pos = np.array([cw.get(c, 1.0) for c in classes], np.float32)
+        return np.where(T > 0, pos[None, :], 1.0).astype(np.float32)
+
+
+class ProbeBank(Consumer):
+    """The torch backend's consumer: the linear classifiers of a runner, trained together.
+
+    The runner feeds the bank instead of its probes; each probe keeps its own early
+    stopping, validation history and best weights (see the module docstring).
+
+    Args:
+        probes: Linear classification probes (see :func:`supports`), already ``start()``-ed
+            or to be started before :meth:`start`.
+        device: Where the weights live and the step runs (the model's device).
+    """
+
+    def __init__(self, probes: Iterable[Probe], device: str | torch.device = "cpu", rows_per_step: int = 4) -> None:
+        self.probes = list(probes)
+        self.rows_per_step = int(rows_per_step)
+        for probe in self.probes:
+            if not supports(probe):
+                raise ValueError(f"probe {probe.name!r} ({probe.config.head}/{probe.config.task}) is not a linear "
+                                 "classifier; the torch backend trains linear classifiers only")
+            _check_kwargs(probe)
+        self.device = torch.device(device)
+        self.groups: list[_Group] = []
+        self.n_steps_ = 0
+
+    @property
+    def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
+        return tuple(dict.fromkeys(r for p in self.probes if p.active for r in p.requests))
+
+    @property
+    def active(self) -> bool:
+        return any(p.active for p in self.probes)
+
+    def site_specs(self) -> list[str]:
+        return list(dict.fromkeys(p.config.site for p in self.probes))
+
+    def start(self, *, hidden: dict[Request, int] | None = None, **_: Any) -> None:
+        """Allocate the stacked weights; call after every probe's own ``start()``.
+
+        Args:
+            hidden: ``{request: hidden size}``; a request missing here gets its size from
+                the first batch (the bank then allocates lazily).
+        """
+        self._hidden = dict(hidden or {})
+        self.groups, self.n_steps_ = [], 0
+
+    def _ensure_groups(self, batch: PooledBatch) -> None:
+        if self.groups:
+            return
+        by_key: dict[tuple, list[Probe]] = defaultdict(list)
+        for probe in self.probes:
+            request = probe.requests[0]
+            hidden = self._hidden.get(request) or int(batch.tensor(request).shape[1])
+            outputs = 1 if len(probe.classes_) == 2 else len(probe.classes_)
+            by_key[(probe.config.pool == "none", hidden, outputs)].append(probe)
+        self.groups = [_Group(probes, key[1], self.device) for key, probes in by_key.items()]
+
+    def reset(self) -> None:
+        """Forget the stacked state (each probe resets itself on ``start()``)."""
+        self.groups, self.n_steps_ = [], 0
+
+    def update(self, batch: PooledBatch) -> None:
+        """One batched SGD step for every active probe, then each probe's bookkeeping.
+
+        On the CPU the step runs on one thread: its tensors are small, and splitting them
+        over intra-op threads cost more than it saved (measured 6x slower with 2 threads
+        on 2 busy cores; see benchmarks/overhead.py)."""
+        self._ensure_groups(batch)
+        with _one_thread(self.device.type == "cpu"):
+            for group in self.groups:
+                self._step(group, batch)
+        self.n_steps_ += 1
+
+    def _step(self, g: _Group, batch: PooledBatch) -> None:
+        idx = np.array([k for k, p in enumerate(g.probes) if p.active], np.int64)
+        if len(idx) == 0:
+            return
+        targets = [g.probes[k].targets(batch) for k in idx]
+        masks = np.stack([_labeled(y) for y in targets])  # (P, rows)
+        requests = list(dict.fromkeys(g.probes[k].requests[0] for k in idx))
+        which = torch.as_tensor([requests.index(g.probes[k].requests[0]) for k in idx], device=self.device)
+        X = torch.stack([batch.tensor(r, self.device) for r in requests])[which].float()  # (P, rows, hidden)
+        mask = torch.as_tensor(masks, device=self.device)
+        finite = torch.isfinite(X).all(-1) | ~mask
+        bad = (~finite.all(1)).cpu().numpy()
+        for k in idx[bad]:
+            logger.warning("probe {!r}: non-finite activations at step {}; stopping it",
+                           g.probes[k].name, g.probes[k].n_steps_)
+            g.probes[k]._stop(StopReason.NON_FINITE)
+        has_rows = masks.any(1)
+        keep = ~bad & has_rows
+        if not keep.any():
+            return
+        idx, X, mask, masks = idx[keep], X[keep], mask[keep], masks[keep]
+        targets = [t for t, k in zip(targets, keep) if k]
+        it = torch.as_tensor(idx, device=self.device)
+
+        # standardization: fold this batch's labeled rows into each probe's float64 moments
+        moments = [masked_moments(X[j], mask[j]) for j in range(len(idx))]
+        n_b, mean_b, m2_b = (torch.stack(m) for m in zip(*moments))
+        n_a, mean_a, m2_a = g.n[it], g.mean[it], g.m2[it]
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        g.mean[it] = mean_a + delta * (n_b / n)[:, None]
+        g.m2[it] = m2_a + m2_b + delta ** 2 * (n_a * n_b / n)[:, None]
+        g.n[it] = n
+        scale = torch.sqrt(g.m2[it] / n[:, None])
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        std = g.standardize[it][:, None]
+        mean = torch.where(std, g.mean[it], torch.zeros_like(scale)).float()
+        scale = torch.where(std, scale, torch.ones_like(scale)).float()
+        Xs = torch.where(mask[..., None], (X - mean[:, None, :]) / scale[:, None, :], torch.zeros((), device=X.device))
+
+        # targets and weights (0 on rows a probe does not train on)
+        T_list, w_list = [], []
+        for k, y, m in zip(idx, targets, masks):
+            y_safe = np.where(m, y, g.probes[k].classes_[0])
+            T = ovr_targets(y_safe, g.probes[k].classes_)
+            T_list.append(T)
+            w_list.append(g.weights(k, y_safe, T) * m[:, None])
+        T = torch.as_tensor(np.stack(T_list), device=self.device)
+        weight = torch.as_tensor(np.stack(w_list), device=self.device)
+
+        eta = torch.as_tensor(g.eta(idx, masks), dtype=torch.float32, device=self.device)
+
+        # rows in order, `rows_per_step` at a time; averaged SGD: the mean of the iterates,
+        # each row counted once (as the sklearn backend)
+        c = self.rows_per_step
+        bounds = list(range(0, masks.shape[1], c))
+        n = np.add.reduceat(masks, bounds, axis=1) if bounds else np.zeros((len(idx), 0), np.int64)
+        before = g.seen[idx][:, None] + np.cumsum(n, axis=1) - n
+        start = np.maximum(g.average_from[idx], 1)[:, None]
+        averaging = (g.average_from[idx] > 0)[:, None]
+        frac = torch.as_tensor(np.where(averaging, asgd_weight(before, n, start), 1.0), dtype=torch.float32,
+                               device=self.device)
+        W, b, W_avg, b_avg = g.W[it], g.b[it], g.W_avg[it], g.b_avg[it]
+        alpha, fit_intercept = g.alpha[it], g.fit_intercept[it]
+        for j, lo in enumerate(bounds):
+            rows = slice(lo, lo + c)
+            W, b = logistic_sgd_step(W, b, Xs[:, rows], T[:, rows], weight[:, rows], eta[:, rows], alpha, fit_intercept)
+            W_avg = torch.lerp(W_avg, W, frac[:, j, None, None])
+            b_avg = torch.lerp(b_avg, b, frac[:, j, None])
+        g.W[it], g.b[it], g.W_avg[it], g.b_avg[it] = W, b, W_avg, b_avg
+        g.seen[idx] = g.seen[idx] + masks.sum(1)
+
+        for j, k in enumerate(idx):
+            probe = g.probes[k]
+            probe.n_steps_ += 1
+            if probe._eval_due():
+                self._sync(g, int(k))
+            probe._after_step()
+
+    def _sync(self, g: _Group, k: int) -> None:
+        """Copy probe ``k``'s current state into its scikit-learn estimator and moments."""
+        probe = g.probes[k]
+        averaged = g.average_from[k] > 0 and g.seen[k] >= g.average_from[k]
+        W, b = (g.W_avg[k], g.b_avg[k]) if averaged else (g.W[k], g.b[k])
+        est = probe.estimator_
+        est.coef_ = W.detach().double().cpu().numpy()
+        est.intercept_ = b.detach().double().cpu().numpy()
+        est.classes_ = np.asarray(probe.classes_)
+        est.n_features_in_ = g.hidden
+        est.t_ = float(g.seen[k] + 1)
+        if probe.config.standardize:
+            probe._n = int(g.n[k].item())
+            probe._mean = g.mean[k].cpu().numpy().copy()
+            probe._m2 = g.m2[k].cpu().numpy().copy()
+
+    def finish(self) -> None:
+        """Copy every probe's final state into it, then let each probe finish (restore its best)."""
+        for g in self.groups:
+            for k, probe in enumerate(g.probes):
+                if probe.n_steps_:
+                    self._sync(g, k)
+        for probe in self.probes:
+            probe.finish()
+
+    def compute(self) -> dict[str, Any]:
+        """Each probe's training summary, by name."""
+        return {p.name: p.compute() for p in self.probes if p.n_steps_}
+
+    def __repr__(self) -> str:
+        return f"ProbeBank({len(self.probes)} probes on {self.device})"
