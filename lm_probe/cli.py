@@ -1,9 +1,16 @@
 """The ``lm-probe`` command line.
 
-``lm-probe demo`` is a newcomer's first five minutes: it loads the embedded SmolLM2-135M
-model and the Rotten Tomatoes snippets (both read from PyPI wheels, no hub needed),
-trains one probe per chosen layer from one forward pass per batch, prints the metrics
-table sorted by layer, and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
+* ``lm-probe demo`` is a newcomer's first five minutes: it loads the embedded SmolLM2-135M
+  model and the Rotten Tomatoes snippets (both read from PyPI wheels, no hub needed),
+  trains one probe per chosen layer from one forward pass per batch, prints the metrics
+  table sorted by layer, and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
+* ``lm-probe run experiment.toml`` runs a declared experiment (:mod:`lm_probe.experiment`);
+  ``--dry-run`` checks the whole file, model and data included, and prints the plan
+  without any forward pass.
+* ``lm-probe report RUN_DIR`` rebuilds a run's ``report.html`` from its files.
+
+Errors are one line (``lm-probe: error: ...``, exit code 1) unless ``--debug`` is given,
+which shows the traceback and debug logs.
 """
 
 from __future__ import annotations
@@ -12,11 +19,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from loguru import logger
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "run_experiment_command", "report_command"]
 
 DEMO_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 
@@ -90,9 +97,55 @@ def run_demo(
     return metrics
 
 
+RUN_EPILOG = """\
+A minimal experiment file (relative paths start at the file's folder):
+
+  out = "runs/sentiment"
+  [model]
+  name = "smollm2-135m"              # embedded, a local folder, or a hub id
+  [data]
+  source = "rotten_tomatoes"         # or path = "reviews.csv" / "reviews.jsonl" / saved dataset
+  n_examples = 400
+  [sites]
+  kind = "resid_post"                # or paths = ["model.layers.{{0..29}}.output"]
+  layers = "0..29..3"
+  [probes]
+  pool = ["mean", "last"]            # a list is a sweep: one probe per value, one trace
+  [geometry]                         # covariance spectra and a CKA heatmap
+  [gauges]                           # diffusion spectra
+  n_samples = 128
+
+A complete example that runs offline: {example}
+Outputs in out/: metrics.csv, probes/, geometry/, gauges/, run.json, config.json,
+experiment.toml (a copy) and report.html (self-contained: open it in any browser).
+With seeds = [0, 1, 2]: one complete run per seed in seed_<s>/, plus metrics.csv
+(a seed column) and report.html over all seeds.
+
+Every table and key (an unknown key is an error that names it):
+{schema}
+"""
+
+
+def _example_path() -> str:
+    """The example experiment shipped in the repository (examples/experiment.toml)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "experiment.toml"
+    return str(path) if path.is_file() else "examples/experiment.toml in the lm_probe source repository"
+
+
+def _debug_flag(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show full tracebacks and debug logs instead of one-line errors")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lm-probe", description="Train many probes from one forward pass per batch.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    from .experiment import schema_help
+
+    parser = argparse.ArgumentParser(
+        prog="lm-probe", description="Train many probes on a language model's activations from one forward "
+                                     "pass per batch, and measure their geometry.",
+        epilog="Run 'lm-probe COMMAND --help' for a command's options. Example: lm-probe run --dry-run "
+               f"{_example_path()}")
+    _debug_flag(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo", help="probe the embedded SmolLM2-135M on Rotten Tomatoes reviews (offline)",
@@ -107,11 +160,86 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lm_probe_out/demo", help="output folder (default lm_probe_out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _debug_flag(demo, argparse.SUPPRESS)
+
+    run = commands.add_parser(
+        "run", help="run a declarative experiment from a TOML file (--dry-run to check it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the experiment declared in a TOML file: load the model and data, train every probe of "
+                    "the sweep from one forward pass per batch, run the geometry and gauges on the same "
+                    "passes, and write metrics CSVs, each consumer's artifacts and a self-contained "
+                    "report.html. Everything (keys, sites, columns, labels, options) is checked before the "
+                    "first forward pass.",
+        epilog=RUN_EPILOG.format(example=_example_path(), schema=schema_help()))
+    run.add_argument("experiment", metavar="EXPERIMENT.toml", help="the experiment file")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the whole file (model, sites, data columns and labels, probe and consumer "
+                          "options) and print what would run, without any forward pass")
+    run.add_argument("--out", metavar="DIR", help="output folder, replacing the file's out (relative to the "
+                                                  "current folder)")
+    run.add_argument("--seed", type=int, action="append", metavar="N",
+                     help="seed, replacing the file's seed/seeds (repeat for several)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run files of an output folder that already holds a run")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _debug_flag(run, argparse.SUPPRESS)
+
+    report = commands.add_parser(
+        "report", help="rebuild report.html from a run folder's files",
+        description="Rebuild the self-contained report.html of a run folder written by 'lm-probe run' "
+                    "(from metrics.csv, geometry/, gauges/ and run.json; no model is loaded).")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (it holds run.json)")
+    report.add_argument("--output", metavar="FILE", help="where to write the report (default RUN_DIR/report.html)")
+    _debug_flag(report, argparse.SUPPRESS)
     return parser
 
 
+def run_experiment_command(experiment: str | Path, *, dry_run: bool = False, out: str | None = None,
+                           seeds: Sequence[int] | None = None, overwrite: bool = False,
+                           progress: bool = True) -> list[Path]:
+    """``lm-probe run``: check and plan an experiment file, print the plan, then run it.
+
+    Args:
+        experiment: The TOML file.
+        dry_run: Stop after checking and printing the plan (no forward pass).
+        out: Replace the file's output folder.
+        seeds: Replace the file's seeds.
+        overwrite: Allow an output folder that already holds a run.
+        progress: Show progress bars.
+
+    Returns:
+        The run folders written (none for a dry run).
+    """
+    from .experiment import load_experiment
+    from .outputs import run_plan
+    from .plan import plan_experiment
+
+    plan = plan_experiment(load_experiment(experiment, out=out, seeds=seeds), progress=progress, overwrite=overwrite)
+    print(plan.describe(), flush=True)
+    if dry_run:
+        print("\ndry run: the file, model, sites and data are valid; no forward pass was run.")
+        return []
+    folders = run_plan(plan)
+    print(f"\nwrote {folders[-1] / 'metrics.csv' if plan.probes else folders[-1]} and {folders[-1] / 'report.html'}")
+    return folders
+
+
+def report_command(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """``lm-probe report``: rebuild a run folder's report.html; returns its path."""
+    from .report import write_report
+
+    path = write_report(run_dir, output)
+    print(f"wrote {path}")
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (its type name when it has no message)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lm-probe``; returns the exit code."""
+    """Entry point of ``lm-probe``; returns the exit code (0 ok, 1 error, 2 bad arguments, 130 interrupted)."""
     args = _parser().parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.debug else "INFO",
@@ -125,9 +253,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             best = metrics["accuracy"].idxmax()
             print(f"\nbest: {best} accuracy {metrics.loc[best, 'accuracy']:.3f}; wrote {args.out}/metrics.csv "
                   f"and {args.out}/accuracy_by_layer.png")
+        elif args.command == "run":
+            run_experiment_command(args.experiment, dry_run=args.dry_run, out=args.out, seeds=args.seed,
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.command == "report":
+            report_command(args.run_dir, args.output)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("lm-probe: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         if args.debug:
             raise
-        print(f"lm-probe: error: {err}", file=sys.stderr)
+        print(f"lm-probe: error: {_one_line(err)}", file=sys.stderr)
         return 1
     return 0

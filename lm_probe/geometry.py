@@ -337,6 +337,12 @@ class Geometry(Consumer):
         return self.compute().eigenvalues
 
     @property
+    def sample(self) -> dict[str, np.ndarray]:
+        """The paired reservoir sample ``{site: (rows, hidden)}``: row ``i`` of every site
+        comes from the same example (or token)."""
+        return {s: self._sample[s].copy() for s in self.sites if s in self._sample}
+
+    @property
     def normalization_ablation(self) -> pd.DataFrame:
         """Sample spectrum metrics under each normalization."""
         return self.compute().normalization_ablation

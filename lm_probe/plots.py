@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_accuracy_by_layer", "plot_diffusion_spectra", "plot_spectral_gap"]
+__all__ = ["plot_accuracy_by_layer", "plot_diffusion_spectra", "plot_spectral_gap", "plot_probe_metrics_by_layer",
+           "plot_spectrum_by_layer", "plot_cka_heatmap", "short_site_labels"]
 
 
 def plot_accuracy_by_layer(
@@ -120,10 +121,168 @@ def plot_spectral_gap(trajectory: pd.DataFrame, x: str = "layer", path: str | Pa
         group = group.sort_values(x)
         ax.plot(group[x], group["spectral_gap"], marker="o", label=f"{lines} {key}")
     ax.set_xlabel(x)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and steps are whole numbers
     ax.set_ylabel("spectral gap 1 - λ₂")
     ax.set_title(f"Spectral gap by {x}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
     if path is not None:
         fig.savefig(path, dpi=150)
+    return fig
+
+
+def _integer_layers(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _site_kind(site: str, layer: Any) -> str:
+    """The site with its block index replaced by ``*`` (a line label: ``model.layers.*.output``)."""
+    return site.replace(f".{int(layer)}.", ".*.", 1)
+
+
+def plot_probe_metrics_by_layer(
+    metrics: pd.DataFrame,
+    columns: Sequence[str] = ("accuracy",),
+    *,
+    chance: float | None = None,
+    title: str = "Probe metrics by layer",
+) -> Any:
+    """One panel per metric against layer, one line per (site kind, probe variant).
+
+    A probe's variant is its ``variant`` column (the swept settings of an experiment),
+    else its pooling. With a ``seed`` column holding several seeds, each line is the
+    mean over seeds with a band from the lowest to the highest seed.
+
+    Args:
+        metrics: Probe metrics with ``site``, ``layer`` and the ``columns`` (rows with
+            no layer are left out; the caller says so).
+        columns: Metrics to draw, e.g. ``("accuracy", "selectivity")``.
+        chance: A dashed line at this value on the ``accuracy`` panel.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    frame = metrics.dropna(subset=["layer"]).copy()
+    if frame.empty:
+        raise ValueError("no probe has a layer index to plot against; metrics['layer'] is empty")
+    frame["layer"] = frame["layer"].astype(int)
+    variant = frame["variant"] if "variant" in frame and (frame["variant"] != "-").any() else frame["pool"]
+    frame["line"] = [f"{_site_kind(s, l)} {v}" for s, l, v in zip(frame["site"], frame["layer"], variant)]
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), layout="constrained", squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        stats = frame.groupby(["line", "layer"])[column].agg(["mean", "min", "max"]).reset_index()
+        for line, group in stats.groupby("line", sort=True):
+            ax.plot(group["layer"], group["mean"], marker="o", markersize=3, label=line)
+            if "seed" in frame and frame["seed"].nunique() > 1:
+                ax.fill_between(group["layer"], group["min"], group["max"], alpha=0.2)
+        if chance is not None and column == "accuracy":
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        if column == "selectivity":
+            ax.axhline(0, color="grey", linewidth=0.8)
+        _integer_layers(ax)
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    axes[0][0].legend(handles, labels, fontsize="x-small", ncol=1 + len(labels) // 12)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_spectrum_by_layer(
+    geometry_metrics: pd.DataFrame,
+    layers: Mapping[str, int | None],
+    columns: Sequence[str] = ("d_pr", "d_entropy", "stable_rank", "top1_share"),
+    *,
+    title: str = "Covariance spectrum metrics by layer",
+) -> Any:
+    """Spectrum metrics against layer, one panel per metric, one line per site kind.
+
+    Args:
+        geometry_metrics: ``Geometry.metrics`` (indexed by site).
+        layers: ``{site: layer index or None}``; sites without a layer are left out.
+        columns: Metrics to draw.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    frame = geometry_metrics.copy()
+    frame["layer"] = [layers.get(s) for s in frame.index]
+    frame = frame.dropna(subset=["layer"])
+    if frame.empty:
+        raise ValueError("no geometry site has a layer index to plot against")
+    frame["kind"] = [_site_kind(s, l) for s, l in zip(frame.index, frame["layer"])]
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.3 * len(columns), 3.2), layout="constrained",
+                             squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for kind, group in frame.groupby("kind", sort=True):
+            group = group.sort_values("layer")
+            ax.plot(group["layer"].astype(int), group[column], marker="o", markersize=3, label=kind)
+        _integer_layers(ax)
+        ax.set_title(column, fontsize="medium")
+        ax.grid(alpha=0.3)
+        values = frame[column].to_numpy(float)
+        values = values[np.isfinite(values) & (values > 0)]
+        if column != "top1_share" and values.size and values.max() > 20 * values.min():
+            ax.set_yscale("log")  # dimensions spanning orders of magnitude (massive activations)
+    axes[0][0].legend(fontsize="x-small")
+    fig.suptitle(title)
+    return fig
+
+
+def short_site_labels(sites: Sequence[str]) -> list[str]:
+    """Site strings without the dotted prefix and suffix they all share
+    (``model.layers.3.output`` -> ``3`` when every site is a block output)."""
+    if len(sites) < 2:
+        return list(sites)
+    parts = [s.split(".") for s in sites]
+    head = 0
+    while all(len(p) > head + 1 for p in parts) and len({p[head] for p in parts}) == 1:
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 for p in parts) and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    return [".".join(p[head:len(p) - tail]) for p in parts]
+
+
+def plot_cka_heatmap(matrix: pd.DataFrame, *, title: str = "Linear CKA between sites") -> Any:
+    """A site-by-site heatmap of a symmetric similarity matrix (values in [0, 1]).
+
+    Args:
+        matrix: Square DataFrame with sites as index and columns, in depth order.
+        title: Axes title.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    labels = short_site_labels(list(matrix.index))
+    n = len(labels)
+    size = min(9.0, 3.5 + 0.18 * n)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    image = ax.imshow(matrix.to_numpy(float), vmin=0, vmax=1, cmap="magma", interpolation="nearest")
+    ticks = np.arange(n)
+    fontsize = 8 if n <= 16 else 6
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                value = matrix.iat[i, j]
+                if np.isfinite(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    ax.set_title(title)
     return fig

@@ -1,0 +1,378 @@
+"""Planning an experiment: everything that can be checked without a forward pass.
+
+:func:`plan_experiment` turns a parsed :class:`~lm_probe.experiment.Experiment` into a
+:class:`Plan`: it loads the model (its weights, to check sites against its modules), reads
+the data (:func:`lm_probe.tables.read_table`), expands site ranges and kinds and resolves
+each site, expands the probe sweep, and builds each seed's subset, splits,
+:class:`~lm_probe.ProbeRunner` (all probes of the seed on one runner, so one trace per
+batch) and consumers. Every option is tried here: scikit-learn arguments are validated,
+the gauge's operator options are run on random points of the model's width, and the
+output folder is checked. ``lm-probe run --dry-run`` prints :meth:`Plan.describe` and stops;
+:func:`lm_probe.outputs.run_plan` runs the plan.
+
+A sweep is the cartesian product of the list-valued settings of ``[probes]`` (in file
+order), for every site. A probe is named after its site and its swept settings only:
+``model.layers.3.output/mean/alpha=0.001``; with nothing swept, its name is the site.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dataset import ProbeDataset
+from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, ProbesSection, \
+    SitesSection, expand_braces, parse_layers
+from .gauge import DiffusionGauge
+from .geometry import Geometry
+from .probe import ProbeConfig
+from .runner import ProbeRunner
+from .tables import Table, class_counts, read_table
+from .trigger import Trigger
+
+__all__ = ["Plan", "SeedRun", "ProbeSpec", "plan_experiment", "RUN_FILES"]
+
+#: The files a run writes in its folder (an existing one means the folder holds a run).
+RUN_FILES = ("metrics.csv", "run.json", "report.html", "config.json", "experiment.toml")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe of the sweep: its name, site and settings (only swept ones in ``variant``)."""
+
+    name: str
+    site: str
+    settings: dict
+    variant: dict
+    config: ProbeConfig
+
+    @property
+    def variant_label(self) -> str:
+        """The swept settings as a line label (``"mean/alpha=0.001"``), ``"-"`` when nothing is swept."""
+        return "/".join(_format_setting(k, v) for k, v in self.variant.items()) or "-"
+
+
+@dataclass
+class SeedRun:
+    """Everything one seed runs: its splits, runner (with its probes) and consumers."""
+
+    seed: int
+    out: Path
+    examples: ProbeDataset
+    train: ProbeDataset
+    test: ProbeDataset
+    n_fit: int
+    runner: ProbeRunner
+    geometry: Geometry | None
+    gauge: DiffusionGauge | None
+
+
+@dataclass
+class Plan:
+    """A checked, ready-to-run experiment: nothing left to validate, no forward pass run yet."""
+
+    experiment: Experiment
+    model: Any
+    table: Table
+    sites: list[str]
+    probes: list[ProbeSpec]
+    runs: list[SeedRun]
+    overwrite: bool = False
+
+    def describe(self) -> str:
+        """What would run, for ``--dry-run`` and the log."""
+        exp, first = self.experiment, self.runs[0]
+        config = self.model._module.config
+        counts = class_counts(first.examples, self.table.label_names, exp.probes.task)
+        classes = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        lines = [
+            f"experiment: {exp.name}" + (f" ({exp.source})" if exp.source else ""),
+            f"model:      {exp.model.name} ({type(self.model._module).__name__}, "
+            f"{getattr(config, 'num_hidden_layers', '?')} layers, hidden size {getattr(config, 'hidden_size', '?')})",
+            f"data:       {self.table.description}; using {len(first.examples)}"
+            + (f" (classes {classes})" if classes else "") + f"; train {len(first.train)} "
+            f"({first.n_fit} fit, {len(first.train) - first.n_fit} validation), test {len(first.test)}; "
+            f"max_length {exp.data.max_length}, batch_size {exp.data.batch_size}",
+            f"sites:      {len(self.sites)}: {_short_list(self.sites)}",
+        ]
+        lines += self._probe_lines()
+        if first.geometry is not None:
+            g = first.geometry
+            lines.append(f"geometry:   {len(g.sites)} sites, pool {g.pool!r}, sample_limit {g.sample_limit}")
+        if first.gauge is not None:
+            g = first.gauge
+            lines.append(f"gauges:     {len(g.sites)} sites, {g.n_samples} examples, "
+                         + ", ".join(f"{k} {v}" for k, v in g.operator_kwargs.items()))
+        lines.append(f"seeds:      {list(exp.seeds)}")
+        lines.append(f"output:     {exp.out}" + (" (existing run files will be replaced)" if self.overwrite else ""))
+        return "\n".join(lines)
+
+    def _probe_lines(self) -> list[str]:
+        if not self.probes:
+            return ["probes:     none ([probes] enabled = false): one pass over the examples"]
+        swept: dict[str, list] = {}
+        for spec in self.probes:
+            for key, value in spec.variant.items():
+                swept.setdefault(key, [])
+                if value not in swept[key]:
+                    swept[key].append(value)
+        sweep = "".join(f" x {key} {values}" for key, values in swept.items())
+        control = sum(p.config.control for p in self.probes)
+        p = self.experiment.probes
+        return [f"probes:     {len(self.probes)} = {len(self.sites)} sites{sweep}"
+                + (f", {control} with a control twin" if control else "") + ", one trace per batch",
+                *(f"  {spec.name}" for spec in self.probes),
+                f"training:   num_epochs {p.num_epochs}, val_size {p.val_size}, eval_every {p.eval_every}, "
+                f"patience {p.patience}, min_delta {p.min_delta}, max_steps {p.max_steps}, backend {p.backend}"]
+
+
+def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool = True,
+                    overwrite: bool = False) -> Plan:
+    """Check everything and build every seed's runner, without any forward pass.
+
+    Args:
+        experiment: From :func:`lm_probe.experiment.load_experiment`.
+        model: An nnsight model to use instead of loading ``[model] name`` (tests, notebooks).
+        progress: Show progress bars when the plan runs.
+        overwrite: Allow an output folder that already holds a run.
+
+    Returns:
+        The :class:`Plan`; :func:`lm_probe.outputs.run_plan` runs it.
+
+    Raises:
+        ExperimentError: the output folder holds a run, the model cannot be loaded, the
+            data fails its checks, a site is unknown, or a probe or consumer option is invalid.
+    """
+    exp = experiment
+    for folder in [exp.out, *(exp.out / f"seed_{s}" for s in exp.seeds if len(exp.seeds) > 1)]:
+        _check_out(folder, overwrite)
+    table = read_table(exp.data, exp.base, exp.probes.task)  # the data first: it is quicker to read than a model
+    model = model if model is not None else _load_model(exp)
+    sites = _sites(exp.sites, model)
+    probes = _probe_specs(exp.probes, sites) if exp.probes.enabled else []
+    for spec in probes:
+        _check_estimator(spec)
+    dataset = ProbeDataset.from_texts(table.texts, table.labels, model.tokenizer, max_length=exp.data.max_length)
+    runs = [_seed_run(exp, model, dataset, sites, probes, seed, progress) for seed in exp.seeds]
+    return Plan(exp, model, table, sites, probes, runs, overwrite)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"the output folder {out} is a file; choose another out")
+    held = [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() else []
+    if held and not overwrite:
+        raise ExperimentError(f"the output folder {out} already holds a run ({', '.join(held)}); pass --overwrite "
+                              "to replace it, or choose another out (--out DIR)")
+
+
+def _load_model(exp: Experiment) -> Any:
+    import torch
+
+    from .embedded import EMBEDDED_MODELS
+    from .model import load_model
+
+    name = exp.model.name
+    folder = exp.base / name
+    source = str(folder) if name not in EMBEDDED_MODELS and folder.exists() else name
+    kwargs: dict[str, Any] = {}
+    if exp.model.dtype:
+        kwargs["dtype"] = getattr(torch, exp.model.dtype)
+    if exp.model.device:
+        kwargs["device_map"] = exp.model.device
+    if name in EMBEDDED_MODELS:
+        tried = "the embedded model"
+    elif folder.exists():
+        tried = f"the folder {folder}"
+    else:
+        tried = (f"a Hugging Face hub id (it is not an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a folder "
+                 f"{folder})")
+    try:
+        return load_model(source, **kwargs)
+    except Exception as err:  # noqa: BLE001 (hub, file and format errors all mean: this name does not load)
+        reason = " ".join(str(err).split())[:300]
+        raise ExperimentError(f"[model] name = {name!r} did not load as {tried}: {reason}") from None
+
+
+def _sites(section: SitesSection, model: Any) -> list[str]:
+    """Canonical site strings from paths (braces expanded) and kinds, each checked against the model."""
+    from .architectures import sites as sites_of_kind
+    from .sites import SiteError, resolve_sites
+
+    found: dict[str, str] = {}  # canonical site -> where it came from
+    wanted = [(s, f"paths {p!r}") for p in section.paths for s in _expanded(p, "[sites] paths")]
+    if section.kind:
+        layers = parse_layers(section.layers)
+        for kind in section.kind:
+            try:
+                wanted += [(s, f"kind {kind!r}") for s in sites_of_kind(model, kind, layers)]
+            except ValueError as err:
+                raise ExperimentError(f"[sites] kind = {kind!r}, layers = {section.layers!r}: {err}") from None
+    elif section.layers != "all":
+        raise ExperimentError("[sites] layers applies to kind; with paths, write the layers in the path "
+                              "('model.layers.{0..29}.output')")
+    for spec, origin in wanted:
+        try:
+            site = resolve_sites(model._module, [spec])[spec]
+        except SiteError as err:
+            raise ExperimentError(f"[sites] {err}") from None
+        if site.name in found:
+            raise ExperimentError(f"[sites] site {site.name!r} is listed twice ({found[site.name]} and {origin}); "
+                                  "list each site once")
+        found[site.name] = origin
+    return list(found)
+
+
+def _expanded(pattern: str, where: str) -> list[str]:
+    try:
+        return expand_braces(pattern)
+    except ExperimentError as err:
+        raise ExperimentError(f"{where}: {err}") from None
+
+
+def _probe_specs(section: ProbesSection, sites: list[str]) -> list[ProbeSpec]:
+    """The sweep: per site, one probe per combination of list-valued settings (file order)."""
+    axes = [(k, _values(getattr(section, k))) for k in SWEEPABLE] + list(section.estimator)
+    keys = [k for k, _ in axes]
+    swept = [k for k, values in axes if len(values) > 1]
+    specs = []
+    for site in sites:
+        for combo in itertools.product(*[values for _, values in axes]):
+            settings = dict(zip(keys, combo))
+            variant = {k: settings[k] for k in swept}
+            name = "/".join([site, *(_format_setting(k, v) for k, v in variant.items())])
+            own = {k: settings[k] for k in SWEEPABLE}
+            estimator = {k: _toml_to_python(settings[k]) for k, _ in section.estimator}
+            try:
+                config = ProbeConfig(site, pool=own["pool"], head=own["head"], task=section.task, name=name,
+                                     control=own["control"], standardize=own["standardize"],
+                                     hidden_size=own["hidden_size"], **estimator)
+            except (TypeError, ValueError) as err:
+                raise ExperimentError(f"[probes] {err}") from None
+            specs.append(ProbeSpec(name, site, settings, variant, config))
+    return specs
+
+
+def _values(value: Any) -> tuple:
+    """The values of a setting: a sweep's tuple, or a single value."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _toml_to_python(value: Any) -> Any:
+    """TOML values for scikit-learn: a table of class weights gets integer keys."""
+    if isinstance(value, dict):
+        return {int(k) if re.fullmatch(r"-?\d+", k) else k: v for k, v in value.items()}
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _format_setting(key: str, value: Any) -> str:
+    if key == "pool":
+        return str(value)
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+
+
+def _check_estimator(spec: ProbeSpec) -> None:
+    """scikit-learn checks argument values only when fitting: check them now, before any forward."""
+    estimator = spec.config.estimator(**spec.config.probe_kwargs)
+    validate = getattr(estimator, "_validate_params", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except ValueError as err:
+        raise ExperimentError(f"[probes] probe {spec.name!r}: {err}") from None
+
+
+class _OnePassGeometry(Geometry):
+    """Geometry over the training examples once, even when the probes train for several epochs."""
+
+    def reset(self) -> None:
+        super().reset()
+        self._passed = False
+
+    @property
+    def active(self) -> bool:
+        return not self._passed
+
+    def on_event(self, event: str, step: int, epoch: int) -> None:
+        if event in ("epoch_end", "end"):
+            self._passed = True
+
+
+def _seed_run(exp: Experiment, model: Any, dataset: ProbeDataset, sites: list[str], probes: list[ProbeSpec],
+              seed: int, progress: bool) -> SeedRun:
+    """One seed's subset, splits, runner and consumers (every option checked here)."""
+    n = len(dataset)
+    if exp.data.n_examples > n:
+        raise ExperimentError(f"[data] n_examples = {exp.data.n_examples} but the data has {n} rows; lower it, "
+                              "or use 0 for all rows")
+    index = np.arange(n) if exp.data.n_examples in (0, n) else np.sort(
+        np.random.default_rng(seed).permutation(n)[:exp.data.n_examples])
+    examples = dataset.subset(index)
+    try:
+        train, test = examples.tt_split(exp.data.test_size, seed=seed)
+        fit = train.tt_split(exp.probes.val_size, seed=seed)[0] if probes and exp.probes.val_size else train
+    except ValueError as err:
+        raise ExperimentError(f"[data] {err}") from None
+    if probes and not exp.probes.task == "regression" and len(train.classes) < 2:
+        raise ExperimentError(f"[data] the training set has a single class {train.classes.tolist()}; a probe needs "
+                              "at least two")
+    geometry = _geometry(exp.geometry, sites, seed) if exp.geometry else None
+    gauge = _gauge(exp.gauges, sites, seed, fit if probes else examples, model) if exp.gauges else None
+    consumers = [c for c in (geometry, gauge) if c is not None]
+    if not probes and not consumers:
+        raise ExperimentError("nothing to run: [probes] enabled = false and no [geometry] or [gauges] table")
+    try:
+        runner = ProbeRunner(model, [p.config for p in probes], consumers=consumers, seed=seed, progress=progress,
+                             backend=exp.probes.backend)
+    except ValueError as err:
+        raise ExperimentError(str(err)) from None
+    out = exp.out if len(exp.seeds) == 1 else exp.out / f"seed_{seed}"
+    return SeedRun(seed, out, examples, train, test, len(fit), runner, geometry, gauge)
+
+
+def _consumer_sites(section: Any, sites: list[str], table: str) -> list[str]:
+    if section.sites is None:
+        return list(sites)
+    return [s for p in section.sites for s in _expanded(p, f"[{table}] sites")]
+
+
+def _geometry(section: GeometrySection, sites: list[str], seed: int) -> Geometry:
+    try:
+        return _OnePassGeometry(_consumer_sites(section, sites, "geometry"), pool=section.pool,
+                                sample_limit=section.sample_limit, novelty_k=section.novelty_k, seed=seed,
+                                sketch_rank=section.sketch_rank)
+    except ValueError as err:
+        raise ExperimentError(f"[geometry] {err}") from None
+
+
+def _gauge(section: GaugesSection, sites: list[str], seed: int, data: ProbeDataset, model: Any) -> DiffusionGauge:
+    """The gauge, with its operator options tried on random points of the model's width (no forward)."""
+    from .diffusion import diffuse
+
+    options = dict(knn=section.knn, alpha=section.alpha, normalization=section.normalization,
+                   n_eigs=section.n_eigs, bandwidth=section.bandwidth, sparse=section.sparse,
+                   self_loops=section.self_loops, n_pca=section.n_pca, t=section.t)
+    try:
+        gauge = DiffusionGauge(_consumer_sites(section, sites, "gauges"), n_samples=section.n_samples, seed=seed,
+                               pool=section.pool, trigger=Trigger(on_end=True), keep_operators=False, **options)
+        if section.n_samples > len(data):
+            raise ValueError(f"n_samples = {section.n_samples} but the gauge draws from {len(data)} examples (the "
+                             "training examples the probes fit on, or all examples without probes); lower n_samples")
+        hidden = int(getattr(model._module.config, "hidden_size", 8))
+        n_try = min(section.n_samples, max(64, section.knn + 1, section.n_pca or 0))  # small, yet every check applies
+        diffuse(np.random.default_rng(0).normal(size=(n_try, hidden)), **options)
+    except ValueError as err:
+        raise ExperimentError(f"[gauges] {err}") from None
+    return gauge
+
+
+def _short_list(items: list[str], head: int = 3) -> str:
+    return ", ".join(items) if len(items) <= 2 * head else \
+        ", ".join(items[:head]) + f", ... ({len(items) - 2 * head} more), " + ", ".join(items[-head:])
