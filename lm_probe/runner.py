@@ -34,7 +34,7 @@ from .control import control_targets, label_distribution
 from .dataset import IGNORE
 from .probe import Probe, ProbeConfig
 from .sites import Site, resolve_sites
-from .trace import read_pooled
+from .trace import model_device, read_pooled
 
 __all__ = ["ProbeRunner"]
 
@@ -95,7 +95,8 @@ class ProbeRunner:
         self.configs = list(configs)
         self._check_names(self.configs)
         self.probes: dict[str, Probe] = _probes_for(self.configs, seed)
-        self.bank = _bank_for(self.probes, backend, device if device is not None else _device(model, trace_kwargs))
+        device = device if device is not None else model_device(model, trace_kwargs.get("remote"))
+        self.bank = _bank_for(self.probes, backend, device)
         self.consumers: list[Consumer] = list(consumers)
         specs = [spec for c in self.all_consumers for spec in c.site_specs()]
         self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
@@ -532,16 +533,6 @@ def _bank_for(probes: dict[str, Probe], backend: str, device: torch.device) -> P
     if others:
         logger.info("backend='torch' trains linear classifiers; {} stay on scikit-learn: {}", len(others), others)
     return ProbeBank(banked, device) if banked else None
-
-
-def _device(model: Any, trace_kwargs: dict[str, Any]) -> torch.device:
-    """The model's device (the CPU for remote execution, whose results come back to the host)."""
-    if trace_kwargs.get("remote"):
-        return torch.device("cpu")
-    try:
-        return next(model._module.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from .pooling import pool
 from .sites import Site
 
-__all__ = ["read_pooled", "model_inputs"]
+__all__ = ["read_pooled", "model_inputs", "model_device"]
 
 
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -99,7 +99,7 @@ def read_pooled(
     )
     if not plan:
         return {}
-    device = torch.device("cpu") if trace_kwargs.get("remote") else _device(model)  # a remote model may be on meta
+    device = model_device(model, trace_kwargs.get("remote"))
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in model_inputs(model, input_ids, attention_mask).items()}
     mask = inputs["attention_mask"]
@@ -125,7 +125,12 @@ def _merge_same_site(wanted: dict[Site, set[str]]) -> dict[Site, set[str]]:
     return merged
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any, remote: Any = False) -> torch.device:
+    """Where a batch's inputs and pooled activations live: the model's device, or the CPU
+    for remote execution (a remote model may sit on the meta device; results come back
+    to the host)."""
+    if remote:
+        return torch.device("cpu")
     try:
         return next(model._module.parameters()).device
     except StopIteration:  # a parameterless module: keep inputs where they are
