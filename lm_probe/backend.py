@@ -274,7 +274,8 @@ class ProbeBank(Consumer):
         targets = [g.probes[k].targets(batch) for k in idx]
         masks = np.stack([_labeled(y) for y in targets])  # (P, rows)
         requests = list(dict.fromkeys(g.probes[k].requests[0] for k in idx))
-        which = torch.as_tensor([requests.index(g.probes[k].requests[0]) for k in idx], device=self.device)
+        slot = np.array([requests.index(g.probes[k].requests[0]) for k in idx])
+        which = torch.as_tensor(slot, device=self.device)
         X = torch.stack([batch.tensor(r, self.device) for r in requests])[which].float()  # (P, rows, hidden)
         mask = torch.as_tensor(masks, device=self.device)
         finite = torch.isfinite(X).all(-1) | ~mask
@@ -287,12 +288,18 @@ class ProbeBank(Consumer):
         keep = ~bad & has_rows
         if not keep.any():
             return
-        idx, X, mask, masks = idx[keep], X[keep], mask[keep], masks[keep]
+        idx, X, mask, masks, slot = idx[keep], X[keep], mask[keep], masks[keep], slot[keep]
         targets = [t for t, k in zip(targets, keep) if k]
         it = torch.as_tensor(idx, device=self.device)
 
-        # standardization: fold this batch's labeled rows into each probe's float64 moments
-        moments = [masked_moments(X[j], mask[j]) for j in range(len(idx))]
+        # standardization: fold this batch's labeled rows into each probe's float64 moments;
+        # probes on the same activations and rows (a sweep, a control twin) share the batch's
+        shared: dict[tuple, tuple] = {}
+        for j in range(len(idx)):
+            key = (slot[j], masks[j].tobytes())
+            if key not in shared:
+                shared[key] = masked_moments(X[j], mask[j])
+        moments = [shared[(slot[j], masks[j].tobytes())] for j in range(len(idx))]
         n_b, mean_b, m2_b = (torch.stack(m) for m in zip(*moments))
         n_a, mean_a, m2_a = g.n[it], g.mean[it], g.m2[it]
         n = n_a + n_b
