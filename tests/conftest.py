@@ -53,3 +53,15 @@ def count_calls(module):
 
     handle = module.register_forward_pre_hook(hook)
     return calls, handle
+
+
+def tiny_experiment_folder(root, *, family="llama", layers=2, n=60, seed=0, text_column="text"):
+    """A folder as experiment files use it: a tiny saved model in ``tiny/`` and toy labeled
+    texts in ``toy.csv``. Returns ``(texts, labels)``."""
+    import pandas as pd
+
+    tiny_model(family, layers=layers, hidden=32, seed=0).save_pretrained(root / "tiny")
+    tiny_tokenizer().save_pretrained(root / "tiny")
+    texts, labels = toy_texts(n, seed=seed)
+    pd.DataFrame({text_column: texts, "label": labels}).to_csv(root / "toy.csv", index=False)
+    return texts, labels

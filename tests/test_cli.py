@@ -13,7 +13,8 @@ import torch
 
 from lm_probe.cli import _parser, main
 from lm_probe.experiment import SCHEMA, ExperimentError
-from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
+
+from conftest import tiny_experiment_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "experiment.toml"
@@ -35,10 +36,7 @@ num_epochs = 1
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tiny_model("llama", layers=2, hidden=32, seed=0).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    texts, labels = toy_texts(60, seed=4)
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(root / "toy.csv", index=False)
+    tiny_experiment_folder(root, family="llama", layers=2, n=60, seed=4)
     (root / "exp.toml").write_text(EXPERIMENT)
     (root / "typo.toml").write_text(EXPERIMENT.replace("num_epochs", "num_epoch"))
     return root

@@ -16,7 +16,9 @@ from lm_probe.outputs import cka_matrix, run_plan
 from lm_probe.plan import plan_experiment
 from lm_probe.tables import read_table
 from lm_probe.spectra import linear_cka
-from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
+from lm_probe.testing import toy_texts
+
+from conftest import tiny_experiment_folder
 
 BATCH = 32
 
@@ -28,10 +30,7 @@ def workdir(tmp_path_factory):
     import datasets
 
     root = tmp_path_factory.mktemp("experiment")
-    tiny_model("llama", layers=4, hidden=32, seed=0).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    texts, labels = toy_texts(120, seed=1)
-    pd.DataFrame({"review": texts, "label": labels}).to_csv(root / "toy.csv", index=False)
+    texts, labels = tiny_experiment_folder(root, family="llama", layers=4, n=120, seed=1, text_column="review")
     (root / "toy.jsonl").write_text("".join(json.dumps({"review": t, "label": int(y)}) + "\n"
                                             for t, y in zip(texts, labels)))
     datasets.Dataset.from_dict({"review": texts, "label": labels.tolist()}).save_to_disk(str(root / "toy_saved"))

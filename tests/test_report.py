@@ -16,7 +16,8 @@ from lm_probe.experiment import load_experiment
 from lm_probe.outputs import run_plan
 from lm_probe.plan import plan_experiment
 from lm_probe.report import load_run, render_report, write_report
-from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
+
+from conftest import tiny_experiment_folder
 
 EXPERIMENT = """
 name = "tiny report"
@@ -43,13 +44,8 @@ N_FIGURES = 5  # accuracy and selectivity, spectrum metrics, CKA heatmap, diffus
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    import pandas as pd
-
     root = tmp_path_factory.mktemp("report")
-    tiny_model("gpt2", layers=3, hidden=32, seed=0).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    texts, labels = toy_texts(80, seed=3)
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(root / "toy.csv", index=False)
+    tiny_experiment_folder(root, family="gpt2", layers=3, n=80, seed=3)
     (root / "exp.toml").write_text(EXPERIMENT)
     run_plan(plan_experiment(load_experiment(root / "exp.toml"), progress=False))
     return root / "run"
