@@ -143,6 +143,16 @@ def quality(model, train, test, layers):
     return rows
 
 
+def ratio_table(seconds: dict[str, list[float]], base: str) -> list[dict]:
+    """Median seconds and median (min-max) ratio to ``base`` of the same repetition, per run."""
+    table = []
+    for k, values in seconds.items():
+        ratios = [v / b for v, b in zip(values, seconds[base])]
+        table.append({"run": k, "median_s": statistics.median(values), "ratio": statistics.median(ratios),
+                      "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model")
@@ -178,12 +188,7 @@ def main() -> None:
     for _ in range(args.reps):  # interleaved repetitions
         for k, fn in runs.items():
             seconds[k].append(timed(fn))
-    base = seconds["bare forward"]
-    table = []
-    for k, values in seconds.items():
-        ratios = [v / b for v, b in zip(values, base)]
-        table.append({"run": k, "median_s": statistics.median(values), "ratio": statistics.median(ratios),
-                      "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    table = ratio_table(seconds, "bare forward")
     speedup = statistics.median([nv / ov for nv, ov in zip(seconds["naive: 5 full forwards per batch"],
                                                              seconds["5 probes (deepest = last layer)"])])
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

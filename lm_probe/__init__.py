@@ -15,6 +15,7 @@ from .geometry import Geometry, GeometryResults
 from .lens import LogitLens
 from .model import load_model
 from .probe import IGNORE, LinearProbe, Probe, ProbeConfig
+from .replay import Cache
 from .runner import ProbeRunner
 from .sites import Site, SiteError
 from .store import ActivationStore
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationStore",
     "Architecture",
+    "Cache",
     "Consumer",
     "DiffusionGauge",
     "EarlyStopping",

@@ -42,7 +42,6 @@ from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
 from .consumer import Consumer, PooledBatch, Request
-from .early_stopping import StopReason
 from .probe import Probe, _labeled, asgd_weight
 
 __all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
@@ -277,18 +276,16 @@ class ProbeBank(Consumer):
         slot = np.array([requests.index(g.probes[k].requests[0]) for k in idx])
         which = torch.as_tensor(slot, device=self.device)
         X = torch.stack([batch.tensor(r, self.device) for r in requests])[which].float()  # (P, rows, hidden)
+        finite = torch.isfinite(X).all(-1).cpu().numpy()  # (P, rows): the non-finite policy, per probe
+        for j, k in enumerate(idx):
+            g.probes[k].count_nonfinite(batch, masks[j] & ~finite[j])
+        masks = masks & finite
         mask = torch.as_tensor(masks, device=self.device)
-        finite = torch.isfinite(X).all(-1) | ~mask
-        bad = (~finite.all(1)).cpu().numpy()
-        for k in idx[bad]:
-            logger.warning("probe {!r}: non-finite activations at step {}; stopping it",
-                           g.probes[k].name, g.probes[k].n_steps_)
-            g.probes[k]._stop(StopReason.NON_FINITE)
-        has_rows = masks.any(1)
-        keep = ~bad & has_rows
+        keep = masks.any(1)
         if not keep.any():
             return
         idx, X, mask, masks, slot = idx[keep], X[keep], mask[keep], masks[keep], slot[keep]
+        X = torch.where(mask[..., None], X, torch.zeros((), dtype=X.dtype, device=X.device))  # no NaN in the sums
         targets = [t for t, k in zip(targets, keep) if k]
         it = torch.as_tensor(idx, device=self.device)
 

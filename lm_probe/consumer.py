@@ -22,6 +22,18 @@ changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
 * ``site_specs()``: every site the consumer may read, checked against the model when
   the runner is built, and again after ``start()``, where a consumer may add sites that
   depend on the model (by default the sites of ``requests``).
+
+Two rules hold for every consumer:
+
+* **Each example once per pass.** ``collect`` is one pass. In ``fit_probes`` the model
+  runs once per training example, in the first epoch, and every consumer sees that
+  epoch; later epochs replay the pooled rows to the probes alone (see
+  :mod:`lm_probe.replay`). So nothing but a probe's training can depend on the number
+  of epochs: row counts, stored rows and samples are those of one pass.
+* **One non-finite policy.** A row with a non-finite value (NaN, inf) is left out by
+  whatever reads it, and counted: :func:`finite_rows` is the test, and each consumer
+  reports its count (``n_nonfinite_``) and warns with the site's name. A consumer that
+  pairs rows across sites leaves a row out at every site.
 """
 
 from __future__ import annotations
@@ -33,13 +45,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "HostArrays"]
+__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "HostArrays", "finite_rows"]
 
 Request = tuple[str, str]  #: (site spec as written, pooling name)
 
 
 class NotComputedError(RuntimeError):
     """``compute()`` or a prediction was asked for before any data was seen."""
+
+
+def finite_rows(X: Any) -> np.ndarray:
+    """``(rows,)`` bool: the rows of ``X (rows, hidden)`` whose values are all finite
+    (the one test of the non-finite policy; works on numpy arrays and torch tensors)."""
+    if isinstance(X, torch.Tensor):
+        return torch.isfinite(X).all(-1).cpu().numpy()
+    X = np.asarray(X)
+    return np.isfinite(X).all(-1) if X.ndim > 1 else np.isfinite(X)
 
 
 class HostArrays(Mapping):
@@ -77,6 +98,8 @@ class PooledBatch:
         index: ``(batch,)`` dataset positions of the examples.
         n_tokens: ``(batch,)`` number of real tokens per example.
         token_labels: Token tasks: labels of the token rows (``pool="none"`` order).
+        example_ids: ``(batch,)`` stable ids of the examples (``ProbeDataset.example_ids``),
+            for consumers whose state must not depend on the order rows arrive in.
     """
 
     acts: Mapping[Request, np.ndarray]
@@ -86,6 +109,21 @@ class PooledBatch:
     index: np.ndarray | None = None
     n_tokens: np.ndarray | None = field(default=None, repr=False)
     token_labels: np.ndarray | None = field(default=None, repr=False)
+    example_ids: np.ndarray | None = field(default=None, repr=False)
+
+    def row_ids(self, token: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(example id, token position)`` of every row: one row per example
+        (position 0), or every real token (``token=True``, the ``pool="none"`` order).
+        Without ``example_ids`` the dataset positions (``index``) stand in."""
+        ids = self.example_ids if self.example_ids is not None else self.index
+        if ids is None:
+            raise ValueError("this batch has neither example_ids nor index to identify its rows")
+        ids = np.asarray(ids, np.int64)
+        if not token:
+            return ids, np.zeros(len(ids), np.int64)
+        counts = np.asarray(self.n_tokens, np.int64)
+        starts = np.cumsum(counts) - counts
+        return np.repeat(ids, counts), np.arange(int(counts.sum())) - np.repeat(starts, counts)
 
     def tensor(self, key: Request, device: torch.device | str | None = None) -> torch.Tensor:
         """The activations of ``key`` as a torch tensor (on ``device`` if given), without a
@@ -114,7 +152,8 @@ class PooledBatch:
         labels = None if self.labels is None else self.labels[:touched]
         index = None if self.index is None else self.index[:touched]
         token_labels = None if self.token_labels is None else self.token_labels[:budget]
-        return PooledBatch(cut, labels, self.step, self.epoch, index, tokens, token_labels)
+        ids = None if self.example_ids is None else self.example_ids[:touched]
+        return PooledBatch(cut, labels, self.step, self.epoch, index, tokens, token_labels, ids)
 
 
 class Consumer:

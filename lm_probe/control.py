@@ -4,21 +4,31 @@ A probe's accuracy says little on its own: a flexible probe can memorize. Its tw
 trained on *control* labels, in the same pass on the same activations, and the gap
 (``selectivity`` = task accuracy - control accuracy) is what the representation adds.
 
-* Token tasks: each word type gets a fixed random label drawn from the task's label
-  distribution, the same wherever the word occurs (in training or test).
-* Sequence tasks: the labels of each split are permuted once with the seed.
+A :class:`ControlTask` is built once per ``fit_probes`` from the fit split's label
+distribution and gives the control labels of any split (fit, validation, test):
+
+* Token tasks: each word type (lower-cased) gets a fixed label drawn from the
+  distribution, the same wherever the word occurs, so a test word seen in training keeps
+  its control label.
+* Sequence tasks: each example gets a fixed label drawn from the distribution, keyed by
+  its ``example_id`` (kept through ``subset`` and ``tt_split``), so an example has the
+  same control label in every split, batch order and run.
+
+The labels are functions of the seed and the key (word type or example id) alone: there
+is no cache, so no split can receive another split's labels.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
 from .dataset import IGNORE, ProbeDataset
+from .hashing import hash_uniform
 
-__all__ = ["control_sequence_labels", "control_token_labels", "label_distribution"]
+__all__ = ["ControlTask", "control_sequence_labels", "control_token_labels", "label_distribution"]
 
 
 def label_distribution(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,9 +38,22 @@ def label_distribution(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, counts / counts.sum()
 
 
-def control_sequence_labels(labels: np.ndarray, seed: int) -> np.ndarray:
-    """The labels permuted once with ``seed``."""
-    return np.asarray(labels)[np.random.default_rng(seed).permutation(len(labels))]
+def control_sequence_labels(example_ids: np.ndarray, classes: np.ndarray, probs: np.ndarray,
+                            seed: int) -> np.ndarray:
+    """One control label per example: a draw from ``(classes, probs)`` keyed by its id.
+
+    Args:
+        example_ids: ``(n,)`` integer ids.
+        classes: ``(k,)`` labels.
+        probs: ``(k,)`` their probabilities.
+        seed: Seed of the draw.
+
+    Returns:
+        ``(n,)`` int64 labels; the same id always gets the same label for the same seed.
+    """
+    u = hash_uniform(seed, np.asarray(example_ids, np.int64))
+    pick = np.searchsorted(np.cumsum(probs), u, side="right").clip(max=len(classes) - 1)
+    return np.asarray(classes, np.int64)[pick]
 
 
 def control_token_labels(data: ProbeDataset, classes: np.ndarray, probs: np.ndarray,
@@ -42,14 +65,14 @@ def control_token_labels(data: ProbeDataset, classes: np.ndarray, probs: np.ndar
     """
     if data.token_words is None:
         raise ValueError("control tasks for token labels need the words: build the data with from_tagged")
-    cache: dict[str, int] = {}
+    drawn: dict[str, int] = {}  # within this call only: a word's draw is a pure function of it
 
     def draw(word: str) -> int:
         key = word.lower()
-        if key not in cache:
+        if key not in drawn:
             rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-            cache[key] = int(rng.choice(classes, p=probs))
-        return cache[key]
+            drawn[key] = int(rng.choice(classes, p=probs))
+        return drawn[key]
 
     out = []
     for labels, words in zip(data.token_labels, data.token_words):
@@ -57,8 +80,49 @@ def control_token_labels(data: ProbeDataset, classes: np.ndarray, probs: np.ndar
     return out
 
 
-def control_targets(data: ProbeDataset, token: bool, classes: Sequence[int], probs: np.ndarray, seed: int):
-    """Control targets for a split, indexed like the split (array or list of arrays)."""
-    if token:
-        return control_token_labels(data, np.asarray(classes), probs, seed)
-    return control_sequence_labels(data.labels, seed)
+class ControlTask:
+    """The control labels of one fit, for any split.
+
+    Args:
+        token: Token task (labels per word type) or sequence task (per example id).
+        classes: ``(k,)`` labels of the fit split.
+        probs: ``(k,)`` their shares in the fit split.
+        seed: The runner's seed.
+    """
+
+    def __init__(self, token: bool, classes: Any, probs: Any, seed: int) -> None:
+        self.token, self.seed = bool(token), int(seed)
+        self.classes, self.probs = np.asarray(classes, np.int64), np.asarray(probs, np.float64)
+
+    @classmethod
+    def for_fit(cls, fit: ProbeDataset, seed: int) -> "ControlTask":
+        """The control task of a fit split: its label distribution (of labeled tokens)."""
+        token = fit.is_token_level
+        classes, probs = label_distribution(fit.flat_token_labels() if token else fit.labels)
+        return cls(token, classes, probs, seed)
+
+    def labels(self, data: ProbeDataset) -> np.ndarray | list[np.ndarray]:
+        """Control labels of ``data``, indexed like it: ``(n,)`` for sequence tasks, one
+        array per example (``IGNORE`` where the task has no label) for token tasks."""
+        if self.token:
+            return control_token_labels(data, self.classes, self.probs, self.seed)
+        return control_sequence_labels(data.example_ids, self.classes, self.probs, self.seed)
+
+    def flat_labels(self, data: ProbeDataset) -> np.ndarray:
+        """Control labels in the row order of the probe's pooled activations."""
+        labels = self.labels(data)
+        return np.concatenate(labels) if self.token else labels
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (see :meth:`from_dict`)."""
+        return {"token": self.token, "classes": self.classes.tolist(), "probs": self.probs.tolist(),
+                "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], seed: int | None = None) -> "ControlTask":
+        """Rebuild from :meth:`to_dict` (``seed`` for files written before it was stored)."""
+        return cls(d["token"], d["classes"], d["probs"], d.get("seed", seed if seed is not None else 0))
+
+    def __repr__(self) -> str:
+        kind = "token" if self.token else "sequence"
+        return f"ControlTask({kind}, classes={self.classes.tolist()}, seed={self.seed})"

@@ -149,6 +149,11 @@ class ProbesSection:
                             help="smallest validation-loss improvement that counts")
     warmup_steps: int = _key(0, types=(int,), minimum=0, help="no early stop before this many steps")
     max_steps: int | None = _key(None, types=(int,), minimum=1, help="training steps per probe at most")
+    cache: bool = _key(True, types=(bool,), help="trace each training example once and replay its pooled rows to "
+                                                  "the probes in later epochs (false: trace every epoch)")
+    cache_budget_mib: int = _key(2048, types=(int,), minimum=0,
+                                 help="MiB of replayed rows held in memory; the rest spill to memory-mapped files")
+    cache_dir: str = _key("", types=(str,), help="folder for spilled rows ('': the system's temporary folder)")
     save: bool = _key(True, types=(bool,), help="save the trained probes in probes/ (JSON + npz)")
     backend: str = _key("sklearn", types=(str,), choices=("sklearn", "torch"),
                         help="'sklearn' (each probe's own partial_fit) or 'torch' (all linear classifiers in one "

@@ -3,15 +3,22 @@
 A :class:`Geometry` is a consumer. It reads its sites from the same one trace per batch
 as the probes (a site used by both is read once), and keeps, per site, float64 running
 moments (count, mean, scatter matrix, merged with Chan's formula), a seeded uniform
-reservoir sample of rows, and, per consecutive pair of sites, the cross co-moment and
+sample of rows, and, per consecutive pair of sites, the cross co-moment and
 the sum of row cosines. Memory depends on the hidden sizes and ``sample_limit``, never
 on the number of tokens. ``compute()`` turns the moments into the metrics of
 :mod:`lm_probe.spectra`.
 
 With ``pool="none"`` every real (non-padding) token is a row; with any other pooling
 each example is one row. Rows with a non-finite value at any of the sites are counted
-and left out (at every site, so rows stay paired). Two Geometry objects fed disjoint
-data merge into one equal to a single pass (the reservoir stays uniform).
+and left out (at every site, so rows stay paired).
+
+The sample is a bottom-k sample: each row gets a key that is a seeded hash of its
+identity (example id, and token position for ``pool="none"``;
+:func:`lm_probe.hashing.hash_uniform`), and the ``sample_limit`` rows with the smallest
+keys are kept. Every row is equally likely to be kept, and the sample depends on which
+rows were seen, never on their order or batching: a shuffled training epoch and an
+in-order ``collect`` of the same examples give the same sample, and two Geometry objects
+fed disjoint data merge into exactly the sample of one pass.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, PooledBatch
+from .consumer import Consumer, NotComputedError, PooledBatch, finite_rows
+from .hashing import hash_uniform
 from .pooling import check_pool
 from .sketch import fd_eigh, fd_shrink
 from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
@@ -69,9 +77,9 @@ class Geometry(Consumer):
         sites: Site strings, e.g. ``[f"model.layers.{i}.output" for i in range(30)]``;
             novelty is reported for consecutive sites in this order.
         pool: ``"none"`` (every real token a row) or a pooling (one row per example).
-        sample_limit: Rows kept in the seeded reservoir sample for sample metrics.
+        sample_limit: Rows kept in the seeded sample for sample metrics.
         novelty_k: Dimension of the top-k covariance subspaces compared by novelty.
-        seed: Seed of the reservoir.
+        seed: Seed of the sample's keys.
         sketch_rank: Keep a Frequent Directions sketch of this rank instead of the dense
             ``(D, D)`` scatter (for wide models); CKA then comes from the sample.
 
@@ -107,7 +115,7 @@ class Geometry(Consumer):
         self._cross: dict[tuple[str, str], tuple] = {}
         self._cos_sum = dict.fromkeys(self.pairs, 0.0)
         self._sample: dict[str, np.ndarray] = {}
-        self._rng = np.random.default_rng(self.seed)
+        self._keys = np.zeros(0)  # the sample's keys, ascending; row i of every site's sample
         self._updated = False
         self._result: GeometryResults | None = None
         self._started = time.perf_counter()
@@ -130,12 +138,15 @@ class Geometry(Consumer):
         n_rows = {r.shape[0] for r in rows.values()}
         if len(n_rows) != 1:
             raise ValueError(f"sites gave different row counts {sorted(n_rows)}; rows must pair up")
-        finite = np.logical_and.reduce([np.isfinite(r).all(1) for r in rows.values()])
+        by_site = {s: finite_rows(r) for s, r in rows.items()}
+        finite = np.logical_and.reduce(list(by_site.values()))
+        keys = self._row_keys(batch, len(finite))
         if not finite.all():
             bad = int((~finite).sum())
             self.n_nonfinite_ += bad
-            logger.warning("Geometry: {} rows with non-finite activations left out (at every site)", bad)
-            rows = {s: r[finite] for s, r in rows.items()}
+            where = [s for s, ok in by_site.items() if not ok.all()]
+            logger.warning("Geometry: {} rows with non-finite activations at {} left out (at every site)", bad, where)
+            rows, keys = {s: r[finite] for s, r in rows.items()}, keys[finite]
         self.n_examples_ += len(batch.labels) if batch.labels is not None else 0
         self.n_tokens_ += int(np.sum(batch.n_tokens)) if batch.n_tokens is not None else 0
         self._updated, self._result = True, None
@@ -153,7 +164,12 @@ class Geometry(Consumer):
                 state = comoment_batch(rows[a], rows[b])
                 self._cross[(a, b)] = comoment_merge(*self._cross[(a, b)], *state) if (a, b) in self._cross else state
             self._cos_sum[(a, b)] += float(np.sum(_row_cosines(rows[a], rows[b])))
-        self._reservoir(rows, self.n_rows_)
+        if len(self._keys) == self.sample_limit:  # full: only rows with a smaller key than the largest enter
+            enter = keys < self._keys[-1]
+            rows, keys = {s: x[enter] for s, x in rows.items()}, keys[enter]
+        if len(keys):
+            self._keep_smallest({s: np.vstack([self._sample[s], x]) if s in self._sample else x
+                                 for s, x in rows.items()}, np.concatenate([self._keys, keys]))
         self.n_rows_ += n
         self._runtime = time.perf_counter() - self._started
 
@@ -171,25 +187,20 @@ class Geometry(Consumer):
         old = self._sketch.get(site, np.zeros((0, x.shape[1])))
         self._sketch[site] = fd_shrink(np.vstack([old, extra]), self.sketch_rank)
 
-    def _reservoir(self, rows: dict[str, np.ndarray], seen: int) -> None:
-        """Algorithm R over the stream of rows, the same slots for every site."""
-        n = next(iter(rows.values())).shape[0]
-        t = seen + np.arange(n)
-        slot = np.where(t < self.sample_limit, t, self._rng.integers(0, t + 1))
-        keep = slot < self.sample_limit
-        src, dst = np.nonzero(keep)[0], slot[keep]
-        last = {d: s for s, d in zip(src, dst)}  # a later row replaces an earlier one in the same slot
-        src, dst = np.array(list(last.values()), int), np.array(list(last.keys()), int)
-        for s, x in rows.items():
-            buf = self._sample.get(s)
-            size = min(self.sample_limit, seen + n)
-            if buf is None or buf.shape[0] < size:
-                grown = np.zeros((size, x.shape[1]))
-                if buf is not None:
-                    grown[: buf.shape[0]] = buf
-                buf = grown
-            buf[dst] = x[src]
-            self._sample[s] = buf
+    def _row_keys(self, batch: PooledBatch, n_rows: int) -> np.ndarray:
+        """The sample keys of a batch's rows: a seeded hash of (example id, token position)."""
+        if batch.example_ids is None and batch.index is None:  # rows identified by their place in the stream
+            return hash_uniform(self.seed, self.n_rows_ + self.n_nonfinite_ + np.arange(n_rows), -1)
+        ids, positions = batch.row_ids(self.pool == "none")
+        if len(ids) != n_rows:
+            raise ValueError(f"the batch has {n_rows} rows but identifies {len(ids)}")
+        return hash_uniform(self.seed, ids, positions)
+
+    def _keep_smallest(self, rows: dict[str, np.ndarray], keys: np.ndarray) -> None:
+        """Keep the ``sample_limit`` rows with the smallest keys, in key order, at every site."""
+        order = np.argsort(keys, kind="stable")[: self.sample_limit]
+        self._keys = keys[order]
+        self._sample = {s: np.asarray(x, np.float64)[order] for s, x in rows.items()}
 
     def merge(self, other: "Geometry") -> "Geometry":
         """Fold in another Geometry (same settings) that saw disjoint data; returns ``self``."""
@@ -216,7 +227,7 @@ class Geometry(Consumer):
                 self._cross[pair] = (comoment_merge(*self._cross[pair], *other._cross[pair])
                                      if pair in self._cross else other._cross[pair])
             self._cos_sum[pair] += other._cos_sum[pair]
-        self._merge_reservoir(other)
+        self._merge_sample(other)
         self.n_rows_ += other.n_rows_
         self.n_examples_ += other.n_examples_
         self.n_tokens_ += other.n_tokens_
@@ -226,19 +237,15 @@ class Geometry(Consumer):
         self._result = None
         return self
 
-    def _merge_reservoir(self, other: "Geometry") -> None:
-        """A uniform sample of the union: the count from each side is hypergeometric."""
-        n_a, n_b = self.n_rows_, other.n_rows_
-        if n_b == 0:
+    def _merge_sample(self, other: "Geometry") -> None:
+        """The bottom-k sample of the union: the smallest keys of both samples."""
+        if not other._sample:
             return
-        if n_a == 0:
-            self._sample = {s: v.copy() for s, v in other._sample.items()}
+        if not self._sample:
+            self._sample, self._keys = {s: v.copy() for s, v in other._sample.items()}, other._keys.copy()
             return
-        size = min(self.sample_limit, n_a + n_b)
-        from_a = int(self._rng.hypergeometric(n_a, n_b, size))
-        pick_a = self._rng.choice(self._sample[self.sites[0]].shape[0], from_a, replace=False)
-        pick_b = self._rng.choice(other._sample[self.sites[0]].shape[0], size - from_a, replace=False)
-        self._sample = {s: np.vstack([self._sample[s][pick_a], other._sample[s][pick_b]]) for s in self.sites}
+        self._keep_smallest({s: np.vstack([self._sample[s], other._sample[s]]) for s in self.sites},
+                            np.concatenate([self._keys, other._keys]))
 
     # ------------------------------------------------------------------ results
     def compute(self) -> GeometryResults:
@@ -338,7 +345,7 @@ class Geometry(Consumer):
 
     @property
     def sample(self) -> dict[str, np.ndarray]:
-        """The paired reservoir sample ``{site: (rows, hidden)}``: row ``i`` of every site
+        """The paired sample ``{site: (rows, hidden)}``: row ``i`` of every site
         comes from the same example (or token)."""
         return {s: self._sample[s].copy() for s in self.sites if s in self._sample}
 

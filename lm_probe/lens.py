@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 
 from .architectures import _find_blocks, _is_norm
-from .consumer import Consumer, NotComputedError, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, finite_rows
 from .sites import resolve_sites
 
 __all__ = ["LogitLens", "find_blocks", "find_final_norm", "find_unembedding", "lens_logits"]
@@ -140,6 +140,7 @@ class LogitLens(Consumer):
         blocks_path_, norm_path_, head_path_: The modules found, set by :meth:`start`.
         vocab_size_: Rows of the unembedding.
         n_examples_: Examples folded in.
+        n_nonfinite_: Examples left out for non-finite activations (at any of its sites).
         max_head_error_: Largest ``max|lens(last block) - model logits| / max|model logits|``
             seen (0 for an exact lens).
 
@@ -183,7 +184,7 @@ class LogitLens(Consumer):
         self._chunks: list[dict[str, Any]] = []
         self._counts = {s: np.zeros(3, np.int64) for s in self.sites}  # examples, agree final, agree target
         self._tokens: dict[int, str] = {}
-        self.n_examples_ = 0
+        self.n_examples_ = self.n_nonfinite_ = 0
         self.max_head_error_ = 0.0
         self._warned, self._epoch_over = False, False
         self._result: dict[str, pd.DataFrame] | None = None
@@ -255,17 +256,25 @@ class LogitLens(Consumer):
         norm, head, softcap, tokenizer = self._bound
         weight = next(head.parameters())
         device = weight.device
-        final = torch.as_tensor(batch.acts[(self._head, self.position)]).to(device)
-        n = final.shape[0]
-        seen = np.arange(self.n_examples_, self.n_examples_ + n)
+        acts = {r: batch.acts[r] for r in self.requests}
+        n = len(next(iter(acts.values())))
+        seen = np.arange(self.n_examples_ + self.n_nonfinite_, self.n_examples_ + self.n_nonfinite_ + n)
         index = seen if batch.index is None else np.asarray(batch.index)[:n]
+        finite = np.logical_and.reduce([finite_rows(v) for v in acts.values()])
+        if not finite.all():  # the non-finite policy: counted, left out at every site
+            self.n_nonfinite_ += int((~finite).sum())
+            logger.warning("LogitLens: {} examples with non-finite activations at {} left out", int((~finite).sum()),
+                           [r[0] for r, v in acts.items() if not finite_rows(v).all()])
+            acts, index = {r: v[finite] for r, v in acts.items()}, index[finite]
+            n = int(finite.sum())
+        final = torch.as_tensor(acts[(self._head, self.position)]).to(device)
         final_top1 = final.argmax(1)
         target = None
         if self.targets is not None:
             if index.max(initial=-1) >= len(self.targets):
                 raise ValueError(f"example {int(index.max())} has no target: targets has {len(self.targets)} entries")
             target = torch.as_tensor(self.targets[index], device=device)
-        lens = {spec: lens_logits(torch.as_tensor(batch.acts[(spec, self.position)]), norm, head)
+        lens = {spec: lens_logits(torch.as_tensor(acts[(spec, self.position)]), norm, head)
                 for spec in dict.fromkeys([*self.sites, self._last])}
         self._check_head(lens[self._last], final, weight.dtype)
         pairs = torch.as_tensor(self.token_pairs, dtype=torch.long, device=device).reshape(-1, 2)
@@ -317,6 +326,7 @@ class LogitLens(Consumer):
         self._tokens.update(other._tokens)
         self.layers_ = self.layers_ or other.layers_
         self.n_examples_ += other.n_examples_
+        self.n_nonfinite_ += other.n_nonfinite_
         self.max_head_error_ = max(self.max_head_error_, other.max_head_error_)
         self._result = None
         return self

@@ -35,7 +35,7 @@ import pandas as pd
 from loguru import logger
 
 from .experiment import SECTIONS
-from .plan import RUN_FILES, Plan, SeedRun
+from .plan import RUN_FILES, Plan, SeedRun, replay_cache
 from .tables import class_counts
 
 __all__ = ["run_plan", "cka_matrix", "resolved_config", "remove_run"]
@@ -67,7 +67,8 @@ def _run_seed(plan: Plan, run: SeedRun) -> Path:
         p = exp.probes
         run.runner.fit_probes(run.train, run.test, batch_size=data.batch_size, num_epochs=p.num_epochs,
                               val_size=p.val_size, eval_every=p.eval_every, patience=p.patience,
-                              min_delta=p.min_delta, warmup_steps=p.warmup_steps, max_steps=p.max_steps)
+                              min_delta=p.min_delta, warmup_steps=p.warmup_steps, max_steps=p.max_steps,
+                              cache=replay_cache(p, exp.base))
     else:
         run.runner.collect(run.examples, batch_size=data.batch_size)
     out = run.out

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .control import ControlTask
 from .early_stopping import StopReason
 from .probe import Probe, ProbeConfig
 
@@ -107,6 +108,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
             "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
+            "n_nonfinite": probe.n_nonfinite_,
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
@@ -121,9 +123,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "model_type": getattr(config, "model_type", None), "hidden_size": getattr(config, "hidden_size", None),
             "num_hidden_layers": getattr(config, "num_hidden_layers", None)},
         "probes": probes,
-        "control": None if not hasattr(runner, "_control") else {
-            "token": bool(runner._control[0][0]), "classes": np.asarray(runner._control[0][1]).tolist(),
-            "probs": np.asarray(runner._control[0][2]).tolist()},
+        "control": None if runner.control is None else runner.control.to_dict(),
         "metrics": None if runner.metrics is None else json.loads(runner.metrics.to_json(orient="split")),
     }
     np.savez(path / "arrays.npz", **arrays)
@@ -170,14 +170,14 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
             probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])
             probe.n_steps_, probe.best_loss_, probe.best_step_ = entry["n_steps"], entry["best_loss"], entry["best_step"]
             probe.stopped_reason_ = StopReason(entry["stop_reason"])
+            probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
             probe._n, probe._mean, probe._m2 = entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"]
             _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
             runner.probes[entry["name"]] = probe
     runner.metrics = _metrics(document.get("metrics"))
     control = document.get("control")
     if control is not None:
-        runner._control = runner._control_from(control["token"], np.asarray(control["classes"]),
-                                                np.asarray(control["probs"]))
+        runner.control = ControlTask.from_dict(control, seed=document["seed"])
     return runner
 
 

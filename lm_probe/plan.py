@@ -32,6 +32,7 @@ from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, G
 from .gauge import DiffusionGauge
 from .geometry import Geometry
 from .probe import ProbeConfig
+from .replay import Cache
 from .runner import ProbeRunner
 from .tables import Table, class_counts, read_table
 from .trigger import Trigger
@@ -129,7 +130,10 @@ class Plan:
                 + (f", {control} with a control twin" if control else "") + ", one trace per batch",
                 *(f"  {spec.name}" for spec in self.probes),
                 f"training:   num_epochs {p.num_epochs}, val_size {p.val_size}, eval_every {p.eval_every}, "
-                f"patience {p.patience}, min_delta {p.min_delta}, max_steps {p.max_steps}, backend {p.backend}"]
+                f"patience {p.patience}, min_delta {p.min_delta}, max_steps {p.max_steps}, backend {p.backend}",
+                "            " + (f"each training example traced once, its pooled rows replayed to the probes "
+                                  f"(cache budget {p.cache_budget_mib} MiB)" if p.cache else
+                                  "cache = false: every epoch traced again")]
 
 
 def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool = True,
@@ -158,6 +162,7 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
     probes = _probe_specs(exp.probes, sites) if exp.probes.enabled else []
     for spec in probes:
         _check_estimator(spec)
+    replay_cache(exp.probes, exp.base)
     dataset = ProbeDataset.from_texts(table.texts, table.labels, model.tokenizer, max_length=exp.data.max_length)
     runs = [_seed_run(exp, model, dataset, sites, probes, seed, progress) for seed in exp.seeds]
     return Plan(exp, model, table, sites, probes, runs, overwrite)
@@ -289,20 +294,17 @@ def _check_estimator(spec: ProbeSpec) -> None:
         raise ExperimentError(f"[probes] probe {spec.name!r}: {err}") from None
 
 
-class _OnePassGeometry(Geometry):
-    """Geometry over the training examples once, even when the probes train for several epochs."""
-
-    def reset(self) -> None:
-        super().reset()
-        self._passed = False
-
-    @property
-    def active(self) -> bool:
-        return not self._passed
-
-    def on_event(self, event: str, step: int, epoch: int) -> None:
-        if event in ("epoch_end", "end"):
-            self._passed = True
+def replay_cache(section: ProbesSection, base: Path | None = None) -> Cache | None:
+    """The ``[probes]`` cache settings as fit_probes takes them (``None``: trace every epoch)."""
+    if not section.cache:
+        return None
+    folder = section.cache_dir and Path(section.cache_dir)
+    if folder and not folder.is_absolute() and base is not None:
+        folder = base / folder
+    try:
+        return Cache(memory_budget=section.cache_budget_mib * 2**20, spill_dir=folder or None)
+    except ValueError as err:
+        raise ExperimentError(f"[probes] cache_dir: {err}") from None
 
 
 def _seed_run(exp: Experiment, model: Any, dataset: ProbeDataset, sites: list[str], probes: list[ProbeSpec],
@@ -345,9 +347,9 @@ def _consumer_sites(section: Any, sites: list[str], table: str) -> list[str]:
 
 def _geometry(section: GeometrySection, sites: list[str], seed: int) -> Geometry:
     try:
-        return _OnePassGeometry(_consumer_sites(section, sites, "geometry"), pool=section.pool,
-                                sample_limit=section.sample_limit, novelty_k=section.novelty_k, seed=seed,
-                                sketch_rank=section.sketch_rank)
+        return Geometry(_consumer_sites(section, sites, "geometry"), pool=section.pool,
+                        sample_limit=section.sample_limit, novelty_k=section.novelty_k, seed=seed,
+                        sketch_rank=section.sketch_rank)
     except ValueError as err:
         raise ExperimentError(f"[geometry] {err}") from None
 

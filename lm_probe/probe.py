@@ -23,7 +23,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from .consumer import Consumer, PooledBatch
+from .consumer import Consumer, PooledBatch, finite_rows
 from .early_stopping import EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
@@ -200,6 +200,9 @@ class Probe(Consumer):
         best_loss_: Best validation loss (log-loss, or mean squared error).
         best_step_: Step of ``best_loss_``.
         stopped_reason_: A :class:`StopReason`.
+        n_nonfinite_: Training and validation rows left out for non-finite activations
+            (each training row counted once, in the first epoch, whatever the number of
+            epochs).
     """
 
     def __init__(self, config: ProbeConfig, classes: Iterable[int] | None = None,
@@ -236,6 +239,7 @@ class Probe(Consumer):
         self._stopper: EarlyStopping | None = None
         self._eval_every, self._max_steps = 0, None
         self.history_: list[tuple[int, float]] = []
+        self.n_nonfinite_ = 0
 
     @property
     def mean_(self) -> np.ndarray:
@@ -326,7 +330,7 @@ class Probe(Consumer):
     def start(self, *, classes: Iterable[int] | None = None,
               validation: tuple[np.ndarray, np.ndarray] | None = None,
               early_stopping: EarlyStopping | None = None, eval_every: int = 10,
-              max_steps: int | None = None, relabel: Any = None, **_: Any) -> None:
+              max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0, **_: Any) -> None:
         """Start a training pass.
 
         Args:
@@ -338,11 +342,13 @@ class Probe(Consumer):
             relabel: Targets to use instead of the batch's, indexed by dataset position
                 (an array for sequence tasks, a list of per-example token arrays for
                 token tasks): a control task.
+            n_nonfinite: Validation rows already left out for non-finite activations.
         """
         if classes is not None:
             self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
         self.reset()
         self._val, self._stopper, self._relabel = validation, early_stopping, relabel
+        self.n_nonfinite_ = int(n_nonfinite)
         self._eval_every, self._max_steps = eval_every, max_steps
 
     def targets(self, batch: PooledBatch) -> np.ndarray:
@@ -362,16 +368,22 @@ class Probe(Consumer):
     def update(self, batch: PooledBatch) -> None:
         X, y = batch.acts[self.requests[0]], self.targets(batch)
         keep = _labeled(y)
+        self.count_nonfinite(batch, keep & ~finite_rows(X))
+        keep &= finite_rows(X)
         X, y = X[keep], y[keep]
         if len(y) == 0:
             return
-        if not np.isfinite(X).all():
-            logger.warning("probe {!r}: non-finite activations at step {}; stopping it",
-                           self.name, self.n_steps_)
-            self._stop(StopReason.NON_FINITE)
-            return
         self.partial_fit(X, y)
         self._after_step()
+
+    def count_nonfinite(self, batch: PooledBatch, bad: np.ndarray) -> None:
+        """Count (in the first epoch only: each row once) and report rows left out for
+        non-finite activations."""
+        n_bad = int(np.sum(bad))
+        if n_bad and batch.epoch == 0:
+            self.n_nonfinite_ += n_bad
+            logger.warning("probe {!r}: {} training rows have non-finite activations at site {!r} (step {}); "
+                           "they are left out", self.name, n_bad, self.config.site, batch.step)
 
     def _eval_due(self) -> bool:
         """Whether the step just taken is one where the validation set is scored."""
@@ -403,7 +415,9 @@ class Probe(Consumer):
 
     def finish(self) -> None:
         """End of training: score the final weights too, then restore the best ones."""
-        if self.stopped_reason_ is StopReason.NON_FINITE or self.n_steps_ == 0:
+        if self.n_steps_ == 0:
+            if self.active:
+                self.stopped_reason_ = StopReason.END_OF_DATA
             return
         if not self.history_ or self.history_[-1][0] != self.n_steps_:
             self._evaluate(decide=False)
@@ -422,6 +436,7 @@ class Probe(Consumer):
             "best_step": self.best_step_,
             "stopped_early": self.stopped_reason_ in (StopReason.PATIENCE, StopReason.NON_FINITE),
             "stop_reason": str(self.stopped_reason_),
+            "n_nonfinite": self.n_nonfinite_,
         }
 
     def __repr__(self) -> str:

@@ -6,11 +6,15 @@ The flow is one-way::
     (site, pooling) -> consumers (probes, accumulators, gauges, stores) -> results
 
 :meth:`ProbeRunner.fit_probes` carves a validation split off the training set, pools
-it once (cached), then runs the main loop in :meth:`ProbeRunner._pass`: each batch is
-traced once for the sites that active consumers still need, the forward stops after
-the deepest of them, and each consumer updates on the pooled activations. Probes stop
-themselves early; when a probe stops its site is no longer read. Test activations are
-pooled the same way, one trace per batch for all probes, to fill :attr:`metrics`.
+it once, then runs the main loop in :meth:`ProbeRunner._pass`: each batch of the first
+epoch is read once from the runner's source (a trace of the model, or a stored run) for
+the sites that active consumers still need, the forward stops after the deepest of them,
+and each consumer updates on the pooled activations. Every consumer sees that one pass;
+the later epochs replay the cached pooled rows to the probes alone
+(:mod:`lm_probe.replay`), so the model runs once per example. Probes stop themselves
+early; when a probe stops its site is no longer read and its rows are no longer
+replayed. Test activations are pooled the same way, one trace per batch for all probes,
+to fill :attr:`metrics`.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from .backend import ProbeBank, check_backend, supports
-from .consumer import Consumer, HostArrays, PooledBatch, Request
+from .consumer import Consumer, PooledBatch, Request, finite_rows
+from .control import ControlTask
 from .dataset import ProbeDataset
 from .early_stopping import EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
-from .control import control_targets, label_distribution
-from .dataset import IGNORE
-from .probe import Probe, ProbeConfig
-from .sites import Site, resolve_sites
-from .trace import model_device, read_pooled
+from .probe import Probe, ProbeConfig, _labeled
+from .replay import Cache, ReplayCache
+from .sites import Site
+from .sources import Source, StoreSource, TraceSource
+from .trace import model_device
 
 __all__ = ["ProbeRunner"]
 
@@ -83,7 +88,6 @@ class ProbeRunner:
                 "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)"
             )
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
-        self.store: Any = None  # a StoredRun when built with from_store
         if trace_kwargs.get("remote"):
             import nnsight
 
@@ -98,9 +102,14 @@ class ProbeRunner:
         device = device if device is not None else model_device(model, trace_kwargs.get("remote"))
         self.bank = _bank_for(self.probes, backend, device)
         self.consumers: list[Consumer] = list(consumers)
-        specs = [spec for c in self.all_consumers for spec in c.site_specs()]
-        self.sites: dict[str, Site] = resolve_sites(model._module, dict.fromkeys(specs))
+        # with the torch backend on an accelerator the traced tensors stay there
+        on_device = self.bank is not None and self.bank.device.type != "cpu" and not trace_kwargs.get("remote")
+        self.sites: dict[str, Site] = {}
+        self.source: Source = TraceSource(model, self.sites, to_cpu=not on_device, trace_kwargs=trace_kwargs)
+        self._resolve(spec for c in self.all_consumers for spec in c.site_specs())
         self.metrics: pd.DataFrame | None = None
+        self.control: ControlTask | None = None
+        self.cache_info_: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ access
     @property
@@ -130,15 +139,22 @@ class ProbeRunner:
         min_delta: float = 1e-4,
         warmup_steps: int = 0,
         max_steps: int | None = None,
+        cache: Cache | None = Cache(),
     ) -> "ProbeRunner":
         """Train every probe online, with early stopping, then score them on ``test``.
+
+        The model runs once per example: the first epoch traces each training batch once
+        and feeds every consumer; epochs 2..n replay the pooled rows to the probes from
+        the replay cache (:mod:`lm_probe.replay`), in a new seeded shuffle each epoch.
+        Validation and test activations are pooled once each. Each call starts from
+        fresh probe state and replaces :attr:`metrics`.
 
         Args:
             train: Training examples; a stratified ``val_size`` share is held out once
                 for early stopping.
-            test: Examples for :attr:`metrics` (skipped when ``None``).
-            batch_size: Examples per forward pass.
-            num_epochs: Passes over the training examples at most.
+            test: Examples for :attr:`metrics` (``None`` leaves :attr:`metrics` ``None``).
+            batch_size: Examples per forward pass (and per probe step).
+            num_epochs: Passes of the probes over the training examples at most.
             val_size: Validation share (0 disables validation and early stopping).
             eval_every: Training steps between validation evaluations.
             patience: Evaluations without an improvement of ``min_delta`` in validation
@@ -146,48 +162,76 @@ class ProbeRunner:
             min_delta: Smallest improvement that counts.
             warmup_steps: No early stop before this many steps.
             max_steps: Steps per probe at most.
+            cache: Memory budget and spill folder of the replay cache (rows x hidden x 4
+                bytes per probed (site, pooling); see :class:`~lm_probe.replay.Cache`).
+                ``None`` traces the model again in every epoch.
 
         Returns:
             ``self``, with :attr:`metrics` filled when ``test`` is given.
         """
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of examples, got {batch_size!r}")
+        if num_epochs < 1 or eval_every < 1:
+            raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be lm_probe.Cache(...) or None, got {type(cache).__name__}")
         self._check_labels(train, "training")
         if test is not None:
             self._check_labels(test, "test", default=tuple(train.classes.tolist()))
-        if num_epochs < 1 or eval_every < 1:
-            raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
+        self.metrics, self.cache_info_ = None, None
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
         for consumer in self.consumers:  # first: consumers check their own input before any forward
             consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
         self._resolve([s for c in self.consumers for s in c.site_specs()])
+        has_twin = any(_is_control(name) for name in self.probes)
+        self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
-        self._control = self._control_labels(fit, train)
         for probe in self.probes.values():
             classes = probe.config.classes or tuple(train.classes.tolist())
-            validation = None
+            validation, n_bad = None, 0
             if val is not None:
-                validation = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes)[:2]
+                X, y, _, n_bad = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes, "validation")
+                validation = (X, y)
             probe.start(
                 classes=classes if probe.is_classifier else None, validation=validation,
                 early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
-                eval_every=eval_every, max_steps=max_steps,
-                relabel=self._control[1](fit) if _is_control(probe.name) else None,
+                eval_every=eval_every, max_steps=max_steps, n_nonfinite=n_bad,
+                relabel=self.control.labels(fit) if _is_control(probe.name) else None,
             )
-        self._pass(fit, self._training_consumers(), batch_size, num_epochs, shuffle=True, by_length=True,
-                   validate_every=eval_every if val is not None else None)
+        trainers = self._trainers()
+        recorder = ReplayCache(fit, trainers, cache) if (
+            num_epochs > 1 and cache is not None and not self.source.replayable) else None
+        schedule = dict(batch_size=batch_size, shuffle=True, by_length=True, validate_every=eval_every if val is not None else None)
+        try:
+            _emit([*trainers, *self.consumers], "start", 0, 0)
+            step = self._pass(fit, [*trainers, *self.consumers, *([recorder] if recorder else [])], self.source,
+                              range(1), **schedule)
+            _end(self.consumers, step, 1)  # the consumers' one pass is over
+            if num_epochs > 1:
+                if recorder is not None:
+                    self.cache_info_ = recorder.compute()
+                    logger.info("replay cache: {} requests, {:.1f} MiB in memory, {:.1f} MiB spilled",
+                                len(self.cache_info_["requests"]), recorder.nbytes_in_memory / 2**20,
+                                recorder.nbytes_spilled / 2**20)
+                step = self._pass(fit, trainers, recorder or self.source, range(1, num_epochs), step=step, **schedule)
+            _end(trainers, step, num_epochs)
+        finally:
+            if recorder is not None:
+                recorder.close()
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
 
-    def _training_consumers(self) -> list[Consumer]:
-        """What the training pass feeds: the probe bank (torch backend) in place of its
-        probes, the other probes, then the other consumers."""
+    def _trainers(self) -> list[Consumer]:
+        """What trains the probes: the probe bank (torch backend) in place of its
+        probes, and the other probes."""
         if self.bank is None:
-            return self.all_consumers
+            return list(self.probes.values())
         self.bank.start()
         banked = {id(p) for p in self.bank.probes}
-        return [self.bank, *(p for p in self.probes.values() if id(p) not in banked), *self.consumers]
+        return [self.bank, *(p for p in self.probes.values() if id(p) not in banked)]
 
     def collect(self, dataset: ProbeDataset, consumers: Sequence[Consumer] | None = None,
                 *, batch_size: int = 16, max_tokens: int | None = None) -> "ProbeRunner":
@@ -207,27 +251,31 @@ class ProbeRunner:
         for consumer in consumers:
             consumer.start(model=self.model, sites=self.sites, runner=self, data=dataset, batch_size=batch_size)
         self._resolve([s for c in consumers for s in c.site_specs()])  # start() may add model-dependent sites
-        self._pass(dataset, consumers, batch_size, 1, shuffle=False, by_length=False, max_tokens=max_tokens)
+        _emit(consumers, "start", 0, 0)
+        step = self._pass(dataset, consumers, self.source, range(1), batch_size=batch_size, shuffle=False,
+                          by_length=False,
+                          max_tokens=max_tokens)
+        _end(consumers, step, 1 if step else 0)
         return self
 
-    def _pass(self, data: ProbeDataset, consumers: list[Consumer], batch_size: int, num_epochs: int,
-              shuffle: bool, by_length: bool, max_tokens: int | None = None,
-              validate_every: int | None = None) -> None:
-        """The main loop: one trace per batch, fanned out to the active consumers."""
+    def _pass(self, data: ProbeDataset, consumers: list[Consumer], source: Source, epochs: range, *,
+              batch_size: int, shuffle: bool, by_length: bool, step: int = 0, max_tokens: int | None = None,
+              validate_every: int | None = None) -> int:
+        """The main loop: each batch read once from ``source``, fanned out to the active
+        consumers. Returns the number of training steps taken so far."""
         per_epoch = -(-len(data) // batch_size)
-        batches = ((epoch, k + 1 == per_epoch, batch) for epoch in range(num_epochs)
+        batches = ((epoch, k + 1 == per_epoch, batch) for epoch in epochs
                    for k, batch in enumerate(data.batches(batch_size, shuffle=shuffle, seed=self.seed + epoch,
                                                           by_length=by_length)))
-        step = tokens = epoch = 0
-        _emit(consumers, "start", 0, 0)
-        with tqdm(total=per_epoch * num_epochs, desc="batches", disable=not self.progress, leave=False) as bar:
+        tokens, first = 0, step
+        with tqdm(total=per_epoch * len(epochs), desc="batches", disable=not self.progress, leave=False) as bar:
             for epoch, last_of_epoch, batch in batches:
                 active = [c for c in consumers if c.active]
                 if not active:
                     break
-                acts = self._read(batch, data, _requests(active))
-                pooled = PooledBatch(acts, batch.labels, step, epoch, batch.index,
-                                     batch.attention_mask.sum(1).numpy(), batch.token_labels)
+                pooled = PooledBatch(source.read(batch, data, _requests(active)), batch.labels, step, epoch,
+                                     batch.index, batch.attention_mask.sum(1).numpy(), batch.token_labels,
+                                     data.example_ids[batch.index])
                 if max_tokens is not None and tokens + pooled.n_tokens.sum() >= max_tokens:
                     pooled = pooled.first_tokens(max_tokens - tokens)
                 for consumer in active:
@@ -242,23 +290,12 @@ class ProbeRunner:
                     _emit(consumers, "epoch_end", step, epoch + 1)
                 if max_tokens is not None and tokens >= max_tokens:
                     break
-        for consumer in consumers:
-            consumer.finish()
-        _emit(consumers, "end", step, epoch + 1 if step else 0)
-        logger.info("pass done: {} batches, {} tokens traced", step, tokens)
+        how = "replayed from the cache" if source.replayable and source is not self.source else "read"
+        logger.info("pass done: {} batches {} ({} tokens), epochs {}..{}", step - first, how, tokens,
+                    epochs.start + 1, epochs.stop)
+        return step
 
     # ------------------------------------------------------------------ reading
-    def _read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> Mapping[Request, np.ndarray]:
-        """Pooled activations of one batch: one trace of the model, or rows of a store.
-
-        With the torch backend on an accelerator the traced tensors stay there
-        (:class:`HostArrays` copies one to the host only when a numpy consumer reads it)."""
-        if self.store is not None:
-            return self.store.read(data.example_ids[batch.index], requests)
-        on_device = self.bank is not None and self.bank.device.type != "cpu" and not self.trace_kwargs.get("remote")
-        return HostArrays(read_pooled(self.model, self.sites, requests, batch.input_ids, batch.attention_mask,
-                                      to_cpu=not on_device, **self.trace_kwargs))
-
     def pooled(self, dataset: ProbeDataset, requests: Sequence[Request] | None = None,
                batch_size: int = 16, desc: str = "pooling") -> dict[Request, np.ndarray]:
         """Pooled activations of a whole dataset, one trace per batch for all requests.
@@ -279,7 +316,7 @@ class ProbeRunner:
         for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
                           disable=not self.progress, leave=False):
             n_tokens = batch.attention_mask.sum(1).numpy()
-            for (spec, how), value in self._read(batch, dataset, requests).items():
+            for (spec, how), value in self.source.read(batch, dataset, requests).items():
                 parts = np.split(value, np.cumsum(n_tokens)[:-1]) if how == "none" else value[:, None]
                 for i, part in zip(batch.index, parts):
                     rows[(spec, how)][i] = part
@@ -318,22 +355,24 @@ class ProbeRunner:
             configs: Probe configurations; their (site, pooling) must be in the run.
             backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
         """
-        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, store=run,
-                                    backend=backend, device=device)
+        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress,
+                                    source=StoreSource(run), backend=backend, device=device)
         run.check(requests=_requests(runner.all_consumers))
-        runner.sites = run.sites_for([spec for c in runner.all_consumers for spec in c.site_specs()])
+        runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 
     @classmethod
     def _without_model(cls, configs: Iterable[ProbeConfig], *, seed: int, consumers: Iterable[Consumer] = (),
-                       progress: bool = False, store: Any = None, backend: str = "sklearn",
+                       progress: bool = False, source: Source | None = None, backend: str = "sklearn",
                        device: str | torch.device | None = None) -> "ProbeRunner":
         """A runner with probes but no model (activations come from a store, or none are read)."""
         runner = cls.__new__(cls)
         runner.model, runner.seed, runner.progress, runner.trace_kwargs = None, seed, progress, {}
-        runner.store, runner.configs, runner.consumers = store, list(configs), list(consumers)
+        runner.source = source if source is not None else _NoSource()
+        runner.configs, runner.consumers = list(configs), list(consumers)
         cls._check_names(runner.configs)
         runner.probes, runner.sites, runner.metrics = _probes_for(runner.configs, seed), {}, None
+        runner.control, runner.cache_info_ = None, None
         runner.bank = _bank_for(runner.probes, backend, torch.device(device or "cpu"))
         return runner
 
@@ -364,10 +403,17 @@ class ProbeRunner:
     def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
         """Score every probe on ``dataset`` (one trace per batch for all probes).
 
+        Rows whose activations are non-finite are left out and counted
+        (``n_nonfinite``); a probe that cannot be scored gets NaN metrics and the reason in
+        ``score_error`` (with a warning), so one bad probe never costs the others' scores.
+
         Returns:
             DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``,
             ``recall``, ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``,
-            ``n_steps``, ``stopped_early``, ``stop_reason``.
+            ``n_steps``, ``stopped_early``, ``stop_reason``, ``n_scored``,
+            ``n_nonfinite`` (rows of ``dataset`` left out), ``n_nonfinite_fit``
+            (training and validation rows left out); ``control_accuracy`` and
+            ``selectivity`` for probes with a control twin.
         """
         acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
         rows = []
@@ -388,31 +434,57 @@ class ProbeRunner:
         """One probe's metrics row on a dataset's pooled activations."""
         site = self.sites[probe.config.site]
         classes = probe.classes_ if probe.is_classifier else None
-        X, y, unseen = self._scored_rows(probe, acts[probe.requests[0]], dataset, classes)
-        if _is_control(probe.name):
-            y = _flat(self._control[1](dataset), probe.config.pool == "none")
-            y = y[_labeled_mask(dataset, probe)]
+        X, y, unseen, nonfinite = self._scored_rows(probe, acts[probe.requests[0]], dataset, classes, "test")
         info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
-                "n_scored": len(y), "n_unseen_label": unseen}
+                "n_scored": len(y), "n_unseen_label": unseen, "n_nonfinite": nonfinite,
+                "n_nonfinite_fit": probe.n_nonfinite_}
+        columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS
         if probe.n_steps_ == 0:
-            logger.warning("probe {!r} has no metrics: it never trained ({})", probe.name, probe.stopped_reason_)
-            columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS
+            logger.warning("probe {!r} has no metrics: it never trained ({}; {} training rows had non-finite "
+                           "activations)", probe.name, probe.stopped_reason_, probe.n_nonfinite_)
             return {**dict.fromkeys(columns, np.nan), **info, "n_steps": 0, "stopped_early": True,
                     "stop_reason": str(probe.stopped_reason_)}
         state = probe.compute()
-        return {**probe.score(X, y), **info, "n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
-                "stop_reason": state["stop_reason"]}
+        summary = {"n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
+                   "stop_reason": state["stop_reason"]}
+        if len(y) == 0:
+            logger.warning("probe {!r} has no {} rows to score (all left out)", probe.name, "test")
+            return {**dict.fromkeys(columns, np.nan), **info, **summary, "score_error": "no rows to score"}
+        try:
+            scores = probe.score(X, y)
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:  # keep the other probes' scores
+            logger.warning("probe {!r} could not be scored: {}: {}", probe.name, type(err).__name__, err)
+            return {**dict.fromkeys(columns, np.nan), **info, **summary, "score_error": f"{type(err).__name__}: {err}"}
+        return {**scores, **info, **summary}
 
-    def _scored_rows(self, probe: Probe, X: np.ndarray, data: ProbeDataset,
-                     classes: Any) -> tuple[np.ndarray, np.ndarray, int]:
-        """The rows a probe is scored on: labeled tokens (or all examples), labels in its classes.
+    def _targets(self, probe: Probe, data: ProbeDataset) -> np.ndarray:
+        """A probe's targets on ``data`` in its row order: the control labels for a twin."""
+        token = probe.config.pool == "none"
+        if _is_control(probe.name):
+            if self.control is None:
+                raise RuntimeError(f"probe {probe.name!r} is a control twin but this runner has no control task; "
+                                   "train it with fit_probes first")
+            return self.control.flat_labels(data)
+        return _flat(data.token_labels if token else data.labels, token)
+
+    def _scored_rows(self, probe: Probe, X: np.ndarray, data: ProbeDataset, classes: Any,
+                     what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """The rows a probe is scored on: labeled tokens (or all examples) with finite
+        activations, labels in its classes.
 
         Returns:
-            ``(X, y, n_unseen)``: rows, targets, and labeled rows left out because their
-            label is not among the probe's classes (token tasks only: a new tag in test).
+            ``(X, y, n_unseen, n_nonfinite)``: rows, targets, labeled rows left out because
+            their label is not among the probe's classes (token tasks only: a new tag in
+            test), and labeled rows left out because their activations are non-finite.
         """
-        keep = _labeled_mask(data, probe)
-        y = _flat(data.token_labels if probe.config.pool == "none" else data.labels, probe.config.pool == "none")
+        y = self._targets(probe, data)
+        keep = _labeled(y)
+        bad = keep & ~finite_rows(X)
+        nonfinite = int(bad.sum())
+        if nonfinite:
+            logger.warning("probe {!r}: {} {} rows have non-finite activations at site {!r}; they are left out",
+                           probe.name, nonfinite, what, probe.config.site)
+        keep &= ~bad
         X, y = X[keep], y[keep]
         unseen = 0
         if probe.is_classifier and classes is not None:
@@ -422,33 +494,14 @@ class ProbeRunner:
                 logger.warning("probe {!r}: {} labeled tokens have tags never seen in training ({}); "
                                "they are left out of its metrics", probe.name, unseen, sorted(set(y[~known].tolist())))
                 X, y = X[known], y[known]
-        return X, y, unseen
-
-    def _control_labels(self, fit: ProbeDataset, train: ProbeDataset) -> tuple[Any, Any]:
-        """(distribution, fn(split) -> control targets) for this fit; seeded, per word type."""
-        token = fit.is_token_level
-        labels = fit.flat_token_labels() if token else fit.labels
-        classes, probs = label_distribution(labels) if not fit.is_regression else (np.array([]), np.array([]))
-        return self._control_from(token, classes, probs)
-
-    def _control_from(self, token: bool, classes: np.ndarray, probs: np.ndarray) -> tuple[Any, Any]:
-        cache: dict[int, Any] = {}
-
-        def targets(split: ProbeDataset) -> Any:
-            if id(split) not in cache:
-                cache[id(split)] = control_targets(split, token, classes, probs, self.seed)
-            return cache[id(split)]
-
-        return (token, classes, probs), targets
+        return X, y, unseen, nonfinite
 
     # ------------------------------------------------------------------ checks
     def _resolve(self, specs: Iterable[str]) -> None:
-        """Check sites not seen yet against the model (before any forward pass)."""
+        """Check sites not seen yet against the source (before any forward pass)."""
         missing = [s for s in dict.fromkeys(specs) if s not in self.sites]
-        if missing and self.store is not None:
-            self.store.check(sites=missing)
-        elif missing:
-            self.sites.update(resolve_sites(self.model._module, missing))
+        if missing:
+            self.sites.update(self.source.resolve(missing))
 
     def _probe_requests(self) -> list[Request]:
         return _requests(self.probes.values())
@@ -502,12 +555,6 @@ def _flat(values: Any, token: bool) -> np.ndarray:
     return np.concatenate(values) if token else np.asarray(values)
 
 
-def _labeled_mask(data: ProbeDataset, probe: Probe) -> np.ndarray:
-    if probe.config.pool == "none":
-        return data.flat_token_labels() != IGNORE
-    return np.ones(len(data), bool)
-
-
 CONTROL_SUFFIX = " [control]"  #: name suffix of a probe's control-task twin
 
 
@@ -538,6 +585,27 @@ def _bank_for(probes: dict[str, Probe], backend: str, device: torch.device) -> P
 def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:
     for consumer in consumers:
         consumer.on_event(event, step, epoch)
+
+
+def _end(consumers: Iterable[Consumer], step: int, epoch: int) -> None:
+    """The end of a consumer's pass: ``finish()``, then the ``"end"`` event."""
+    consumers = list(consumers)
+    for consumer in consumers:
+        consumer.finish()
+    _emit(consumers, "end", step, epoch)
+
+
+class _NoSource:
+    """The source of a runner without a model or store: reading is an error that says why."""
+
+    replayable = True
+
+    def read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> Mapping[Request, np.ndarray]:
+        raise RuntimeError("this runner has no model to trace: load it with ProbeRunner.load(path, model=...), "
+                           "or predict from features with runner[name].predict(X)")
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        return {}
 
 
 def _requests(consumers: Iterable[Consumer]) -> list[Request]:

@@ -168,7 +168,7 @@ def test_token_probes_and_controls_on_the_torch_backend(llama):
     assert th.loc["tags", "accuracy"] > 0.8 and th.loc["tags", "selectivity"] > 0.05
 
 
-def test_non_finite_activations_stop_that_probe(gpt2, toy):
+def test_non_finite_rows_are_left_out_and_counted(gpt2, toy):
     train, test = toy
     bias = gpt2._module.transformer.h[1].mlp.c_proj.bias
     saved = bias.detach().clone()
@@ -182,7 +182,8 @@ def test_non_finite_activations_stop_that_probe(gpt2, toy):
         with torch.no_grad():
             bias.copy_(saved)
     m = runner.metrics
-    assert m.loc["nan", "stop_reason"] == "non-finite" and m.loc["fine", "accuracy"] > 0.8
+    assert m.loc["nan", "n_steps"] == 0 and m.loc["nan", "n_nonfinite_fit"] == len(train)
+    assert m.loc["nan", "n_nonfinite"] == len(test) and m.loc["fine", "accuracy"] > 0.8
 
 
 def test_from_store_on_the_torch_backend(gpt2, tmp_path):

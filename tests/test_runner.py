@@ -174,7 +174,7 @@ def test_same_seed_same_metrics(gpt2, toy):
     assert not first.equals(run(1))
 
 
-def test_non_finite_activations_stop_that_probe(gpt2, toy):
+def test_a_site_that_is_all_non_finite_leaves_the_other_probes_alone(gpt2, toy):
     train, test = toy
     bias = gpt2._module.transformer.h[1].mlp.c_proj.bias
     saved = bias.detach().clone()
@@ -188,8 +188,14 @@ def test_non_finite_activations_stop_that_probe(gpt2, toy):
         with torch.no_grad():
             bias.copy_(saved)
     m = runner.metrics
-    assert m.loc["nan", "stop_reason"] == "non-finite" and bool(m.loc["nan", "stopped_early"])
-    assert np.isnan(m.loc["nan", "accuracy"]) and m.loc["fine", "accuracy"] > 0.6
+    # every row of the NaN site is left out and counted: in training (once, not once per epoch) and in test
+    assert m.loc["nan", "n_nonfinite_fit"] == len(train) and m.loc["nan", "n_nonfinite"] == len(test)
+    assert m.loc["nan", "n_steps"] == 0 and np.isnan(m.loc["nan", "accuracy"])
+    assert m.loc["fine", "n_nonfinite"] == 0 and m.loc["fine", "n_nonfinite_fit"] == 0
+    alone = ProbeRunner(gpt2, [ProbeConfig("transformer.h.0.output", name="fine")], progress=False)
+    alone.fit_probes(train, test, val_size=0, **FIT)
+    cols = ["accuracy", "loss", "f1", "n_steps"]
+    pd.testing.assert_series_equal(m.loc["fine", cols], alone.metrics.loc["fine", cols], check_dtype=False)
 
 
 # ---------------------------------------------------------------- bad input, before any forward

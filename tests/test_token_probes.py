@@ -111,18 +111,20 @@ def test_control_task_and_selectivity(token_run):
     # control accuracy recomputed: the twin's predictions against control labels drawn per word type
     _, _, test = token_run
     X = runner.pooled(test, [("model.layers.0.output", "none")])[("model.layers.0.output", "none")]
-    y_control = np.concatenate(runner._control[1](test))
+    y_control = np.concatenate(runner.control.labels(test))
     keep = y_control != IGNORE
     assert row["control_accuracy"] == pytest.approx(np.mean(twin.predict(X[keep]) == y_control[keep]), abs=1e-9)
     # the control label is a function of the word type, drawn from the task's label distribution
-    fit, _ = train.tt_split(0.1, seed=0)
-    control = runner._control[1](fit)
-    by_word = {}
-    for words, labels in zip(fit.token_words, control):
-        for w, lab in zip(words, labels):
-            if lab != IGNORE:
-                assert by_word.setdefault(w.lower(), lab) == lab
-    assert len(set(by_word.values())) > 1 and twin.n_steps_ > 0
+    # one label per word type across fit, validation and test: a test word seen in training keeps its label
+    fit, val = train.tt_split(0.1, seed=0)
+    by_word, shared = {}, 0
+    for split in (fit, val, test):
+        for words, labels in zip(split.token_words, runner.control.labels(split)):
+            for w, lab in zip(words, labels):
+                if lab != IGNORE:
+                    shared += w.lower() in by_word and split is test
+                    assert by_word.setdefault(w.lower(), lab) == lab
+    assert len(set(by_word.values())) > 1 and twin.n_steps_ > 0 and shared > 0
 
 
 def test_sweep_of_twenty_configs_on_two_sites_is_one_forward_per_batch(llama, toy):
@@ -149,15 +151,77 @@ def test_sweep_of_twenty_configs_on_two_sites_is_one_forward_per_batch(llama, to
     assert len(runner.metrics) == 20 and runner.metrics["control_accuracy"].notna().sum() == 2
 
 
-def test_sequence_control_is_a_seeded_permutation(gpt2, toy):
+def test_sequence_control_labels_are_drawn_per_example_id(gpt2, toy):
     train, test = toy
     runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", control=True)], seed=3, progress=False)
     runner.fit_probes(train, test, **FIT)
     row = runner.metrics.iloc[0]
     assert row["control_accuracy"] < row["accuracy"] and row["selectivity"] == pytest.approx(
         row["accuracy"] - row["control_accuracy"])
-    perm = runner._control[1](test)
-    assert sorted(perm.tolist()) == sorted(test.labels.tolist()) and not np.array_equal(perm, test.labels)
+    control = runner.control
+    # keyed by example id: the same example has the same control label in any split or order
+    labels = dict(zip(train.example_ids.tolist(), control.labels(train).tolist()))
+    fit, val = train.tt_split(0.1, seed=3)
+    for split in (fit, val, train.subset(np.arange(len(train))[::-1])):
+        assert [labels[i] for i in split.example_ids.tolist()] == control.labels(split).tolist()
+    assert not np.array_equal(control.labels(train), train.labels)
+    # drawn from the fit split's label distribution (20,000 ids: each share within 4 standard errors)
+    many = ProbeDataset([np.array([1])] * 20000, np.zeros(20000, int))
+    drawn = control.labels(many)
+    fit_share = np.mean(fit.labels == 1)
+    assert abs(np.mean(drawn == 1) - fit_share) < 4 * np.sqrt(fit_share * (1 - fit_share) / 20000)
+    other_seed = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", control=True)], seed=4, progress=False)
+    other_seed.fit_probes(train, num_epochs=1, **FIT)
+    assert not np.array_equal(other_seed.control.labels(train), control.labels(train))
+
+
+def test_control_twin_is_validated_on_its_own_labels(gpt2, toy):
+    """The twin's early stopping and best weights follow the control task: its best validation
+    loss is its log-loss on the control labels of the validation split (features recomputed from
+    Hugging Face hidden states), not on the real labels."""
+    from sklearn.metrics import log_loss
+
+    train, _ = toy
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", control=True)], progress=False)
+    runner.fit_probes(train, num_epochs=2, val_size=0.2, batch_size=16, eval_every=3, patience=2)
+    twin, real = runner["transformer.h.1.output [control]"], runner["transformer.h.1.output"]
+    _, val = train.tt_split(0.2, seed=0)
+    X = []
+    for ids in val.ids:
+        with torch.no_grad():
+            h = gpt2._module(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True).hidden_states[2]
+        X.append(h[0].mean(0).numpy())
+    X = np.stack(X)
+    y_control = runner.control.labels(val)
+    assert not np.array_equal(y_control, val.labels)
+    p = twin.predict_proba(X)
+    assert twin.best_loss_ == pytest.approx(log_loss(y_control, p, labels=twin.classes_), rel=1e-5)
+    assert abs(twin.best_loss_ - log_loss(val.labels, p, labels=twin.classes_)) > 1e-3
+    assert real.best_loss_ == pytest.approx(log_loss(val.labels, real.predict_proba(X), labels=real.classes_), rel=1e-5)
+
+
+def test_datasets_built_and_freed_in_a_loop_never_share_control_labels(llama):
+    """Control labels are a function of the seed and the word (or example id), never of a cache
+    keyed by the id() of a dataset object that Python may reuse once it is freed."""
+    from lm_probe.control import ControlTask
+
+    seen = []
+    for k in range(4):
+        words, tags = tagged(40 + 10 * (k % 2), seed=10 + k)  # two sizes, different sentences each time
+        data = ProbeDataset.from_tagged(words, tags, tiny_tokenizer())
+        runner = ProbeRunner(llama, [ProbeConfig("model.layers.0.output", pool="none", control=True)], progress=False)
+        runner.fit_probes(data, data, num_epochs=1, val_size=0.2, batch_size=16)
+        labels = runner.control.labels(data)
+        fresh = ControlTask(True, runner.control.classes, runner.control.probs, seed=0).labels(data)
+        assert [a.tolist() for a in labels] == [b.tolist() for b in fresh]
+        assert [len(a) for a in labels] == [len(ids) for ids in data.ids]
+        by_word = {}
+        for ws, labs in zip(data.token_words, labels):
+            for w, lab in zip(ws, labs):
+                if lab != IGNORE:
+                    assert by_word.setdefault(w.lower(), lab) == lab
+        seen.append(id(data))
+        del data, runner
 
 
 def test_unseen_test_tag_is_reported_not_crashed(llama, logs):

@@ -1,0 +1,86 @@
+"""Where a pass's pooled activations come from: one small interface, chosen once.
+
+The runner's loop asks its source for the pooled activations of each batch and never
+asks which source it is:
+
+* :class:`TraceSource`: one nnsight trace of the live model per batch (the only place
+  the model runs; see :mod:`lm_probe.trace`);
+* :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.store`), matched by
+  example id;
+* :class:`~lm_probe.replay.ReplayCache`: the rows pooled in the first epoch of
+  ``fit_probes``, replayed to the probes in the later epochs.
+
+A source says whether reading the same batch again is free (``replayable``): the runner
+caches a first epoch only when it is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .consumer import HostArrays, Request
+from .dataset import Batch, ProbeDataset
+from .sites import Site, resolve_sites
+from .trace import read_pooled
+
+__all__ = ["Source", "TraceSource", "StoreSource"]
+
+
+class Source(Protocol):
+    """What the runner reads pooled activations from."""
+
+    #: Whether reading a batch again costs no forward pass.
+    replayable: bool
+
+    def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> Mapping[Request, Any]:
+        """``{(site, pool): (rows, hidden)}`` for one batch of ``data``."""
+        ...
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        """Check site strings (before any forward pass) and return their sites."""
+        ...
+
+
+class TraceSource:
+    """One trace of the live model per batch.
+
+    Args:
+        model: The nnsight model.
+        sites: The runner's resolved sites (read as the runner adds to them).
+        to_cpu: Bring pooled tensors to the host inside the trace (``False`` leaves them on
+            the model's device, for the torch probe backend).
+        trace_kwargs: Passed to every ``model.trace`` (``remote=...``).
+    """
+
+    replayable = False
+
+    def __init__(self, model: Any, sites: dict[str, Site], *, to_cpu: bool = True,
+                 trace_kwargs: dict[str, Any] | None = None) -> None:
+        self.model, self.sites, self.to_cpu = model, sites, to_cpu
+        self.trace_kwargs = dict(trace_kwargs or {})
+
+    def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> HostArrays:
+        return HostArrays(read_pooled(self.model, self.sites, requests, batch.input_ids, batch.attention_mask,
+                                      to_cpu=self.to_cpu, **self.trace_kwargs))
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        return resolve_sites(self.model._module, list(specs))
+
+
+class StoreSource:
+    """Rows of a stored run, matched by ``example_ids`` (no model)."""
+
+    replayable = True
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
+        return self.run.read(data.example_ids[batch.index], requests)
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        specs = list(specs)
+        self.run.check(sites=specs)
+        return self.run.sites_for(specs)
