@@ -367,9 +367,9 @@ class Probe(Consumer):
 
     def update(self, batch: PooledBatch) -> None:
         X, y = batch.acts[self.requests[0]], self.targets(batch)
-        keep = _labeled(y)
-        self.count_nonfinite(batch, keep & ~finite_rows(X))
-        keep &= finite_rows(X)
+        keep, finite = _labeled(y), finite_rows(X)
+        self.count_nonfinite(batch, keep & ~finite)
+        keep &= finite
         X, y = X[keep], y[keep]
         if len(y) == 0:
             return

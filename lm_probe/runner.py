@@ -185,6 +185,18 @@ class ProbeRunner:
         for consumer in self.consumers:  # first: consumers check their own input before any forward
             consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
         self._resolve([s for c in self.consumers for s in c.site_specs()])
+        self._start_probes(train, fit, val, batch_size, eval_every=eval_every, max_steps=max_steps,
+                           early_stopping=lambda: EarlyStopping(patience, min_delta, warmup_steps=warmup_steps))
+        self._train(fit, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
+                    validate_every=eval_every if val is not None else None)
+        if test is not None:
+            self.metrics = self.evaluate(test, batch_size=batch_size)
+        return self
+
+    def _start_probes(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
+                      early_stopping: Any, **settings: Any) -> None:
+        """Fresh state for every probe: classes, the control task of this fit, the pooled
+        validation rows (once, for all probes), early stopping."""
         has_twin = any(_is_control(name) for name in self.probes)
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
@@ -194,20 +206,20 @@ class ProbeRunner:
             if val is not None:
                 X, y, _, n_bad = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes, "validation")
                 validation = (X, y)
-            probe.start(
-                classes=classes if probe.is_classifier else None, validation=validation,
-                early_stopping=EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
-                eval_every=eval_every, max_steps=max_steps, n_nonfinite=n_bad,
-                relabel=self.control.labels(fit) if _is_control(probe.name) else None,
-            )
+            probe.start(classes=classes if probe.is_classifier else None, validation=validation,
+                        early_stopping=early_stopping(), n_nonfinite=n_bad,
+                        relabel=self.control.labels(fit) if _is_control(probe.name) else None, **settings)
+
+    def _train(self, fit: ProbeDataset, num_epochs: int, cache: Cache | None, **schedule: Any) -> None:
+        """The training passes: the first epoch from the source, for every consumer (and
+        the replay cache); the later epochs for the probes alone, from the cache."""
         trainers = self._trainers()
         recorder = ReplayCache(fit, trainers, cache) if (
             num_epochs > 1 and cache is not None and not self.source.replayable) else None
-        schedule = dict(batch_size=batch_size, shuffle=True, by_length=True, validate_every=eval_every if val is not None else None)
         try:
             _emit([*trainers, *self.consumers], "start", 0, 0)
-            step = self._pass(fit, [*trainers, *self.consumers, *([recorder] if recorder else [])], self.source,
-                              range(1), **schedule)
+            first = [*trainers, *self.consumers, *([recorder] if recorder else [])]
+            step = self._pass(fit, first, self.source, range(1), **schedule)
             _end(self.consumers, step, 1)  # the consumers' one pass is over
             if num_epochs > 1:
                 if recorder is not None:
@@ -220,9 +232,6 @@ class ProbeRunner:
         finally:
             if recorder is not None:
                 recorder.close()
-        if test is not None:
-            self.metrics = self.evaluate(test, batch_size=batch_size)
-        return self
 
     def _trainers(self) -> list[Consumer]:
         """What trains the probes: the probe bank (torch backend) in place of its
@@ -253,8 +262,7 @@ class ProbeRunner:
         self._resolve([s for c in consumers for s in c.site_specs()])  # start() may add model-dependent sites
         _emit(consumers, "start", 0, 0)
         step = self._pass(dataset, consumers, self.source, range(1), batch_size=batch_size, shuffle=False,
-                          by_length=False,
-                          max_tokens=max_tokens)
+                          by_length=False, max_tokens=max_tokens)
         _end(consumers, step, 1 if step else 0)
         return self
 
@@ -290,9 +298,8 @@ class ProbeRunner:
                     _emit(consumers, "epoch_end", step, epoch + 1)
                 if max_tokens is not None and tokens >= max_tokens:
                     break
-        how = "replayed from the cache" if source.replayable and source is not self.source else "read"
-        logger.info("pass done: {} batches {} ({} tokens), epochs {}..{}", step - first, how, tokens,
-                    epochs.start + 1, epochs.stop)
+        logger.info("pass done: {} batches from the {} ({} tokens), epochs {}..{}", step - first,
+                    type(source).__name__, tokens, epochs.start + 1, epochs.stop)
         return step
 
     # ------------------------------------------------------------------ reading
