@@ -67,7 +67,7 @@ def check_backend(backend: str) -> str:
 
 def supports(probe: Probe) -> bool:
     """Whether the torch backend trains this probe (linear classifiers; others stay on scikit-learn)."""
-    return probe.config.head == "linear" and probe.config.task == "classification"
+    return probe.config.head == "linear" and probe.config.task == "classification" and probe.config.solver == "sgd"
 
 
 def _check_kwargs(probe: Probe) -> dict[str, Any]:
@@ -176,10 +176,11 @@ class _Group:
 
     def eta(self, idx: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """``(probes, rows)`` step sizes: ``eta0``, or ``eta0 / t ** power_t`` for the row's
-        own count ``t`` (1-based, over the probe's training rows); 0 on skipped rows."""
+        own count ``t`` (1-based, over the probe's training rows), times each probe's
+        ``lr_scale_`` (its step-size decay on validation plateaus); 0 on skipped rows."""
         t = self.seen[idx][:, None] + np.cumsum(masks, axis=1)
-        eta = np.where(self.invscaling[idx][:, None], self.eta0[idx][:, None] / t.clip(min=1) ** self.power_t[idx][:, None],
-                       self.eta0[idx][:, None])
+        eta0 = self.eta0[idx][:, None] * np.array([self.probes[k].lr_scale_ for k in idx])[:, None]  # plateau decay
+        eta = np.where(self.invscaling[idx][:, None], eta0 / t.clip(min=1) ** self.power_t[idx][:, None], eta0)
         return np.where(masks, eta, 0.0)
 
     def weights(self, k: int, y: np.ndarray, T: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["EarlyStopping", "StopReason"]
+__all__ = ["DecayOnPlateau", "EarlyStopping", "StopReason"]
 
 
 class StopReason(str, Enum):
@@ -23,6 +23,7 @@ class StopReason(str, Enum):
     NON_FINITE = "non-finite"  #: a non-finite loss or activation
     MAX_STEPS = "max_steps"  #: the step budget was reached
     END_OF_DATA = "end_of_data"  #: the epochs ran out first
+    SOLVED = "solved"  #: a full-batch solver fit the probe (``solver="lbfgs"``)
 
     def __str__(self) -> str:
         return self.value
@@ -90,3 +91,48 @@ class EarlyStopping:
         if self.wait_ >= self.patience and step >= self.warmup_steps:
             return True, StopReason.PATIENCE
         return False, StopReason.NONE
+
+
+@dataclass
+class DecayOnPlateau:
+    """Shrink the step size when the monitored value stops improving.
+
+    As in Lightning's and PyTorch's ``ReduceLROnPlateau``: after ``patience`` evaluations
+    in a row without an improvement the step-size multiplier is multiplied by ``factor``
+    (down to ``min_scale``), and the count starts again. A constant SGD step stalls at a
+    noise floor around the optimum; shrinking it when the validation loss stalls lets the
+    iterates settle.
+
+    Args:
+        factor: Multiplier applied at each decay, in ``(0, 1)``.
+        patience: Evaluations without improvement before each decay.
+        min_scale: Smallest multiplier.
+
+    Attributes:
+        scale_: The current multiplier (1.0 at the start).
+        n_decays_: Decays so far.
+    """
+
+    factor: float = 0.5
+    patience: int = 2
+    min_scale: float = 1e-3
+    scale_: float = field(init=False, default=1.0)
+    n_decays_: int = field(init=False, default=0)
+    _wait: int = field(init=False, default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {self.factor}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be at least 1 evaluation, got {self.patience}")
+
+    def check(self, improved: bool) -> float:
+        """Record one evaluation (``improved``: it beat the best so far) and return the multiplier."""
+        if improved:
+            self._wait = 0
+            return self.scale_
+        self._wait += 1
+        if self._wait >= self.patience and self.scale_ > self.min_scale:
+            self.scale_, self._wait = max(self.scale_ * self.factor, self.min_scale), 0
+            self.n_decays_ += 1
+        return self.scale_

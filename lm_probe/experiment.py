@@ -141,6 +141,9 @@ class ProbesSection:
                             help="standardize features with running moments (sweepable)")
     hidden_size: Any = _key(64, types=(int, list), minimum=1, items=int,
                             help="hidden units of the mlp head (sweepable)")
+    solver: Any = _key("sgd", types=(str, list), items=str, choices=("sgd", "lbfgs"),
+                       help="'sgd' (online, batch by batch) or 'lbfgs' (linear classifiers: a full-batch "
+                            "logistic regression on the cached rows, C chosen on the validation split; sweepable)")
     num_epochs: int = _key(3, types=(int,), minimum=1, help="passes over the training examples at most")
     val_size: float = _key(0.1, types=(float, int), minimum=0, help="validation share for early stopping (0: none)")
     eval_every: int = _key(10, types=(int,), minimum=1, help="training steps between validations")
@@ -237,7 +240,7 @@ SCHEMA: dict[str, dict[str, str]] = {
        for name, cls in SECTIONS.items()},
 }
 #: The [probes] settings a list sweeps over (besides any estimator argument).
-SWEEPABLE = ("pool", "head", "control", "standardize", "hidden_size")
+SWEEPABLE = ("pool", "head", "control", "standardize", "hidden_size", "solver")
 _NOT_ESTIMATOR = {"random_state": "it is set from seed/seeds", "loss": "probes always use log-loss",
                   "hidden_layer_sizes": "use hidden_size", "classes": "classes come from the data's labels"}
 

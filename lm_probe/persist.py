@@ -25,7 +25,8 @@ from .probe import Probe, ProbeConfig
 __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-_CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control")
+_CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
+                  "solver", "Cs")
 
 
 def _encode(value: Any) -> Any:
@@ -108,7 +109,8 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
             "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
-            "n_nonfinite": probe.n_nonfinite_,
+            "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
+            "n_epochs": probe.n_epochs_,
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
@@ -171,6 +173,8 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
             probe.n_steps_, probe.best_loss_, probe.best_step_ = entry["n_steps"], entry["best_loss"], entry["best_step"]
             probe.stopped_reason_ = StopReason(entry["stop_reason"])
             probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
+            probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
+            probe.n_epochs_ = entry.get("n_epochs", 0)
             probe._n, probe._mean, probe._m2 = entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"]
             _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
             runner.probes[entry["name"]] = probe
@@ -187,6 +191,9 @@ def _metrics(split: dict | None) -> pd.DataFrame | None:
     frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name="probe"), columns=split["columns"])
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype("Int64")
+    for column in ("C", "alpha"):  # JSON keeps NaN as null
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column])
     if "support" in frame:
         frame["support"] = [None if v is None else {int(k): c for k, c in v.items()} for v in frame["support"]]
     return frame

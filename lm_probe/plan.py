@@ -257,7 +257,7 @@ def _probe_specs(section: ProbesSection, sites: list[str]) -> list[ProbeSpec]:
             try:
                 config = ProbeConfig(site, pool=own["pool"], head=own["head"], task=section.task, name=name,
                                      control=own["control"], standardize=own["standardize"],
-                                     hidden_size=own["hidden_size"], **estimator)
+                                     hidden_size=own["hidden_size"], solver=own["solver"], **estimator)
             except (TypeError, ValueError) as err:
                 raise ExperimentError(f"[probes] {err}") from None
             specs.append(ProbeSpec(name, site, settings, variant, config))

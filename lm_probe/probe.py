@@ -15,21 +15,23 @@ convention); predicting before any training raises :class:`NotFittedError`.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from loguru import logger
 from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from .consumer import Consumer, PooledBatch, finite_rows
-from .early_stopping import EarlyStopping, StopReason
+from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "asgd_weight"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
+           "asgd_weight"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -41,7 +43,16 @@ _HEADS: dict[tuple[str, str], type] = {
     ("regression", "linear"): SGDRegressor,
     ("regression", "mlp"): MLPRegressor,
 }
-_PARAMS = {cls: frozenset(cls().get_params()) for cls in _HEADS.values()}
+_PARAMS = {cls: frozenset(cls().get_params()) for cls in (*_HEADS.values(), LogisticRegression)}
+
+#: ``"sgd"``: the online head (SGD, or the MLP's own optimizer) trained batch by batch.
+#: ``"lbfgs"``: a full-batch L2 logistic regression on all the fit rows, at the end of the
+#: first epoch, with ``C`` chosen on the validation split.
+SOLVERS = ("sgd", "lbfgs")
+#: The grid of inverse regularization strengths ``C`` searched by ``solver="lbfgs"``
+#: (the same grid as scikit-learn's ``LogisticRegressionCV(Cs=10)``).
+DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
+_LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
 
 #: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
 #: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
@@ -112,6 +123,11 @@ class ProbeConfig:
         control: Also train a control-task twin on the same activations in the same
             pass (Hewitt and Liang, 2019); metrics gain ``control_accuracy`` and
             ``selectivity``.
+        solver: ``"sgd"`` (default: online, batch by batch) or ``"lbfgs"`` (linear
+            classifiers: scikit-learn's ``LogisticRegression`` fit on all the fit rows at
+            the end of the first epoch, ``C`` chosen from ``Cs`` by validation log-loss, or
+            by 5-fold cross-validation without a validation split); see :data:`SOLVERS`.
+        Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`).
         **probe_kwargs: Passed to the estimator (for the linear classifier: ``alpha``,
             ``penalty``, ``learning_rate``, ``eta0``, ``class_weight`` as a dict...), on
             top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier.
@@ -129,6 +145,8 @@ class ProbeConfig:
         task: str = "classification",
         hidden_size: int = 64,
         control: bool = False,
+        solver: str = "sgd",
+        Cs: Iterable[float] | None = None,
         **probe_kwargs: Any,
     ) -> None:
         if not isinstance(site, str):
@@ -148,7 +166,21 @@ class ProbeConfig:
         self.pool = check_pool(pool)
         self.name = label
         self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
-        estimator = _HEADS[(task, head)]
+        if solver not in SOLVERS:
+            raise ValueError(f"probe {label!r}: solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "lbfgs" and (head, task) != ("linear", "classification"):
+            raise ValueError(f"probe {label!r}: solver='lbfgs' fits linear classifiers; got head={head!r}, "
+                             f"task={task!r} (use solver='sgd')")
+        if Cs is not None and solver != "lbfgs":
+            raise ValueError(f"probe {label!r}: Cs is the C grid of solver='lbfgs'; the SGD head takes alpha")
+        self.solver = solver
+        self.Cs = None if solver != "lbfgs" else tuple(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
+        if self.Cs is not None and (not self.Cs or min(self.Cs) <= 0):
+            raise ValueError(f"probe {label!r}: Cs must be positive values of C, got {Cs!r}")
+        if solver == "lbfgs" and "C" in probe_kwargs:
+            raise ValueError(f"probe {label!r}: solver='lbfgs' chooses C from Cs; give Cs=[{probe_kwargs['C']}] "
+                             "to fix it")
+        estimator = self.estimator
         unknown = sorted(set(probe_kwargs) - _PARAMS[estimator])
         if unknown:
             raise TypeError(
@@ -162,7 +194,7 @@ class ProbeConfig:
                 f"probe {self.name!r}: class_weight='balanced' cannot be used with partial_fit; "
                 "pass a dict such as {0: 1.0, 1: 3.0}"
             )
-        defaults = dict(_DEFAULTS[estimator])
+        defaults = dict(_DEFAULTS[estimator]) if solver == "sgd" else dict(_LBFGS_DEFAULTS)
         if head == "mlp":
             defaults["hidden_layer_sizes"] = (self.hidden_size,)
         self.probe_kwargs: dict[str, Any] = {**defaults, **probe_kwargs}
@@ -170,12 +202,13 @@ class ProbeConfig:
     @property
     def estimator(self) -> type:
         """The scikit-learn estimator class of this probe."""
-        return _HEADS[(self.task, self.head)]
+        return LogisticRegression if getattr(self, "solver", "sgd") == "lbfgs" else _HEADS[(self.task, self.head)]
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.probe_kwargs.items())
+        solver = "" if self.solver == "sgd" else f", solver={self.solver!r}"
         return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
-                f"task={self.task!r}, name={self.name!r}{extra})")
+                f"task={self.task!r}, name={self.name!r}{solver}{extra})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ProbeConfig) and vars(self) == vars(other)
@@ -222,10 +255,21 @@ class Probe(Consumer):
         """Forget everything learned."""
         self.classes_ = self._classes if self.is_classifier else None
         kwargs = dict(self.config.probe_kwargs)
-        self._average = kwargs.pop("average", False) if self.config.head == "linear" else False
-        if self.config.head == "linear":
+        self._lbfgs = self.config.solver == "lbfgs"
+        sgd_linear = self.config.head == "linear" and not self._lbfgs
+        self._average = kwargs.pop("average", False) if sgd_linear else False
+        if sgd_linear:
             kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS
         self.estimator_ = self.config.estimator(random_state=self.random_state, **kwargs)
+        self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
+        self._rows: list[np.ndarray] = []  # solver="lbfgs": the fit rows, until solved
+        self._row_targets: list[np.ndarray] = []
+        self._row_bytes, self._max_row_bytes = 0, None
+        self.C_: float | None = None
+        self.converged_: bool | None = None
+        self.n_epochs_ = 0
+        self.lr_scale_ = 1.0
+        self._decay: DecayOnPlateau | None = None
         self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
         self._avg: tuple[np.ndarray, np.ndarray] | None = None
         self._seen = 0
@@ -330,7 +374,8 @@ class Probe(Consumer):
     def start(self, *, classes: Iterable[int] | None = None,
               validation: tuple[np.ndarray, np.ndarray] | None = None,
               early_stopping: EarlyStopping | None = None, eval_every: int = 10,
-              max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0, **_: Any) -> None:
+              max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0,
+              decay: DecayOnPlateau | None = None, max_row_bytes: int | None = None, **_: Any) -> None:
         """Start a training pass.
 
         Args:
@@ -343,12 +388,16 @@ class Probe(Consumer):
                 (an array for sequence tasks, a list of per-example token arrays for
                 token tasks): a control task.
             n_nonfinite: Validation rows already left out for non-finite activations.
+            decay: Step-size decay on validation plateaus (SGD linear heads).
+            max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
         """
         if classes is not None:
             self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
         self.reset()
         self._val, self._stopper, self._relabel = validation, early_stopping, relabel
         self.n_nonfinite_ = int(n_nonfinite)
+        self._decay = decay if self._eta0 and not self._lbfgs else None
+        self._max_row_bytes = max_row_bytes
         self._eval_every, self._max_steps = eval_every, max_steps
 
     def targets(self, batch: PooledBatch) -> np.ndarray:
@@ -373,8 +422,72 @@ class Probe(Consumer):
         X, y = X[keep], y[keep]
         if len(y) == 0:
             return
+        self.n_epochs_ = max(self.n_epochs_, batch.epoch + 1)
+        if self._lbfgs:
+            self._collect(X, y)
+            return
         self.partial_fit(X, y)
         self._after_step()
+
+    # ------------------------------------------------------------ solver="lbfgs"
+    def _collect(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Keep a batch's rows for the full-batch solve (and fold them into the moments)."""
+        rows = np.array(X, np.float32)
+        self._row_bytes += rows.nbytes
+        if self._max_row_bytes is not None and self._row_bytes > self._max_row_bytes:
+            raise MemoryError(f"probe {self.name!r}: solver='lbfgs' needs all its fit rows in memory, more than "
+                              f"the {self._max_row_bytes / 2**20:.1f} MiB of the cache budget; raise "
+                              "Cache(memory_budget=...) or use solver='sgd'")
+        if self.config.standardize:
+            self._n, self._mean, self._m2 = welford_update(self._n, self._mean, self._m2, X)
+        self._rows.append(rows)
+        self._row_targets.append(np.asarray(y))
+        self.n_steps_ += 1
+
+    def on_event(self, event: str, step: int, epoch: int) -> None:
+        """``solver="lbfgs"``: solve at the end of the first epoch (then the probe is done)."""
+        if self._lbfgs and event == "epoch_end" and self._rows:
+            self._solve()
+
+    def _solve(self) -> None:
+        """Fit L2 logistic regressions on the standardized fit rows for each ``C`` of the
+        grid, choose the ``C`` of the lowest validation log-loss (``best_loss_``), and refit
+        with it on the fit and validation rows together, as ``LogisticRegressionCV`` refits
+        on all its rows (without a validation split: the ``C`` of a 5-fold
+        cross-validation on the fit rows, refit on them)."""
+        from sklearn.metrics import log_loss
+
+        X, y = self._transform(np.vstack(self._rows)), np.concatenate(self._row_targets)
+        self._rows, self._row_targets = [], []
+        missing = sorted(set(self.classes_.tolist()) - set(np.unique(y).tolist()))
+        if missing:
+            raise ValueError(f"probe {self.name!r}: solver='lbfgs' needs every class in the fit rows; classes "
+                             f"{missing} have none")
+        kwargs = dict(self.config.probe_kwargs)
+
+        def fit(C: float, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
+            return LogisticRegression(C=C, random_state=self.random_state, **kwargs).fit(X, y)
+
+        if self._val is not None:
+            Xv, yv = self._transform(self._val[0]), self._val[1]
+            losses = []
+            for C in self.config.Cs:
+                losses.append(float(log_loss(yv, fit(C, X, y).predict_proba(Xv), labels=self.classes_)))
+                self.history_.append((self.n_steps_, losses[-1]))
+            best = int(np.argmin(losses))
+            self.best_loss_, self.C_ = losses[best], self.config.Cs[best]
+            X, y = np.vstack([X, Xv]), np.concatenate([y, yv])  # as LogisticRegressionCV: refit on all rows
+        else:
+            with warnings.catch_warnings():  # scikit-learn 1.8 announces new defaults we do not rely on
+                warnings.simplefilter("ignore", FutureWarning)
+                cv = LogisticRegressionCV(Cs=list(self.config.Cs), cv=5, scoring="neg_log_loss",
+                                          random_state=self.random_state, **kwargs).fit(X, y)
+            self.C_ = float(np.ravel(cv.C_)[0])
+        self.estimator_ = fit(self.C_, X, y)
+        self.best_step_ = self.n_steps_
+        self.converged_ = bool(np.all(self.estimator_.n_iter_ < self.estimator_.max_iter))
+        self._best = None
+        self.stopped_reason_ = StopReason.SOLVED
 
     def count_nonfinite(self, batch: PooledBatch, bad: np.ndarray) -> None:
         """Count (in the first epoch only: each row once) and report rows left out for
@@ -403,6 +516,9 @@ class Probe(Consumer):
         loss = self.score(*self._val)["loss"]
         self.history_.append((self.n_steps_, loss))
         stop, reason = self._stopper.check(loss, self.n_steps_)
+        if self._decay is not None and decide:
+            self.lr_scale_ = self._decay.check(self._stopper.improved_)
+            self.estimator_.eta0 = self._eta0 * self.lr_scale_
         if self._stopper.improved_:
             self.best_loss_, self.best_step_ = loss, self.n_steps_
             self._best = (copy.deepcopy(self.estimator_), np.copy(self._mean), np.copy(self._m2), self._n)
@@ -415,9 +531,13 @@ class Probe(Consumer):
 
     def finish(self) -> None:
         """End of training: score the final weights too, then restore the best ones."""
+        if self._lbfgs and self._rows:
+            self._solve()
         if self.n_steps_ == 0:
             if self.active:
                 self.stopped_reason_ = StopReason.END_OF_DATA
+            return
+        if self._lbfgs:
             return
         if not self.history_ or self.history_[-1][0] != self.n_steps_:
             self._evaluate(decide=False)
@@ -437,7 +557,20 @@ class Probe(Consumer):
             "stopped_early": self.stopped_reason_ in (StopReason.PATIENCE, StopReason.NON_FINITE),
             "stop_reason": str(self.stopped_reason_),
             "n_nonfinite": self.n_nonfinite_,
+            **self.solver_summary(),
         }
+
+    def solver_summary(self) -> dict[str, Any]:
+        """Which solver produced the weights: ``solver``, ``C`` (lbfgs) or ``alpha`` (SGD and
+        MLP heads), ``n_epochs`` run, and ``converged`` (lbfgs: within ``max_iter``; SGD:
+        stopped by early stopping rather than by the epoch or step bound)."""
+        alpha = self.estimator_.get_params().get("alpha", np.nan)
+        if self._lbfgs:
+            converged = self.converged_
+        else:
+            converged = self.stopped_reason_ is StopReason.PATIENCE
+        return {"solver": self.config.solver, "C": np.nan if self.C_ is None else self.C_,
+                "alpha": np.nan if self._lbfgs else alpha, "n_epochs": self.n_epochs_, "converged": converged}
 
     def __repr__(self) -> str:
         return f"Probe({self.name!r}, {self.config.task}/{self.config.head}, steps={self.n_steps_}, stop={self.stopped_reason_})"

@@ -33,7 +33,7 @@ from .backend import ProbeBank, check_backend, supports
 from .consumer import Consumer, PooledBatch, Request, finite_rows
 from .control import ControlTask
 from .dataset import ProbeDataset
-from .early_stopping import EarlyStopping
+from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .probe import Probe, ProbeConfig, _labeled
 from .replay import Cache, ReplayCache
@@ -140,6 +140,8 @@ class ProbeRunner:
         warmup_steps: int = 0,
         max_steps: int | None = None,
         cache: Cache | None = Cache(),
+        lr_decay: float | None = None,
+        decay_patience: int = 2,
     ) -> "ProbeRunner":
         """Train every probe online, with early stopping, then score them on ``test``.
 
@@ -164,7 +166,12 @@ class ProbeRunner:
             max_steps: Steps per probe at most.
             cache: Memory budget and spill folder of the replay cache (rows x hidden x 4
                 bytes per probed (site, pooling); see :class:`~lm_probe.replay.Cache`).
-                ``None`` traces the model again in every epoch.
+                ``None`` traces the model again in every epoch. ``solver="lbfgs"`` probes
+                hold their fit rows within its memory budget.
+            lr_decay: Multiply an SGD probe's step size by this factor after
+                ``decay_patience`` validations in a row without improvement
+                (:class:`~lm_probe.early_stopping.DecayOnPlateau`); ``None``: constant steps.
+            decay_patience: Validations without improvement before each decay.
 
         Returns:
             ``self``, with :attr:`metrics` filled when ``test`` is given.
@@ -185,16 +192,37 @@ class ProbeRunner:
         for consumer in self.consumers:  # first: consumers check their own input before any forward
             consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
         self._resolve([s for c in self.consumers for s in c.site_specs()])
+        budget = (cache or Cache()).memory_budget
+        self._check_solver_memory(fit, budget)
+        decay = (lambda: DecayOnPlateau(lr_decay, decay_patience)) if lr_decay else (lambda: None)
         self._start_probes(train, fit, val, batch_size, eval_every=eval_every, max_steps=max_steps,
-                           early_stopping=lambda: EarlyStopping(patience, min_delta, warmup_steps=warmup_steps))
+                           early_stopping=lambda: EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
+                           decay=decay, max_row_bytes=budget)
         self._train(fit, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
 
+    def _check_solver_memory(self, fit: ProbeDataset, budget: int) -> None:
+        """Refuse, before any forward, ``solver="lbfgs"`` probes whose fit rows cannot fit in
+        the cache's memory budget (the hidden size is the model's; a wider site is caught
+        at its first batch)."""
+        hidden = getattr(getattr(getattr(self.model, "_module", None), "config", None), "hidden_size", None)
+        if hidden is None:
+            return
+        for probe in self.probes.values():
+            if probe.config.solver != "lbfgs":
+                continue
+            rows = len(fit) if probe.config.pool != "none" else int(sum(len(r) for r in fit.ids))
+            need = rows * int(hidden) * 4
+            if need > budget:
+                raise MemoryError(f"probe {probe.name!r}: solver='lbfgs' needs its {rows} fit rows x {hidden} in "
+                                  f"memory ({need / 2**20:.1f} MiB), over the cache budget of {budget / 2**20:.1f} "
+                                  "MiB; raise it with fit_probes(cache=Cache(memory_budget=...)) or use solver='sgd'")
+
     def _start_probes(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
-                      early_stopping: Any, **settings: Any) -> None:
+                      early_stopping: Any, decay: Any, **settings: Any) -> None:
         """Fresh state for every probe: classes, the control task of this fit, the pooled
         validation rows (once, for all probes), early stopping."""
         has_twin = any(_is_control(name) for name in self.probes)
@@ -207,7 +235,7 @@ class ProbeRunner:
                 X, y, _, n_bad = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes, "validation")
                 validation = (X, y)
             probe.start(classes=classes if probe.is_classifier else None, validation=validation,
-                        early_stopping=early_stopping(), n_nonfinite=n_bad,
+                        early_stopping=early_stopping(), decay=decay(), n_nonfinite=n_bad,
                         relabel=self.control.labels(fit) if _is_control(probe.name) else None, **settings)
 
     def _train(self, fit: ProbeDataset, num_epochs: int, cache: Cache | None, **schedule: Any) -> None:
@@ -362,9 +390,24 @@ class ProbeRunner:
             configs: Probe configurations; their (site, pooling) must be in the run.
             backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
         """
-        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress,
-                                    source=StoreSource(run), backend=backend, device=device)
-        run.check(requests=_requests(runner.all_consumers))
+        configs, consumers = list(configs), list(consumers)
+        run.check(requests=[(c.site, c.pool) for c in configs] + _requests(consumers))
+        return cls.from_source(StoreSource(run), configs, seed=seed, consumers=consumers, progress=progress,
+                               backend=backend, device=device)
+
+    @classmethod
+    def from_source(cls, source: Source, configs: Iterable[ProbeConfig], *, seed: int = 0,
+                    consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
+                    device: str | torch.device | None = None) -> "ProbeRunner":
+        """A runner that reads pooled activations from any :class:`~lm_probe.sources.Source`
+        (a :class:`~lm_probe.sources.ArraySource` of rows pooled once, say) instead of a model.
+
+        Args:
+            source: Where the rows come from; its sites are checked now.
+            configs, seed, consumers, progress, backend, device: As for :meth:`from_store`.
+        """
+        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, source=source,
+                                    backend=backend, device=device)
         runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 
@@ -419,8 +462,10 @@ class ProbeRunner:
             ``recall``, ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``,
             ``n_steps``, ``stopped_early``, ``stop_reason``, ``n_scored``,
             ``n_nonfinite`` (rows of ``dataset`` left out), ``n_nonfinite_fit``
-            (training and validation rows left out); ``control_accuracy`` and
-            ``selectivity`` for probes with a control twin.
+            (training and validation rows left out), the solver that produced the
+            weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``: see
+            :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for
+            probes with a control twin.
         """
         acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
         rows = []
@@ -450,10 +495,11 @@ class ProbeRunner:
             logger.warning("probe {!r} has no metrics: it never trained ({}; {} training rows had non-finite "
                            "activations)", probe.name, probe.stopped_reason_, probe.n_nonfinite_)
             return {**dict.fromkeys(columns, np.nan), **info, "n_steps": 0, "stopped_early": True,
-                    "stop_reason": str(probe.stopped_reason_)}
+                    "stop_reason": str(probe.stopped_reason_), "solver": probe.config.solver, "n_epochs": 0,
+                    "converged": False}
         state = probe.compute()
-        summary = {"n_steps": state["n_steps"], "stopped_early": state["stopped_early"],
-                   "stop_reason": state["stop_reason"]}
+        summary = {key: state[key] for key in ("n_steps", "stopped_early", "stop_reason", "solver", "C", "alpha",
+                                               "n_epochs", "converged")}
         if len(y) == 0:
             logger.warning("probe {!r} has no {} rows to score (all left out)", probe.name, "test")
             return {**dict.fromkeys(columns, np.nan), **info, **summary, "score_error": "no rows to score"}

@@ -7,6 +7,8 @@ asks which source it is:
   the model runs; see :mod:`lm_probe.trace`);
 * :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.store`), matched by
   example id;
+* :class:`ArraySource`: pooled rows held in memory, matched by example id (rows pooled
+  once, e.g. with ``runner.pooled``, then probed with several label sets);
 * :class:`~lm_probe.replay.ReplayCache`: the rows pooled in the first epoch of
   ``fit_probes``, replayed to the probes in the later epochs.
 
@@ -25,7 +27,7 @@ from .dataset import Batch, ProbeDataset
 from .sites import Site, resolve_sites
 from .trace import read_pooled
 
-__all__ = ["Source", "TraceSource", "StoreSource"]
+__all__ = ["Source", "TraceSource", "StoreSource", "ArraySource"]
 
 
 class Source(Protocol):
@@ -84,3 +86,42 @@ class StoreSource:
         specs = list(specs)
         self.run.check(sites=specs)
         return self.run.sites_for(specs)
+
+
+class ArraySource:
+    """Pooled rows in memory, one per example, matched by ``example_ids``.
+
+    Args:
+        rows: ``{(site spec, pool): (n, hidden) array}``; row ``i`` belongs to ``example_ids[i]``.
+        example_ids: ``(n,)`` distinct ids (``ProbeDataset.example_ids`` of the pooled data).
+        sites: ``{spec: Site}`` for the specs in ``rows`` (e.g. the live runner's ``sites``).
+    """
+
+    replayable = True
+
+    def __init__(self, rows: Mapping[Request, Any], example_ids: Any, sites: Mapping[str, Site]) -> None:
+        self.rows = {key: np.asarray(value) for key, value in rows.items()}
+        if any(how == "none" for _, how in self.rows):
+            raise ValueError("ArraySource holds one row per example; token rows (pool='none') are not supported")
+        ids = np.asarray(example_ids, np.int64)
+        if any(len(v) != len(ids) for v in self.rows.values()):
+            raise ValueError(f"every array needs one row per example id ({len(ids)})")
+        self._row_of = {int(e): i for i, e in enumerate(ids)}
+        self.sites = dict(sites)
+
+    def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
+        try:
+            rows = np.array([self._row_of[int(i)] for i in data.example_ids[batch.index]], np.int64)
+        except KeyError as err:
+            raise KeyError(f"example id {err.args[0]} has no pooled row in this ArraySource") from None
+        missing = [r for r in requests if r not in self.rows]
+        if missing:
+            raise KeyError(f"no pooled rows for {missing}; the source holds {sorted(self.rows)}")
+        return {r: self.rows[r][rows] for r in requests}
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        specs = list(specs)
+        unknown = [s for s in specs if s not in self.sites]
+        if unknown:
+            raise ValueError(f"sites {unknown} are not in this ArraySource; it has {sorted(self.sites)}")
+        return {s: self.sites[s] for s in specs}

@@ -289,6 +289,26 @@ def test_sweep_names_and_count(workdir, model):
     assert all(f"  {n}" in described for n in names)
 
 
+def test_solver_sweep_runs_both_solvers_on_one_trace(workdir, model):
+    text = experiment_text(probes='solver = ["sgd", "lbfgs"]\nnum_epochs = 2\ncache_budget_mib = 64', geometry=None,
+                           gauges=None)
+    plan = plan_experiment(load_experiment(write(workdir, text, "solver.toml"), out=workdir / "o_solver"),
+                           model=model, progress=False)
+    assert [p.name for p in plan.probes][:2] == ["model.layers.1.output/solver=sgd",
+                                                 "model.layers.1.output/solver=lbfgs"]
+    assert "cache budget 64 MiB" in plan.describe()
+    run_plan(plan)
+    metrics = pd.read_csv(workdir / "o_solver" / "metrics.csv", index_col=0)
+    assert sorted(set(metrics["solver"])) == ["lbfgs", "sgd"]
+    lbfgs = metrics[metrics["solver"] == "lbfgs"]
+    assert lbfgs["C"].notna().all() and (lbfgs["n_epochs"] == 1).all() and lbfgs["alpha"].isna().all()
+
+
+def test_lbfgs_with_an_sgd_argument_is_refused(workdir, model):
+    errors(workdir, experiment_text(probes='solver = "lbfgs"\nalpha = 1e-3'),
+           r"unknown LogisticRegression arguments \['alpha'\]", model)
+
+
 # ---------------------------------------------------------------- a full run
 def test_full_run_writes_every_output(full_run):
     plan, out, _ = full_run
