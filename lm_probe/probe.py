@@ -566,7 +566,7 @@ class Probe(Consumer):
         stopped by early stopping rather than by the epoch or step bound)."""
         alpha = self.estimator_.get_params().get("alpha", np.nan)
         if self._lbfgs:
-            converged = self.converged_
+            converged = bool(self.converged_)  # None (not solved yet) counts as not converged
         else:
             converged = self.stopped_reason_ is StopReason.PATIENCE
         return {"solver": self.config.solver, "C": np.nan if self.C_ is None else self.C_,

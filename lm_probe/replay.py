@@ -88,7 +88,7 @@ class ReplayCache(Consumer):
         self._token_offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._rows: dict[Request, np.ndarray] = {}
         self._filled: dict[Request, int] = {}
-        self._dropped: set[Request] = set()
+        self._n_files = 0
         self.nbytes_in_memory = self.nbytes_spilled = 0
         self._folder: Path | None = None
         self._cleanup: Any = None
@@ -112,8 +112,12 @@ class ReplayCache(Consumer):
         off = self._token_offsets
         return np.concatenate([np.arange(off[i], off[i + 1]) for i in index]) if len(index) else np.zeros(0, int)
 
+    def _n_rows(self, request: Request) -> int:
+        """Rows of a request over the whole split: one per example, or every real token."""
+        return len(self.data) if request[1] != "none" else int(self._token_offsets[-1])
+
     def _allocate(self, request: Request, hidden: int, dtype: np.dtype) -> np.ndarray:
-        n = len(self.data) if request[1] != "none" else int(self._token_offsets[-1])
+        n = self._n_rows(request)
         nbytes = n * hidden * np.dtype(dtype).itemsize
         if self.nbytes_in_memory + nbytes <= self.settings.memory_budget:
             self.nbytes_in_memory += nbytes
@@ -124,16 +128,15 @@ class ReplayCache(Consumer):
             logger.info("replay cache: over its memory budget of {:.1f} MiB; spilling to {}",
                         self.settings.memory_budget / 2**20, self._folder)
         self.nbytes_spilled += nbytes
-        path = self._folder / f"request_{len(self._rows) + len(self._dropped)}.f{np.dtype(dtype).itemsize * 8}"
+        self._n_files += 1
+        path = self._folder / f"request_{self._n_files}.f{np.dtype(dtype).itemsize * 8}"
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, hidden))
 
     def update(self, batch: PooledBatch) -> None:
         wanted = self.requests
         for request in [r for r in self._rows if r not in wanted]:  # its probes stopped: not replayed
             self._drop(request)
-        for request in wanted:
-            if request in self._dropped:
-                continue
+        for request in wanted:  # (probes only stop: a dropped request is never wanted again)
             value = np.asarray(batch.acts[request])
             if request not in self._rows:
                 self._rows[request] = self._allocate(request, value.shape[1], value.dtype)
@@ -147,7 +150,6 @@ class ReplayCache(Consumer):
             self.nbytes_spilled -= array.nbytes
         else:
             self.nbytes_in_memory -= array.nbytes
-        self._dropped.add(request)
 
     def compute(self) -> dict[str, Any]:
         """What the cache holds: requests, rows, bytes in memory and spilled."""
@@ -157,7 +159,7 @@ class ReplayCache(Consumer):
 
     def reset(self) -> None:
         self.close()
-        self._rows, self._filled, self._dropped = {}, {}, set()
+        self._rows, self._filled = {}, {}
         self.nbytes_in_memory = self.nbytes_spilled = 0
 
     def close(self) -> None:
@@ -175,8 +177,7 @@ class ReplayCache(Consumer):
         out = {}
         for request in requests:
             rows = self._rows.get(request)
-            total = len(self.data) if request[1] != "none" else int(self._token_offsets[-1])
-            if rows is None or self._filled[request] != total:
+            if rows is None or self._filled[request] != self._n_rows(request):
                 raise RuntimeError(f"the replay cache has no complete rows for {request}; "
                                    "only requests of probes active through the first epoch are cached")
             out[request] = rows[self._rows_of(request, batch.index)]

@@ -228,6 +228,7 @@ class ProbeRunner:
         has_twin = any(_is_control(name) for name in self.probes)
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
+        control_fit = self.control.labels(fit) if self.control is not None else None
         for probe in self.probes.values():
             classes = probe.config.classes or tuple(train.classes.tolist())
             validation, n_bad = None, 0
@@ -236,7 +237,7 @@ class ProbeRunner:
                 validation = (X, y)
             probe.start(classes=classes if probe.is_classifier else None, validation=validation,
                         early_stopping=early_stopping(), decay=decay(), n_nonfinite=n_bad,
-                        relabel=self.control.labels(fit) if _is_control(probe.name) else None, **settings)
+                        relabel=control_fit if _is_control(probe.name) else None, **settings)
 
     def _train(self, fit: ProbeDataset, num_epochs: int, cache: Cache | None, **schedule: Any) -> None:
         """The training passes: the first epoch from the source, for every consumer (and
@@ -494,9 +495,8 @@ class ProbeRunner:
         if probe.n_steps_ == 0:
             logger.warning("probe {!r} has no metrics: it never trained ({}; {} training rows had non-finite "
                            "activations)", probe.name, probe.stopped_reason_, probe.n_nonfinite_)
-            return {**dict.fromkeys(columns, np.nan), **info, "n_steps": 0, "stopped_early": True,
-                    "stop_reason": str(probe.stopped_reason_), "solver": probe.config.solver, "n_epochs": 0,
-                    "converged": False}
+            return {**dict.fromkeys(columns, np.nan), **info, **probe.solver_summary(), "n_steps": 0,
+                    "stopped_early": True, "stop_reason": str(probe.stopped_reason_)}
         state = probe.compute()
         summary = {key: state[key] for key in ("n_steps", "stopped_early", "stop_reason", "solver", "C", "alpha",
                                                "n_epochs", "converged")}
