@@ -67,7 +67,23 @@ def ensure_pad_token(tokenizer: Any) -> None:
 class ProbeDataset:
     """Labeled token sequences.
 
-    Build one with :meth:`from_texts` or :meth:`from_tensors`.
+    Build one with :meth:`from_texts` or :meth:`from_tensors`; the original lm_probe's
+    ``ProbeDataset(input_ids, attention_mask, labels)`` is :meth:`from_tensors` too.
+    Indexing (``data[0:5]``) gives the original's dict of padded tensors.
+
+    Args:
+        ids: One int array of token ids per example, without padding. In the original
+            form: ``(n, tokens)`` padded ids.
+        labels: ``(n,)`` labels (integers, or floats for regression). In the original
+            form: the ``(n, tokens)`` attention mask of ``ids``.
+        tensor_labels: Given only in the original form: its ``(n,)`` labels.
+        pad_token_id: Id used to pad batches (default: the id at the padded positions of
+            padded ``ids``, else 0).
+        padding_side: ``"left"`` or ``"right"`` (default: the side padded ``ids`` are
+            padded on, else ``"right"``).
+        texts: The source texts.
+        token_labels, token_words, label_names: Token-level labels (see :meth:`from_tagged`).
+        example_ids: See the attributes.
 
     Attributes:
         ids: One int64 array of token ids per example, without padding.
@@ -81,17 +97,29 @@ class ProbeDataset:
 
     def __init__(
         self,
-        ids: Sequence[np.ndarray],
-        labels: Sequence[int] | Sequence[float] | np.ndarray | None = None,
+        ids: Sequence[np.ndarray] | torch.Tensor | np.ndarray,
+        labels: Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        tensor_labels: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         *,
-        pad_token_id: int = 0,
-        padding_side: str = "right",
+        pad_token_id: int | None = None,
+        padding_side: str | None = None,
         texts: Sequence[str] | None = None,
         token_labels: Sequence[np.ndarray] | None = None,
         token_words: Sequence[Sequence[str | None]] | None = None,
         label_names: Sequence[str] | None = None,
         example_ids: Sequence[int] | np.ndarray | None = None,
     ) -> None:
+        width = None
+        if tensor_labels is not None:  # the original lm_probe's (input_ids, attention_mask, labels)
+            ids, found_pad, found_side = _unpad(ids, labels, len(tensor_labels))
+            width, labels = np.shape(labels)[1], tensor_labels
+            pad_token_id = found_pad if pad_token_id is None else pad_token_id
+            padding_side = found_side if padding_side is None else padding_side
+        elif getattr(labels, "ndim", 1) == 2:
+            raise ValueError("labels is 2-D, like an attention mask: the original lm_probe's form takes the labels "
+                             "third, ProbeDataset(input_ids, attention_mask, labels)")
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+        padding_side = "right" if padding_side is None else padding_side
         if len(ids) == 0:
             raise ValueError("the dataset is empty: give at least one example")
         if labels is None:
@@ -132,6 +160,7 @@ class ProbeDataset:
         self.example_ids = np.arange(len(ids)) if example_ids is None else np.asarray(example_ids, np.int64)
         if len(self.example_ids) != len(ids) or len(np.unique(self.example_ids)) != len(ids):
             raise ValueError("example_ids must give one distinct id per example")
+        self._width = width  # the padded width it was built from: indexing pads to it, as the original did
 
     @property
     def is_token_level(self) -> bool:
@@ -297,8 +326,8 @@ class ProbeDataset:
         attention_mask: torch.Tensor | np.ndarray,
         labels: Sequence[int] | np.ndarray,
         *,
-        pad_token_id: int = 0,
-        padding_side: str = "right",
+        pad_token_id: int | None = None,
+        padding_side: str | None = None,
     ) -> "ProbeDataset":
         """Build a dataset from padded ids and their mask; padding is dropped.
 
@@ -306,20 +335,34 @@ class ProbeDataset:
             input_ids: ``(n, tokens)`` ids, padded on either side.
             attention_mask: ``(n, tokens)`` mask, 1 for real tokens.
             labels: ``(n,)`` integer labels.
-            pad_token_id: Id to pad batches with.
-            padding_side: Side to pad batches on.
+            pad_token_id: Id to pad batches with (default: the id at the padded positions,
+                when they all hold one, else 0).
+            padding_side: Side to pad batches on (default: the side ``input_ids`` are
+                padded on, when it is one side, else ``"right"``).
         """
-        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-        if ids.shape != mask.shape:
-            raise ValueError(f"input_ids has shape {ids.shape} but attention_mask has {mask.shape}")
-        if len(ids) != len(labels):
-            raise ValueError(f"got {len(ids)} rows of input_ids but {len(labels)} labels")
-        rows = [row[m.astype(bool)] for row, m in zip(ids, mask)]
-        return cls(rows, labels, pad_token_id=pad_token_id, padding_side=padding_side)
+        return cls(input_ids, attention_mask, labels, pad_token_id=pad_token_id, padding_side=padding_side)
 
     # ---------------------------------------------------------------- access
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Examples as the original lm_probe's dataset gave them: padded tensors.
+
+        Args:
+            index: A position (``data[0]``), a slice (``data[0:5]``) or positions.
+
+        Returns:
+            ``{"input_ids", "attention_mask"}``: ``(k, tokens)`` int64, padded with
+            ``pad_token_id`` on ``padding_side`` to the width of the tensors the dataset
+            was built from (else to the longest example picked); ``"labels"``: ``(k,)``.
+            A position gives ``(tokens,)`` rows and a 0-d label.
+        """
+        picked = np.arange(len(self))[index]  # IndexError past the end, as a sequence should
+        batch = self._pad(np.atleast_1d(picked), width=self._width)
+        items = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                 "labels": torch.as_tensor(batch.labels)}
+        return {key: value[0] for key, value in items.items()} if np.ndim(picked) == 0 else items
 
     def __repr__(self) -> str:
         classes = dict(zip(*np.unique(self.labels, return_counts=True)))
@@ -341,12 +384,14 @@ class ProbeDataset:
         """The examples at ``index``, in that order."""
         index = np.asarray(index, dtype=np.int64)
         pick = lambda values: None if values is None else [values[i] for i in index]
-        return ProbeDataset(
+        part = ProbeDataset(
             [self.ids[i] for i in index], self.labels[index],
             pad_token_id=self.pad_token_id, padding_side=self.padding_side, texts=pick(self.texts),
             token_labels=pick(self.token_labels), token_words=pick(self.token_words), label_names=self.label_names,
             example_ids=self.example_ids[index],
         )
+        part._width = self._width
+        return part
 
     def tt_split(self, test_size: float = 0.2, seed: int = 0) -> tuple["ProbeDataset", "ProbeDataset"]:
         """Stratified, seeded train/test split.
@@ -418,13 +463,34 @@ class ProbeDataset:
         for index in chunks:
             yield self._pad(index)
 
-    def _pad(self, index: np.ndarray) -> Batch:
+    def _pad(self, index: np.ndarray, width: int | None = None) -> Batch:
         rows = [self.ids[i] for i in index]
-        width = max(len(r) for r in rows)
+        width = max([len(r) for r in rows] + [width or 0])
         ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for k, row in enumerate(rows):
             span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
             ids[k, span], mask[k, span] = row, 1
-        tokens = None if self.token_labels is None else np.concatenate([self.token_labels[i] for i in index])
+        tokens = None if self.token_labels is None else np.concatenate([self.token_labels[i] for i in index] or
+                                                                        [np.zeros(0, np.int64)])
         return Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index, tokens)
+
+
+def _unpad(input_ids: Any, attention_mask: Any, n_labels: int) -> tuple[list[np.ndarray], int | None, str | None]:
+    """Padded ``(n, tokens)`` ids and their mask -> the real tokens of each row, the pad id
+    (``None`` unless every padded position holds the same id) and the padding side
+    (``None`` unless every padded row is padded on the same side)."""
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"input_ids has shape {ids.shape} but attention_mask has {mask.shape}; both must be "
+                         "(examples, tokens)")
+    if len(ids) != n_labels:
+        raise ValueError(f"got {len(ids)} rows of input_ids but {n_labels} labels")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (real tokens) only")
+    real = mask.astype(bool)
+    pads = np.unique(ids[~real])
+    padded = ~real.all(1)
+    left, right = padded & ~real[:, 0], padded & ~real[:, -1]
+    side = "left" if left.any() and not right.any() else "right" if right.any() and not left.any() else None
+    return [row[m] for row, m in zip(ids, real)], int(pads[0]) if len(pads) == 1 else None, side
