@@ -20,13 +20,13 @@ import pandas as pd
 
 from .control import ControlTask
 from .early_stopping import StopReason
-from .probe import Probe, ProbeConfig
+from .probe import PER_PROBE, Probe, ProbeConfig
 
 __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
-                  "solver", "Cs")
+                  "solver", "Cs", *PER_PROBE)
 
 
 def _encode(value: Any) -> Any:

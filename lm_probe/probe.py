@@ -31,7 +31,7 @@ from .pooling import check_pool
 from .stats import welford_update
 
 __all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
-           "asgd_weight"]
+           "PER_PROBE", "asgd_weight"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -77,6 +77,44 @@ _DEFAULTS: dict[type, dict[str, Any]] = {
     MLPClassifier: {},
     MLPRegressor: {},
 }
+
+
+#: ``fit_probes`` settings that a :class:`ProbeConfig` may set for its own probe, as the
+#: original lm_probe's ProbeConfig did (``None``: the value given to ``fit_probes``).
+PER_PROBE = ("patience", "warmup_steps", "max_steps")
+
+#: Arguments of the original lm_probe's ProbeConfig (t-shoemaker/lm_probe) with no
+#: per-probe meaning here, and where their setting lives now. Each is accepted with one
+#: FutureWarning per process and argument; ``model_kwargs`` is still passed on.
+ORIGINAL_ARGUMENTS: dict[str, str] = {
+    "test_size": "is ignored: the validation rows for early stopping are one split of the training set, "
+                 "shared by all probes (the original held out a share of each batch); set its share with "
+                 "fit_probes(val_size=...)",
+    "threshold": "is ignored: an improvement of validation log-loss counts when it is at least "
+                 "fit_probes(min_delta=...) (absolute, where the original's threshold was relative)",
+    "null_label": "is ignored: token-level probes are ProbeConfig(site, pool='none') on "
+                  "ProbeDataset.from_tagged(...) data, whose unlabeled tokens are lm_probe.IGNORE",
+    "model_kwargs": "is passed on, but give the estimator's arguments directly: ProbeConfig(site, classes, "
+                    "alpha=...)",
+}
+_warned: set[str] = set()
+
+
+def _from_original(probe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``probe_kwargs`` without the original lm_probe's :data:`ORIGINAL_ARGUMENTS` (its
+    ``model_kwargs`` merged in), warning once per process about each one given."""
+    kwargs = dict(probe_kwargs)
+    for argument, where in ORIGINAL_ARGUMENTS.items():
+        if argument not in kwargs:
+            continue
+        value = kwargs.pop(argument)
+        if argument not in _warned:
+            _warned.add(argument)
+            warnings.warn(f"ProbeConfig({argument}=...) of the original lm_probe {where}", FutureWarning,
+                          stacklevel=3)
+        if argument == "model_kwargs":
+            kwargs = {**dict(value or {}), **kwargs}
+    return kwargs
 
 
 def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
@@ -128,9 +166,15 @@ class ProbeConfig:
             the end of the first epoch, ``C`` chosen from ``Cs`` by validation log-loss, or
             by 5-fold cross-validation without a validation split); see :data:`SOLVERS`.
         Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`).
+        patience, warmup_steps, max_steps: This probe's own early stopping and step
+            budget, in place of the values given to ``fit_probes`` (``None``: those; see
+            :data:`PER_PROBE`). Patience counts validation evaluations, one every
+            ``fit_probes(eval_every=...)`` steps.
         **probe_kwargs: Passed to the estimator (for the linear classifier: ``alpha``,
             ``penalty``, ``learning_rate``, ``eta0``, ``class_weight`` as a dict...), on
-            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier.
+            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier. The original
+            lm_probe's ``test_size``, ``threshold``, ``null_label`` and ``model_kwargs``
+            are accepted with a warning (:data:`ORIGINAL_ARGUMENTS`).
     """
 
     def __init__(
@@ -147,6 +191,9 @@ class ProbeConfig:
         control: bool = False,
         solver: str = "sgd",
         Cs: Iterable[float] | None = None,
+        patience: int | None = None,
+        warmup_steps: int | None = None,
+        max_steps: int | None = None,
         **probe_kwargs: Any,
     ) -> None:
         if not isinstance(site, str):
@@ -180,6 +227,13 @@ class ProbeConfig:
         if solver == "lbfgs" and "C" in probe_kwargs:
             raise ValueError(f"probe {label!r}: solver='lbfgs' chooses C from Cs; give Cs=[{probe_kwargs['C']}] "
                              "to fix it")
+        for key, value, least in (("patience", patience, 1), ("warmup_steps", warmup_steps, 0),
+                                  ("max_steps", max_steps, 1)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < least):
+                raise ValueError(f"probe {label!r}: {key} must be an integer of at least {least} (or None: "
+                                 f"fit_probes' value), got {value!r}")
+            setattr(self, key, None if value is None else int(value))
+        probe_kwargs = _from_original(probe_kwargs)
         estimator = self.estimator
         unknown = sorted(set(probe_kwargs) - _PARAMS[estimator])
         if unknown:
@@ -204,8 +258,15 @@ class ProbeConfig:
         """The scikit-learn estimator class of this probe."""
         return LogisticRegression if getattr(self, "solver", "sgd") == "lbfgs" else _HEADS[(self.task, self.head)]
 
+    def training(self, **defaults: Any) -> dict[str, Any]:
+        """``fit_probes``' training settings, with this probe's own :data:`PER_PROBE`
+        values in place of the ones it sets (``config.training(patience=5, min_delta=1e-4)``)."""
+        own = {key: getattr(self, key, None) for key in PER_PROBE}  # None also in configs pickled before them
+        return {key: value if own.get(key) is None else own[key] for key, value in defaults.items()}
+
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in self.probe_kwargs.items())
+        own = {k: getattr(self, k, None) for k in PER_PROBE if getattr(self, k, None) is not None}
+        extra = "".join(f", {k}={v!r}" for k, v in {**own, **self.probe_kwargs}.items())
         solver = "" if self.solver == "sgd" else f", solver={self.solver!r}"
         return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
                 f"task={self.task!r}, name={self.name!r}{solver}{extra})")

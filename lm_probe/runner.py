@@ -149,7 +149,8 @@ class ProbeRunner:
         and feeds every consumer; epochs 2..n replay the pooled rows to the probes from
         the replay cache (:mod:`lm_probe.replay`), in a new seeded shuffle each epoch.
         Validation and test activations are pooled once each. Each call starts from
-        fresh probe state and replaces :attr:`metrics`.
+        fresh probe state and replaces :attr:`metrics`. A probe whose :class:`ProbeConfig`
+        sets ``patience``, ``warmup_steps`` or ``max_steps`` uses its own value instead.
 
         Args:
             train: Training examples; a stratified ``val_size`` share is held out once
@@ -195,9 +196,9 @@ class ProbeRunner:
         budget = (cache or Cache()).memory_budget
         self._check_solver_memory(fit, budget)
         decay = (lambda: DecayOnPlateau(lr_decay, decay_patience)) if lr_decay else (lambda: None)
-        self._start_probes(train, fit, val, batch_size, eval_every=eval_every, max_steps=max_steps,
-                           early_stopping=lambda: EarlyStopping(patience, min_delta, warmup_steps=warmup_steps),
-                           decay=decay, max_row_bytes=budget)
+        self._start_probes(train, fit, val, batch_size, eval_every=eval_every, decay=decay, max_row_bytes=budget,
+                           stopping=dict(patience=patience, min_delta=min_delta, warmup_steps=warmup_steps,
+                                         max_steps=max_steps))
         self._train(fit, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
@@ -222,9 +223,10 @@ class ProbeRunner:
                                   "MiB; raise it with fit_probes(cache=Cache(memory_budget=...)) or use solver='sgd'")
 
     def _start_probes(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
-                      early_stopping: Any, decay: Any, **settings: Any) -> None:
+                      stopping: dict[str, Any], decay: Any, **settings: Any) -> None:
         """Fresh state for every probe: classes, the control task of this fit, the pooled
-        validation rows (once, for all probes), early stopping."""
+        validation rows (once, for all probes), early stopping and the step budget
+        (``stopping``, with a probe's own :data:`~lm_probe.probe.PER_PROBE` values in place)."""
         has_twin = any(_is_control(name) for name in self.probes)
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
@@ -235,8 +237,10 @@ class ProbeRunner:
             if val is not None:
                 X, y, _, n_bad = self._scored_rows(probe, val_acts[probe.requests[0]], val, classes, "validation")
                 validation = (X, y)
+            own = probe.config.training(**stopping)
+            max_steps = own.pop("max_steps")
             probe.start(classes=classes if probe.is_classifier else None, validation=validation,
-                        early_stopping=early_stopping(), decay=decay(), n_nonfinite=n_bad,
+                        early_stopping=EarlyStopping(**own), max_steps=max_steps, decay=decay(), n_nonfinite=n_bad,
                         relabel=control_fit if _is_control(probe.name) else None, **settings)
 
     def _train(self, fit: ProbeDataset, num_epochs: int, cache: Cache | None, **schedule: Any) -> None:

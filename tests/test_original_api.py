@@ -91,3 +91,68 @@ def test_slicing_a_dataset_of_texts_pads_to_the_longest_picked():
     docs = ds[0:2]
     assert torch.equal(docs["input_ids"], tok(["good movie", "a very dull film"], padding=True,
                                               return_tensors="pt")["input_ids"])
+
+
+# ---------------------------------------------------------------- ProbeConfig
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which original arguments were warned about (they warn once per process)."""
+    monkeypatch.setattr(probe_module, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def test_the_original_per_probe_settings_are_accepted(fresh_warnings):
+    config = ProbeConfig("transformer.h.1.output", {0, 1}, test_size=0.5, patience=10, warmup_steps=25)
+    assert (config.patience, config.warmup_steps, config.max_steps) == (10, 25, None)
+    assert config.training(patience=5, min_delta=1e-4, warmup_steps=0, max_steps=7) == dict(
+        patience=10, min_delta=1e-4, warmup_steps=25, max_steps=7)
+    assert "test_size" not in config.probe_kwargs and "patience=10" in repr(config)
+    (warning,) = fresh_warnings
+    assert warning.category is FutureWarning and "fit_probes(val_size=...)" in str(warning.message)
+    assert warning.filename == __file__  # points at the user's line
+
+
+def test_each_original_argument_warns_once_per_process(fresh_warnings):
+    for _ in range(3):
+        ProbeConfig("transformer.h.1.output", {0, 1}, test_size=0.5, threshold=1e-5, null_label=None)
+    messages = [str(w.message) for w in fresh_warnings]
+    assert len(messages) == 3 and all("of the original lm_probe" in m for m in messages)
+    assert any("fit_probes(min_delta=...)" in m for m in messages)
+    assert any("pool='none'" in m for m in messages)
+
+
+def test_model_kwargs_are_passed_on_and_checked(fresh_warnings):
+    config = ProbeConfig("transformer.h.1.output", {0, 1}, model_kwargs={"alpha": 0.1, "penalty": "l1"})
+    assert (config.probe_kwargs["alpha"], config.probe_kwargs["penalty"]) == (0.1, "l1")
+    assert "alpha=..." in str(fresh_warnings[0].message)
+    with pytest.raises(TypeError, match=r"unknown SGDClassifier arguments \['bogus'\]"):
+        ProbeConfig("transformer.h.1.output", {0, 1}, model_kwargs={"bogus": 1})
+
+
+def test_arguments_of_neither_api_are_still_refused():
+    with pytest.raises(TypeError, match=r"unknown SGDClassifier arguments \['test_sise'\]; valid ones are"):
+        ProbeConfig("transformer.h.1.output", {0, 1}, test_sise=0.5)
+    with pytest.raises(ValueError, match="patience must be an integer of at least 1"):
+        ProbeConfig("transformer.h.1.output", {0, 1}, patience=0)
+
+
+def test_per_probe_settings_take_the_place_of_fit_probes_ones(gpt2, toy, tmp_path):
+    train, test = toy
+    site = "transformer.h.1.output"
+    configs = [
+        ProbeConfig(site, name="fit's"),
+        ProbeConfig(site, name="impatient", patience=1),
+        ProbeConfig(site, name="impatient after warmup", patience=1, warmup_steps=5),
+        ProbeConfig(site, name="capped", max_steps=3),
+    ]
+    runner = ProbeRunner(gpt2, configs, progress=False)
+    # no evaluation improves by min_delta after the first: only patience decides
+    runner.fit_probes(train, test, batch_size=16, num_epochs=1, eval_every=1, patience=1000, min_delta=0.5)
+    n_batches = -(-(len(train) - int(np.ceil(len(train) * 0.1))) // 16)
+    steps = {name: (p.n_steps_, p.stopped_reason_) for name, p in runner.probes.items()}
+    assert steps == {"fit's": (n_batches, StopReason.END_OF_DATA), "impatient": (2, StopReason.PATIENCE),
+                     "impatient after warmup": (5, StopReason.PATIENCE), "capped": (3, StopReason.MAX_STEPS)}
+    loaded = ProbeRunner.load(runner.save(tmp_path / "probes"))
+    assert [p.config for p in loaded.probes.values()] == configs
