@@ -118,6 +118,11 @@ class ProbeRunner:
         return [*self.probes.values(), *self.consumers]
 
     def __getitem__(self, name: str) -> Probe:
+        """The probe named ``name`` (its site, unless its config names it).
+
+        Raises:
+            KeyError: no probe has that name (the message lists the names).
+        """
         if name not in self.probes:
             raise KeyError(f"no probe named {name!r}; probes are {list(self.probes)}")
         return self.probes[name]
@@ -363,22 +368,30 @@ class ProbeRunner:
         return {key: np.concatenate(parts) for key, parts in rows.items()}
 
     def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           subset: Sequence[str] | None = None, *,
                            batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Each probe's pooled input features for a padded batch.
+        """Each probe's pooled input features for a padded batch (as the original lm_probe's).
 
         Args:
             input_ids: ``(n, tokens)`` ids.
             attention_mask: ``(n, tokens)`` mask.
+            subset: Names of the probes to compute (default, or empty: all). A probe's name
+                is its site unless its config names it.
             batch_size: Trace in chunks of this many rows (default: all at once).
 
         Returns:
-            ``{probe name: (n, hidden) float32 array}``.
+            ``{probe name: (n, hidden) float32 array}``, the rows ``runner[name].predict``
+            takes.
+
+        Raises:
+            KeyError: a name in ``subset`` is no probe's.
         """
+        probes = {name: self[name] for name in subset} if subset else self.probes
         data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
                                          pad_token_id=_pad_id(self.model),
                                          padding_side=_padding_side(self.model))
-        acts = self.pooled(data, None, batch_size or len(data), "features")
-        return {name: acts[p.requests[0]] for name, p in self.probes.items()}
+        acts = self.pooled(data, _requests(probes.values()), batch_size or len(data), "features")
+        return {name: acts[p.requests[0]] for name, p in probes.items()}
 
     @classmethod
     def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,

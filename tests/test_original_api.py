@@ -156,3 +156,128 @@ def test_per_probe_settings_take_the_place_of_fit_probes_ones(gpt2, toy, tmp_pat
                      "impatient after warmup": (5, StopReason.PATIENCE), "capped": (3, StopReason.MAX_STEPS)}
     loaded = ProbeRunner.load(runner.save(tmp_path / "probes"))
     assert [p.config for p in loaded.probes.values()] == configs
+
+
+# ---------------------------------------------------------------- ProbeRunner
+def test_get_probe_features_takes_the_original_subset(gpt2, toy):
+    train, _ = toy
+    configs = [ProbeConfig("transformer.h.1.output"), ProbeConfig("transformer.h.3.output")]
+    runner = ProbeRunner(gpt2, configs, progress=False)
+    batch = next(train.batches(4))
+    every = runner.get_probe_features(batch.input_ids, batch.attention_mask)
+    some = runner.get_probe_features(batch.input_ids, batch.attention_mask, ["transformer.h.3.output"])
+    assert list(every) == ["transformer.h.1.output", "transformer.h.3.output"]
+    assert list(some) == ["transformer.h.3.output"]
+    np.testing.assert_array_equal(some["transformer.h.3.output"], every["transformer.h.3.output"])
+    assert list(runner.get_probe_features(batch.input_ids, batch.attention_mask, [])) == list(every)
+    with pytest.raises(KeyError, match="no probe named 'transformer.h.2.output'"):
+        runner.get_probe_features(batch.input_ids, batch.attention_mask, ["transformer.h.2.output"])
+
+
+# ---------------------------------------------------------------- the README, end to end
+def _pooled_by_hand(hf_model, tokenizer, texts, site):
+    """Mean-pooled activations of each text alone (no padding), read from the Hugging Face
+    module with a plain forward hook (no nnsight): ``transformer.h.2.mlp.output`` is the
+    output of ``hf_model.transformer.h[2].mlp`` (the first element of a block's or an
+    attention's tuple). Not ``output_hidden_states``: GPT-2's last one is after ``ln_f``."""
+    module = hf_model
+    for part in site.removesuffix(".output").split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    captured = []
+    hook = module.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple)
+                                                                             else out))
+    try:
+        for text in texts:
+            with torch.no_grad():
+                hf_model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+    finally:
+        hook.remove()
+    return np.stack([hidden[0].double().mean(0).numpy() for hidden in captured])
+
+
+def test_pooling_by_hand_reads_the_hidden_states(gpt2):
+    """The reference agrees with output_hidden_states where those are block outputs."""
+    texts, _ = toy_texts(3, seed=4)
+    with torch.no_grad():
+        states = [gpt2._module(input_ids=torch.tensor([gpt2.tokenizer(t)["input_ids"]]),
+                               output_hidden_states=True).hidden_states for t in texts]
+    np.testing.assert_allclose(_pooled_by_hand(gpt2._module, gpt2.tokenizer, texts, "transformer.h.1.output"),
+                               [s[2][0].double().mean(0).numpy() for s in states], atol=1e-6)
+
+
+def test_the_original_readme_runs_unchanged(fresh_warnings):
+    import pandas as pd
+    from sklearn.metrics import accuracy_score
+
+    # gpt2 = LanguageModel("gpt2", device_map="auto"), here a tiny random GPT-2
+    gpt2 = load_model(tiny_model("gpt2", layers=4, hidden=32, seed=0), tokenizer=tiny_tokenizer())
+    gpt2.tokenizer.model_max_length = WIDTH
+    texts, sentiment = toy_texts(200, seed=3)
+    df = pd.DataFrame({"review": texts, "sentiment": np.where(sentiment == 1, "positive", "negative")})
+
+    # ---- the README's code (GPT-2's 12 layers are 4 here) ----
+    df["label"] = df["sentiment"].map({"positive": 1, "negative": 0})
+    df = df.sample(200, random_state=0)
+
+    reviews, labels = df["review"].tolist(), df["label"].tolist()
+    inputs = gpt2.tokenizer(
+        reviews, padding="max_length", truncation=True, return_tensors="pt"
+    )
+
+    ds = ProbeDataset(
+        inputs["input_ids"], inputs["attention_mask"], labels
+    )
+    train_set, test_set = ds.tt_split(test_size=0.1)
+
+    classes = set(labels)
+    submodule = "transformer.h.2.mlp.output"
+    config = ProbeConfig(submodule, classes)
+
+    runner = ProbeRunner(gpt2, [config])
+    runner.fit_probes(train_set, test_set, batch_size=8)
+    print(runner.metrics.to_string())
+
+    docs = test_set[0:5]
+    features = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])
+    assert features[submodule].shape == (5, 32)
+
+    probe = runner[submodule]
+    predictions = probe.predict(features[submodule])
+
+    configs = [
+        ProbeConfig("transformer.h.3.output", classes, test_size=0.5, patience=10, warmup_steps=25),
+        ProbeConfig("transformer.h.1.mlp.output", classes, test_size=0.5, patience=10, warmup_steps=25),
+        ProbeConfig("transformer.h.2.attn.output", classes, test_size=0.5, patience=10, warmup_steps=25),
+    ]
+    first_metrics = runner.metrics
+    runner = ProbeRunner(gpt2, configs)
+    runner.fit_probes(train_set, test_set, batch_size=8)
+    print(runner.metrics.sort_values(["loss", "matthews"], ascending=[True, False]).to_string())
+    # ---- end of the README's code ----
+
+    test_texts = [reviews[i] for i in test_set.example_ids]
+    test_labels = [labels[i] for i in test_set.example_ids]
+    assert len(test_texts) == 20
+    expected = gpt2.tokenizer(test_texts[:5], padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(docs["input_ids"], expected["input_ids"])
+    assert torch.equal(docs["attention_mask"], expected["attention_mask"])
+    assert docs["labels"].tolist() == test_labels[:5]
+
+    by_hand = _pooled_by_hand(gpt2._module, gpt2.tokenizer, test_texts, submodule)
+    np.testing.assert_allclose(features[submodule], by_hand[:5], atol=1e-5)
+    np.testing.assert_array_equal(predictions, probe.predict(by_hand[:5]))
+    assert set(predictions.tolist()) <= classes
+
+    original_columns = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
+    for metrics, probes in ((first_metrics, [probe]), (runner.metrics, [runner[c.site] for c in configs])):
+        assert list(metrics.index) == [p.config.site for p in probes]
+        assert set(original_columns) <= set(metrics.columns)
+        for p in probes:
+            site = p.config.site
+            truth = accuracy_score(test_labels, p.predict(_pooled_by_hand(gpt2._module, gpt2.tokenizer,
+                                                                          test_texts, site)))
+            assert 0 <= metrics.loc[site, "accuracy"] <= 1
+            assert metrics.loc[site, "accuracy"] == pytest.approx(truth)
+    assert first_metrics.loc[submodule, "accuracy"] > 0.7  # the probe learned the toy sentiment
+    assert all(runner[c.site].config.patience == 10 for c in configs)
+    assert any("test_size" in str(w.message) for w in fresh_warnings)
