@@ -26,7 +26,7 @@ __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
-                  "solver", "Cs", *PER_PROBE)
+                  "solver", "Cs", "cv", *PER_PROBE)
 
 
 def _encode(value: Any) -> Any:

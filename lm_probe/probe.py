@@ -163,9 +163,13 @@ class ProbeConfig:
             ``selectivity``.
         solver: ``"sgd"`` (default: online, batch by batch) or ``"lbfgs"`` (linear
             classifiers: scikit-learn's ``LogisticRegression`` fit on all the fit rows at
-            the end of the first epoch, ``C`` chosen from ``Cs`` by validation log-loss, or
-            by 5-fold cross-validation without a validation split); see :data:`SOLVERS`.
+            the end of the first epoch, ``C`` chosen from ``Cs``); see :data:`SOLVERS`.
         Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`).
+        cv: How ``solver="lbfgs"`` chooses ``C``: by the mean log-loss of a ``cv``-fold
+            stratified cross-validation over the fit and validation rows together (default
+            5, as ``LogisticRegressionCV``), or, with ``cv="validation"``, by the log-loss
+            on the validation split alone (5 folds when there is none). Either way the
+            probe is then refit with that ``C`` on the fit and validation rows.
         patience, warmup_steps, max_steps: This probe's own early stopping and step
             budget, in place of the values given to ``fit_probes`` (``None``: those; see
             :data:`PER_PROBE`). Patience counts validation evaluations, one every
@@ -191,6 +195,7 @@ class ProbeConfig:
         control: bool = False,
         solver: str = "sgd",
         Cs: Iterable[float] | None = None,
+        cv: int | str | None = None,
         patience: int | None = None,
         warmup_steps: int | None = None,
         max_steps: int | None = None,
@@ -224,6 +229,13 @@ class ProbeConfig:
         self.Cs = None if solver != "lbfgs" else tuple(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
         if self.Cs is not None and (not self.Cs or min(self.Cs) <= 0):
             raise ValueError(f"probe {label!r}: Cs must be positive values of C, got {Cs!r}")
+        if cv is not None and solver != "lbfgs":
+            raise ValueError(f"probe {label!r}: cv is how solver='lbfgs' chooses C; the SGD head stops early on "
+                             "the validation split instead (remove cv, or add solver='lbfgs')")
+        if cv is not None and cv != "validation" and (not isinstance(cv, (int, np.integer)) or cv < 2):
+            raise ValueError(f"probe {label!r}: cv is the number of cross-validation folds of solver='lbfgs' "
+                             f"(at least 2), or 'validation' to choose C on the validation split; got {cv!r}")
+        self.cv = None if solver != "lbfgs" else cv if cv == "validation" else int(cv or 5)
         if solver == "lbfgs" and "C" in probe_kwargs:
             raise ValueError(f"probe {label!r}: solver='lbfgs' chooses C from Cs; give Cs=[{probe_kwargs['C']}] "
                              "to fix it")
@@ -325,6 +337,7 @@ class Probe(Consumer):
         self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
         self._rows: list[np.ndarray] = []  # solver="lbfgs": the fit rows, until solved
         self._row_targets: list[np.ndarray] = []
+        self._row_keys: list[np.ndarray] = []
         self._row_bytes, self._max_row_bytes = 0, None
         self.C_: float | None = None
         self.converged_: bool | None = None
@@ -485,14 +498,17 @@ class Probe(Consumer):
             return
         self.n_epochs_ = max(self.n_epochs_, batch.epoch + 1)
         if self._lbfgs:
-            self._collect(X, y)
+            has_ids = batch.example_ids is not None or batch.index is not None
+            ids, positions = batch.row_ids(self.config.pool == "none") if has_ids else (None, None)
+            self._collect(X, y, None if ids is None else np.stack([ids, positions], 1)[keep])
             return
         self.partial_fit(X, y)
         self._after_step()
 
     # ------------------------------------------------------------ solver="lbfgs"
-    def _collect(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Keep a batch's rows for the full-batch solve (and fold them into the moments)."""
+    def _collect(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None) -> None:
+        """Keep a batch's rows, with their ``(example id, token position)`` keys, for the
+        full-batch solve (and fold them into the moments)."""
         rows = np.array(X, np.float32)
         self._row_bytes += rows.nbytes
         if self._max_row_bytes is not None and self._row_bytes > self._max_row_bytes:
@@ -503,6 +519,8 @@ class Probe(Consumer):
             self._n, self._mean, self._m2 = welford_update(self._n, self._mean, self._m2, X)
         self._rows.append(rows)
         self._row_targets.append(np.asarray(y))
+        if keys is not None:
+            self._row_keys.append(keys)
         self.n_steps_ += 1
 
     def on_event(self, event: str, step: int, epoch: int) -> None:
@@ -511,39 +529,47 @@ class Probe(Consumer):
             self._solve()
 
     def _solve(self) -> None:
-        """Fit L2 logistic regressions on the standardized fit rows for each ``C`` of the
-        grid, choose the ``C`` of the lowest validation log-loss (``best_loss_``), and refit
-        with it on the fit and validation rows together, as ``LogisticRegressionCV`` refits
-        on all its rows (without a validation split: the ``C`` of a 5-fold
-        cross-validation on the fit rows, refit on them)."""
+        """Fit L2 logistic regressions on the standardized rows for each ``C`` of the grid,
+        choose the ``C`` of the lowest log-loss (``best_loss_``): cross-validated over the
+        fit and validation rows together (``config.cv`` folds), or on the validation split
+        (``cv="validation"``); then refit with it on the fit and validation rows, as
+        ``LogisticRegressionCV`` refits on all its rows."""
         from sklearn.metrics import log_loss
 
         X, y = self._transform(np.vstack(self._rows)), np.concatenate(self._row_targets)
-        self._rows, self._row_targets = [], []
+        if sum(map(len, self._row_keys)) == len(y):  # rows in example-id order: folds free of batch order
+            keys = np.concatenate(self._row_keys)
+            order = np.lexsort((keys[:, 1], keys[:, 0]))
+            X, y = X[order], y[order]
+        self._rows, self._row_targets, self._row_keys = [], [], []
         missing = sorted(set(self.classes_.tolist()) - set(np.unique(y).tolist()))
         if missing:
             raise ValueError(f"probe {self.name!r}: solver='lbfgs' needs every class in the fit rows; classes "
                              f"{missing} have none")
         kwargs = dict(self.config.probe_kwargs)
+        Cs, folds = self.config.Cs, getattr(self.config, "cv", "validation")  # configs saved before cv
 
         def fit(C: float, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
             return LogisticRegression(C=C, random_state=self.random_state, **kwargs).fit(X, y)
 
-        if self._val is not None:
+        on_validation = self._val is not None and folds == "validation"
+        if on_validation:
             Xv, yv = self._transform(self._val[0]), self._val[1]
-            losses = []
-            for C in self.config.Cs:
-                losses.append(float(log_loss(yv, fit(C, X, y).predict_proba(Xv), labels=self.classes_)))
-                self.history_.append((self.n_steps_, losses[-1]))
-            best = int(np.argmin(losses))
-            self.best_loss_, self.C_ = losses[best], self.config.Cs[best]
-            X, y = np.vstack([X, Xv]), np.concatenate([y, yv])  # as LogisticRegressionCV: refit on all rows
+            losses = [float(log_loss(yv, fit(C, X, y).predict_proba(Xv), labels=self.classes_)) for C in Cs]
         else:
+            if self._val is not None:
+                X, y = np.vstack([X, self._transform(self._val[0])]), np.concatenate([y, self._val[1]])
             with warnings.catch_warnings():  # scikit-learn 1.8 announces new defaults we do not rely on
                 warnings.simplefilter("ignore", FutureWarning)
-                cv = LogisticRegressionCV(Cs=list(self.config.Cs), cv=5, scoring="neg_log_loss",
-                                          random_state=self.random_state, **kwargs).fit(X, y)
-            self.C_ = float(np.ravel(cv.C_)[0])
+                cv = LogisticRegressionCV(Cs=list(Cs), cv=5 if folds == "validation" else folds,
+                                          scoring="neg_log_loss", refit=False, random_state=self.random_state,
+                                          **kwargs).fit(X, y)
+            losses = (-next(iter(cv.scores_.values())).mean(axis=0)).tolist()  # (folds, Cs) -> per C
+        best = int(np.argmin(losses))
+        self.best_loss_, self.C_ = float(losses[best]), Cs[best]
+        self.history_.extend((self.n_steps_, float(loss)) for loss in losses)
+        if on_validation:
+            X, y = np.vstack([X, Xv]), np.concatenate([y, yv])  # as LogisticRegressionCV: refit on all rows
         self.estimator_ = fit(self.C_, X, y)
         self.best_step_ = self.n_steps_
         self.converged_ = bool(np.all(self.estimator_.n_iter_ < self.estimator_.max_iter))

@@ -35,7 +35,8 @@ def synthetic(n=600, d=20, noise=1.0, seed=0, n_classes=2):
 def test_lbfgs_is_sklearns_logistic_regression_with_the_C_a_validation_search_chooses():
     data, source = synthetic()
     train, test = data.tt_split(0.25, seed=0)
-    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, solver="lbfgs")], progress=False)
+    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, solver="lbfgs", cv="validation")],
+                                     progress=False)
     runner.fit_probes(train, test, val_size=0.2)
     probe = runner[SITE]
     # independent: the same split, numpy standardization on the fit rows, a search over the grid
@@ -56,6 +57,36 @@ def test_lbfgs_is_sklearns_logistic_regression_with_the_C_a_validation_search_ch
     assert row["solver"] == "lbfgs" and row["C"] == probe.C_ and bool(row["converged"]) and row["n_epochs"] == 1
     Zt = (X[test.example_ids] - mean) / std
     assert row["accuracy"] == pytest.approx(np.mean(ref.predict(Zt) == test.labels))
+
+
+def test_lbfgs_by_default_takes_the_C_of_a_5_fold_cross_validation_over_fit_and_validation_rows():
+    from sklearn.model_selection import StratifiedKFold
+
+    data, source = synthetic(n=500, n_classes=3, seed=3)
+    train, test = data.tt_split(0.25, seed=0)
+    grid = np.logspace(-3, 2, 6)
+    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, solver="lbfgs", Cs=grid)], progress=False)
+    runner.fit_probes(train, test, val_size=0.2, batch_size=7)
+    probe = runner[SITE]
+    fit, val = train.tt_split(0.2, seed=0)
+    X = source.rows[(SITE, "mean")].astype(np.float64)
+    Xf = X[np.sort(fit.example_ids)]  # the fit rows in example-id order, then the validation rows
+    mean, std = Xf.mean(0), Xf.std(0)
+    Z = (np.vstack([Xf, X[val.example_ids]]) - mean) / std
+    y = np.concatenate([data.labels[np.sort(fit.example_ids)], val.labels])
+    folds = list(StratifiedKFold(5).split(Z, y))
+    losses = [np.mean([log_loss(y[v], LogisticRegression(C=C, max_iter=1000).fit(Z[f], y[f]).predict_proba(Z[v]))
+                       for f, v in folds]) for C in grid]
+    assert probe.C_ == grid[int(np.argmin(losses))]
+    assert probe.best_loss_ == pytest.approx(min(losses), rel=1e-4)
+    ref = LogisticRegression(C=probe.C_, max_iter=1000).fit(Z, y)
+    np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-4, atol=1e-6)
+    Zt = (X[test.example_ids] - mean) / std
+    assert runner.metrics.loc[SITE, "accuracy"] == pytest.approx(np.mean(ref.predict(Zt) == test.labels))
+    # the batch order does not choose the folds: another batch size, the same probe
+    again = ProbeRunner.from_source(source, [ProbeConfig(SITE, solver="lbfgs", Cs=grid)], progress=False)
+    again.fit_probes(train, val_size=0.2, batch_size=32)
+    np.testing.assert_allclose(again[SITE].coef_, probe.coef_, rtol=1e-5, atol=1e-7)
 
 
 def test_lbfgs_without_validation_takes_the_cross_validated_C():
@@ -80,7 +111,7 @@ def test_sgd_with_the_decay_converges_where_three_epochs_do_not():
     data, source = synthetic(n=2000, d=40, noise=0.3, seed=1)
     fits = {}
     for name, config, settings in [
-        ("exact", ProbeConfig(SITE, solver="lbfgs"), dict()),
+        ("exact", ProbeConfig(SITE, solver="lbfgs", cv="validation"), dict()),
         ("default", ProbeConfig(SITE, eta0=0.03), dict(num_epochs=100, lr_decay=0.5)),
         ("three", ProbeConfig(SITE), dict(num_epochs=3)),
     ]:
@@ -175,5 +206,10 @@ def test_bad_solver_settings_are_refused():
         ProbeConfig(SITE, solver="lbfgs", C=1.0)
     with pytest.raises(ValueError, match="Cs is the C grid"):
         ProbeConfig(SITE, Cs=[1.0])
+    with pytest.raises(ValueError, match="cv is how solver='lbfgs' chooses C"):
+        ProbeConfig(SITE, cv=5)
+    for bad in (1, "folds", 2.5):
+        with pytest.raises(ValueError, match="number of cross-validation folds"):
+            ProbeConfig(SITE, solver="lbfgs", cv=bad)
     with pytest.raises(TypeError, match="unknown LogisticRegression arguments"):
         ProbeConfig(SITE, solver="lbfgs", eta0=0.1)
