@@ -143,7 +143,7 @@ class ProbesSection:
                             help="hidden units of the mlp head (sweepable)")
     solver: Any = _key("sgd", types=(str, list), items=str, choices=("sgd", "lbfgs"),
                        help="'sgd' (online, batch by batch) or 'lbfgs' (linear classifiers: a full-batch "
-                            "logistic regression on the cached rows, C chosen on the validation split; sweepable)")
+                            "logistic regression on the cached rows, C chosen by 5-fold cross-validation; sweepable)")
     num_epochs: int = _key(3, types=(int,), minimum=1, help="passes over the training examples at most")
     val_size: float = _key(0.1, types=(float, int), minimum=0, help="validation share for early stopping (0: none)")
     eval_every: int = _key(10, types=(int,), minimum=1, help="training steps between validations")
