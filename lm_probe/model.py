@@ -16,7 +16,7 @@ from loguru import logger
 from .dataset import ensure_pad_token
 from .embedded import EMBEDDED_MODELS, embedded_model_path
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "ensure_dispatched"]
 
 
 def load_model(model: Any, tokenizer: Any = None, *, remote: bool = False, **kwargs: Any) -> Any:
@@ -39,7 +39,7 @@ def load_model(model: Any, tokenizer: Any = None, *, remote: bool = False, **kwa
     from nnsight import Envoy, TransformersModel
 
     if isinstance(model, Envoy):
-        wrapped = model
+        wrapped = model if remote else ensure_dispatched(model)
     elif isinstance(model, torch.nn.Module):
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
@@ -65,6 +65,40 @@ def load_model(model: Any, tokenizer: Any = None, *, remote: bool = False, **kwa
         raise ValueError("the model has no tokenizer; pass tokenizer=... to load_model")
     ensure_pad_token(wrapped.tokenizer)
     return wrapped
+
+
+def ensure_dispatched(model: Any) -> Any:
+    """Give an nnsight model built without its weights (on the meta device) its weights.
+
+    ``TransformersModel(folder)`` and ``LanguageModel(folder, tokenizer=tok)`` build the
+    module tree on the meta device and load the weights at the first trace; lm_probe
+    reads the model's device before that trace, so such a model is dispatched here
+    (``model.dispatch()``, logged), once, before any batch is made. Models built on meta
+    are kept as they are only for remote execution (``remote=True``).
+
+    Args:
+        model: An nnsight model.
+
+    Returns:
+        ``model``, dispatched.
+
+    Raises:
+        ValueError: the weights are still on the meta device (a module built on meta and
+            wrapped as it is): the message says how to load real weights.
+    """
+    if getattr(model, "dispatched", True) is False and callable(getattr(model, "dispatch", None)):
+        logger.info("the nnsight model was built without its weights (meta device); loading them now with "
+                    "model.dispatch() (pass dispatch=True when building it to load them up front)")
+        model.dispatch()
+    module = model._module
+    on_meta = next((name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(
+            f"the model's weights are on the meta device (no data), e.g. {on_meta!r}, so it cannot run; load real "
+            "weights: lm_probe.load_model(folder_or_hub_id), or TransformersModel(folder_or_hub_id, dispatch=True), "
+            "or model.dispatch(); for NDIF use remote=True"
+        )
+    return model
 
 
 def _module_task(module: torch.nn.Module) -> str:

@@ -35,6 +35,7 @@ from .control import ControlTask
 from .dataset import ProbeDataset
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
+from .model import ensure_dispatched
 from .probe import Probe, ProbeConfig, _labeled
 from .replay import Cache, ReplayCache
 from .sites import Site
@@ -87,6 +88,8 @@ class ProbeRunner:
                 f"ProbeRunner needs an nnsight model, got {type(model).__name__}; "
                 "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)"
             )
+        if not trace_kwargs.get("remote"):
+            model = ensure_dispatched(model)  # a model built on meta gets its weights before any batch
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
         if trace_kwargs.get("remote"):
             import nnsight

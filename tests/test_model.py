@@ -37,3 +37,57 @@ def test_hf_model_with_tokenizer_and_nnsight_model_pass_through():
 def test_unsupported_input():
     with pytest.raises(TypeError, match="hub id, a folder"):
         load_model(42)
+
+
+# ---------------------------------------------------------------- a model built on the meta device
+def _saved(folder, seed=3):
+    hf, tok = tiny_model("llama", seed=seed), tiny_tokenizer()
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return hf, tok
+
+
+def _reference(hf, ids):
+    with torch.no_grad():
+        return hf(input_ids=ids, output_hidden_states=True).hidden_states[2][0].mean(0).numpy()
+
+
+@pytest.mark.filterwarnings("ignore:LanguageModel is deprecated")
+@pytest.mark.parametrize("build", ["TransformersModel", "LanguageModel"])
+def test_model_built_on_meta_is_dispatched_before_the_first_batch(tmp_path, logs, build):
+    """``TransformersModel(folder)`` / ``LanguageModel(folder, tokenizer=tok)`` load no weights; the
+    runner used to read the meta device from it and fail at the first trace ("Cannot copy out of
+    meta tensor"). Now its weights are dispatched up front, and the fact is logged."""
+    import nnsight
+
+    hf, tok = _saved(tmp_path / "m")
+    task = {"task": "text-generation"} if build == "TransformersModel" else {}
+    lazy = getattr(nnsight, build)(str(tmp_path / "m"), tokenizer=tok, **task)
+    assert not lazy.dispatched
+    runner = ProbeRunner(lazy, [ProbeConfig("model.layers.1.output")], progress=False)
+    assert lazy.dispatched and any("model.dispatch()" in m for m in logs)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    feats = runner.get_probe_features(ids, torch.ones_like(ids))
+    np.testing.assert_allclose(feats["model.layers.1.output"][0], _reference(hf, ids), atol=1e-5)
+
+
+def test_load_model_dispatches_a_meta_model_unless_remote(tmp_path):
+    _, tok = _saved(tmp_path / "m")
+    lazy = TransformersModel(str(tmp_path / "m"), tokenizer=tok, task="text-generation")
+    assert not load_model(lazy, remote=True).dispatched, "remote execution keeps the weights on the server"
+    model = load_model(lazy)
+    assert model.dispatched and not model._module.training
+    assert next(model._module.parameters()).device.type != "meta"
+
+
+def test_weights_left_on_meta_are_refused_with_the_fix():
+    """A module built on meta and wrapped as it is has nothing to dispatch: refused before any batch."""
+    from nnsight import NNsight
+
+    with torch.device("meta"):
+        hf = tiny_model("llama", layers=2)
+    model = NNsight(hf)
+    with pytest.raises(ValueError, match=r"weights are on the meta device .* dispatch=True"):
+        ProbeRunner(model, [ProbeConfig("model.layers.1.output")], progress=False)
+    with pytest.raises(ValueError, match="meta device"):
+        load_model(model)
