@@ -35,6 +35,17 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--layers takes integers separated by commas, got {text!r}") from None
 
 
+def _batch_size(text: str) -> int:
+    """``--batch-size``: refused by argparse (exit 2) before anything loads."""
+    from .dataset import check_batch_size
+
+    try:
+        return check_batch_size(int(text), "--batch-size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if text.strip().lstrip("-").isdigit() else
+                                         f"--batch-size takes a whole number, got {text!r}") from None
+
+
 def run_demo(
     *,
     n_examples: int = 2000,
@@ -60,10 +71,16 @@ def run_demo(
 
     Returns:
         The metrics DataFrame, sorted by layer.
+
+    Raises:
+        ValueError: ``batch_size`` below 1 (before the model loads), or a layer out of range.
     """
     import numpy as np
 
     from . import ProbeConfig, ProbeDataset, ProbeRunner, load_model
+    from .dataset import check_batch_size
+
+    batch_size = check_batch_size(batch_size)
     from .embedded import rotten_tomatoes
     from .plots import plot_accuracy_by_layer
 
@@ -155,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-examples", type=int, default=2000, help="reviews to use, 0 for all 4,866 (default 2000)")
     demo.add_argument("--layers", type=_layers, default=DEMO_LAYERS,
                       help="comma-separated block indices (default %(default)s)")
-    demo.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    demo.add_argument("--batch-size", type=_batch_size, default=32, help="examples per forward pass (default 32)")
     demo.add_argument("--pool", choices=["mean", "last", "first", "max"], default="mean", help="pooling (default mean)")
     demo.add_argument("--out", default="lm_probe_out/demo", help="output folder (default lm_probe_out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")

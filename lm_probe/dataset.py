@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "IGNORE"]
+__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "check_batch_size", "IGNORE"]
 
 IGNORE = -100  #: token label of positions no probe trains or is scored on
 
@@ -38,6 +38,28 @@ class Batch:
     labels: np.ndarray
     index: np.ndarray
     token_labels: np.ndarray | None = None
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    """Check a number of examples per batch before any batch is made.
+
+    Every public function that takes a batch size calls this first, so ``0``, a negative
+    number or a float fails with one message that names the argument, instead of a
+    ``ZeroDivisionError`` from deep inside a pass.
+
+    Args:
+        batch_size: The value given.
+        name: The argument's name, for the message (``"--batch-size"`` on the command line).
+
+    Returns:
+        ``batch_size`` as an int.
+
+    Raises:
+        ValueError: ``batch_size`` is not a whole number of at least 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{name} must be a whole number of examples per batch, at least 1; got {batch_size!r}")
+    return int(batch_size)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -401,8 +423,7 @@ class ProbeDataset:
                 shuffle the batches (a bucketed shuffle, for training).
             bucket: Window size in batches for the bucketed shuffle.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         lengths = np.array([len(r) for r in self.ids])

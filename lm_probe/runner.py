@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .backend import ProbeBank, check_backend, supports
 from .consumer import Consumer, PooledBatch, Request, finite_rows
 from .control import ControlTask
-from .dataset import ProbeDataset
+from .dataset import ProbeDataset, check_batch_size
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .model import ensure_dispatched
@@ -179,8 +179,7 @@ class ProbeRunner:
         Returns:
             ``self``, with :attr:`metrics` filled when ``test`` is given.
         """
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of examples, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         if num_epochs < 1 or eval_every < 1:
             raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
         if cache is not None and not isinstance(cache, Cache):
@@ -285,6 +284,7 @@ class ProbeRunner:
             max_tokens: Stop after exactly this many real tokens: the last batch is cut
                 (see :meth:`PooledBatch.first_tokens`), never overshot.
         """
+        batch_size = check_batch_size(batch_size)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
@@ -348,6 +348,7 @@ class ProbeRunner:
             ``{(site, pooling): (n, hidden) float32 array}`` in dataset order; for
             ``pool="none"`` the rows are every real token, example by example.
         """
+        batch_size = check_batch_size(batch_size)
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
         self._resolve([spec for spec, _ in requests])
         rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
@@ -373,10 +374,11 @@ class ProbeRunner:
         Returns:
             ``{probe name: (n, hidden) float32 array}``.
         """
+        batch_size = len(input_ids) if batch_size is None else check_batch_size(batch_size)
         data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
                                          pad_token_id=_pad_id(self.model),
                                          padding_side=_padding_side(self.model))
-        acts = self.pooled(data, None, batch_size or len(data), "features")
+        acts = self.pooled(data, None, batch_size, "features")
         return {name: acts[p.requests[0]] for name, p in self.probes.items()}
 
     @classmethod
@@ -471,7 +473,7 @@ class ProbeRunner:
             :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for
             probes with a control twin.
         """
-        acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
+        acts = self.pooled(dataset, self._probe_requests(), check_batch_size(batch_size), "test")
         rows = []
         for name, probe in self.probes.items():
             if _is_control(name):

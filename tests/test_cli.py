@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_probe.cli import _parser, main
+from lm_probe.cli import _parser, main, run_demo
 from lm_probe.experiment import SCHEMA, ExperimentError
 
 from conftest import tiny_experiment_folder
@@ -128,6 +128,27 @@ def test_bad_arguments_exit_2_with_usage(capsys):
         main(["run"])
     assert exit_.value.code == 2
     assert "the following arguments are required: EXPERIMENT.toml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "two"])
+def test_demo_batch_size_below_one_exits_2_before_loading(capsys, size):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--batch-size", size])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --batch-size:" in err
+    assert ("at least 1" if size != "two" else "takes a whole number") in err
+
+
+def test_run_demo_refuses_batch_size_below_one_before_loading(monkeypatch):
+    import lm_probe
+
+    def never(*_, **__):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(lm_probe, "load_model", never)
+    with pytest.raises(ValueError, match="batch_size must be a whole number of examples per batch, at least 1"):
+        run_demo(batch_size=0)
 
 
 # ---------------------------------------------------------------- run

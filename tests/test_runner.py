@@ -241,3 +241,29 @@ def test_single_class_training_set(gpt2, no_forward):
 def test_not_an_nnsight_model(gpt2):
     with pytest.raises(TypeError, match="load_model"):
         ProbeRunner(gpt2._module, [ProbeConfig("transformer.h.1.output")])
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.0, True])
+@pytest.mark.parametrize("call", ["fit_probes", "evaluate", "pooled", "collect", "get_probe_features", "gauge",
+                                  "batches"])
+def test_batch_size_below_one_is_refused_everywhere(gpt2, toy, no_forward, call, size):
+    """Every public function taking a batch size refuses 0, negatives and non-integers with one
+    ValueError that names the argument (not a ZeroDivisionError from inside a pass)."""
+    from lm_probe import DiffusionGauge, Geometry
+
+    train, test = toy
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output")], progress=False)
+    batch = next(test.batches(4))
+    calls = {
+        "fit_probes": lambda: runner.fit_probes(train, test, batch_size=size),
+        "evaluate": lambda: runner.evaluate(test, batch_size=size),
+        "pooled": lambda: runner.pooled(test, batch_size=size),
+        "collect": lambda: runner.collect(test, [Geometry(["transformer.h.1.output"])], batch_size=size),
+        "get_probe_features": lambda: runner.get_probe_features(batch.input_ids, batch.attention_mask,
+                                                                batch_size=size),
+        "gauge": lambda: DiffusionGauge(["transformer.h.1.output"], n_samples=8, knn=3, batch_size=size),
+        "batches": lambda: next(test.batches(size)),
+    }
+    with pytest.raises(ValueError, match=r"batch_size must be a whole number of examples per batch, at least 1; "
+                                         rf"got {size!r}"):
+        calls[call]()
