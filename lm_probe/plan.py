@@ -181,7 +181,7 @@ def _load_model(exp: Experiment) -> Any:
     import torch
 
     from .embedded import EMBEDDED_MODELS
-    from .model import load_model
+    from .model import ModelNotFoundError, load_model
 
     name = exp.model.name
     folder = exp.base / name
@@ -200,6 +200,8 @@ def _load_model(exp: Experiment) -> Any:
                  f"{folder})")
     try:
         return load_model(source, **kwargs)
+    except ModelNotFoundError as err:  # its message says what would work
+        raise ExperimentError(f"[model] name = {name!r}: {err} (relative folders start at {exp.base})") from None
     except Exception as err:  # noqa: BLE001 (hub, file and format errors all mean: this name does not load)
         reason = " ".join(str(err).split())[:300]
         raise ExperimentError(f"[model] name = {name!r} did not load as {tried}: {reason}") from None

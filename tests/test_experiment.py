@@ -233,6 +233,8 @@ def test_bad_rows_are_named(tmp_path, rows, match):
 def test_model_that_does_not_load(workdir):
     errors(workdir, experiment_text(model='name = "toy_saved"'),
            r"\[model\] name = 'toy_saved' did not load as the folder .*toy_saved: ")
+    errors(workdir, experiment_text(model='name = "smollm2-135"'),
+           r"\[model\] name = 'smollm2-135': .*did you mean the embedded model 'smollm2-135m'\?")
 
 
 def test_data_problems_found_before_any_forward(workdir, model):

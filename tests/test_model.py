@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,64 @@ def test_weights_left_on_meta_are_refused_with_the_fix():
         ProbeRunner(model, [ProbeConfig("model.layers.1.output")], progress=False)
     with pytest.raises(ValueError, match="meta device"):
         load_model(model)
+
+
+# ---------------------------------------------------------------- names that load nothing, offline
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1, as huggingface_hub sees it (it reads the variable once, at import)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _fails_fast(name, match):
+    from lm_probe.model import ModelNotFoundError
+
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match=match) as err:
+        load_model(name)
+    assert time.perf_counter() - start < 3, "no hub retries"
+    return str(err.value)
+
+
+def test_a_typo_of_an_embedded_name_suggests_it_at_once(offline):
+    message = _fails_fast("smollm2-135", r"did you mean the embedded model 'smollm2-135m'\?")
+    assert "local folder" in message
+    _fails_fast("SmolLM2-135M", "'smollm2-135m'")
+
+
+def test_an_unknown_hub_id_offline_names_what_works(offline, tmp_path):
+    message = _fails_fast("some-org/no-such-model", r"hub is off \(HF_HUB_OFFLINE=1\)")
+    assert "'smollm2-135m'" in message and "local folder" in message
+    _fails_fast(str(tmp_path / "no_such_folder"), "there is no folder")
+    _saved(tmp_path / "m")
+    assert load_model(str(tmp_path / "m")).tokenizer is not None, "a folder loads offline"
+
+
+def test_an_unreachable_hub_fails_fast(monkeypatch):
+    """Without HF_HUB_OFFLINE, one quick request decides (a closed local port: refused at once)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    message = _fails_fast("some-org/no-such-model", r"hub \(http://127.0.0.1:9\) cannot be reached")
+    assert "'smollm2-135m'" in message
+
+
+def test_a_hub_id_offline_loads_its_cached_copy(offline, monkeypatch, tmp_path):
+    """Real users keep the hub path: offline, a hub id in the local cache loads from it."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--some-org--tiny"
+    _saved(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    start = time.perf_counter()
+    model = load_model("some-org/tiny")
+    assert model._module.config.num_hidden_layers == 4 and time.perf_counter() - start < 10
