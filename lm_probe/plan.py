@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import ProbeDataset
+from .dataset import ProbeDataset, format_labels
 from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, ProbesSection, \
     SitesSection, expand_braces, parse_layers
 from .gauge import DiffusionGauge
@@ -163,7 +163,8 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
     for spec in probes:
         _check_estimator(spec)
     replay_cache(exp.probes, exp.base)
-    dataset = ProbeDataset.from_texts(table.texts, table.labels, model.tokenizer, max_length=exp.data.max_length)
+    dataset = ProbeDataset.from_texts(table.texts, table.labels, model.tokenizer, max_length=exp.data.max_length,
+                                      label_names=table.label_names)
     runs = [_seed_run(exp, model, dataset, sites, probes, seed, progress) for seed in exp.seeds]
     return Plan(exp, model, table, sites, probes, runs, overwrite)
 
@@ -325,8 +326,8 @@ def _seed_run(exp: Experiment, model: Any, dataset: ProbeDataset, sites: list[st
     except ValueError as err:
         raise ExperimentError(f"[data] {err}") from None
     if probes and not exp.probes.task == "regression" and len(train.classes) < 2:
-        raise ExperimentError(f"[data] the training set has a single class {train.classes.tolist()}; a probe needs "
-                              "at least two")
+        single = format_labels(train.classes, train.label_names)
+        raise ExperimentError(f"[data] the training set has a single class {single}; a probe needs at least two")
     geometry = _geometry(exp.geometry, sites, seed) if exp.geometry else None
     gauge = _gauge(exp.gauges, sites, seed, fit if probes else examples, model) if exp.gauges else None
     consumers = [c for c in (geometry, gauge) if c is not None]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .backend import ProbeBank, check_backend, supports
 from .consumer import Consumer, PooledBatch, Request, finite_rows
 from .control import ControlTask
-from .dataset import ProbeDataset, check_batch_size
+from .dataset import ProbeDataset, check_batch_size, format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .model import ensure_dispatched
@@ -549,8 +549,9 @@ class ProbeRunner:
             known = np.isin(y, np.asarray(classes))
             unseen = int((~known).sum())
             if unseen:
-                logger.warning("probe {!r}: {} labeled tokens have tags never seen in training ({}); "
-                               "they are left out of its metrics", probe.name, unseen, sorted(set(y[~known].tolist())))
+                logger.warning("probe {!r}: {} labeled tokens have tags never seen in training {}; they are left "
+                               "out of its metrics", probe.name, unseen,
+                               format_labels(sorted(set(y[~known].tolist())), self._names(data, probe)))
                 X, y = X[known], y[known]
         return X, y, unseen, nonfinite
 
@@ -591,22 +592,34 @@ class ProbeRunner:
             if probe.is_classifier and data.is_regression:
                 raise ValueError(f"probe {probe.name!r} is a classifier but the {what} labels are floats; "
                                  "use ProbeConfig(..., task='regression') for continuous targets")
+            named = getattr(config, "label_names", None)
+            if named is not None and data.label_names is not None and named != data.label_names:
+                raise ValueError(f"probe {probe.name!r} names its labels {named} but the {what} set names them "
+                                 f"{data.label_names}; give the probe label_names={data.label_names!r}")
         if data.is_regression or not any(p.is_classifier for p in self.probes.values()):
             return
         present = set(data.classes.tolist())
         if what == "training" and len(present) < 2:
-            raise ValueError(
-                f"the training set has a single class ({sorted(present)}); a probe needs examples of at least two"
-            )
+            single = format_labels(sorted(present), self._names(data))
+            raise ValueError(f"the training set has a single class ({single}); a probe needs examples of at least two")
         if data.is_token_level and what != "training":
             return  # a new tag in the test set is reported at scoring time, not an error
         for probe in self.probes.values():
             allowed = probe.config.classes or default
             if probe.is_classifier and allowed is not None and not present <= set(allowed):
+                names = self._names(data, probe)
                 raise ValueError(
-                    f"the {what} set has labels {sorted(present - set(allowed))} outside the classes "
-                    f"{list(allowed)} of probe {probe.name!r}; add them to classes= or drop those examples"
+                    f"the {what} set has labels {format_labels(sorted(present - set(allowed)), names)} outside the "
+                    f"classes {format_labels(allowed, names)} of probe {probe.name!r}; add them to classes= or drop "
+                    "those examples"
                 )
+
+    def _names(self, data: ProbeDataset | None, probe: Probe | None = None) -> list[str] | None:
+        """The class names for messages: the data's, else the probe's (or any probe's) label_names."""
+        if data is not None and data.label_names is not None:
+            return data.label_names
+        configs = [probe.config] if probe is not None else [p.config for p in self.probes.values()]
+        return next((c.label_names for c in configs if getattr(c, "label_names", None) is not None), None)
 
 
 def _flat(values: Any, token: bool) -> np.ndarray:

@@ -207,6 +207,25 @@ def test_named_labels_map_in_sorted_order(tmp_path):
     assert table.label_names == ["neg", "pos"]
 
 
+def test_named_labels_run_from_a_csv(tmp_path, model):
+    """``lm-probe run`` on string labels: names map to integers, and messages and outputs use the names."""
+    texts, labels = toy_texts(60, seed=5)
+    frame = pd.DataFrame({"text": texts, "label": np.array(["neg", "pos"])[labels]})
+    frame.to_csv(tmp_path / "named.csv", index=False)
+    text = experiment_text(data='path = "named.csv"\ntest_size = 0.25', probes="num_epochs = 1", geometry=None,
+                           gauges=None)
+    plan = plan_experiment(load_experiment(write(tmp_path, text)), model=model, progress=False)
+    assert plan.runs[0].examples.label_names == ["neg", "pos"]
+    assert f"classes 0 (neg): {int(np.sum(labels == 0))}, 1 (pos): {int(np.sum(labels == 1))}" in plan.describe()
+    run_plan(plan)
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv", index_col=0)
+    assert len(metrics) == 2 and metrics["accuracy"].notna().all()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["data"]["label_names"] == ["neg", "pos"]
+    frame.loc[0, "label"] = "neutral"  # one example of a third class: the split names it
+    frame.to_csv(tmp_path / "named.csv", index=False)
+    errors(tmp_path, text, r"classes \[1 \(neutral\)\] have a single example", model)
+
+
 def test_missing_column_names_the_columns(workdir, model):
     errors(workdir, experiment_text(data='path = "toy.csv"\ntext_column = "reviews"'),
            r"\[data\] text_column = 'reviews' is not a column of toy.csv; did you mean 'review'\? "

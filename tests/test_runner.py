@@ -224,6 +224,33 @@ def test_labels_outside_classes(gpt2, toy, no_forward):
         runner.fit_probes(train, test)
 
 
+def test_class_names_are_named_in_label_messages(gpt2, no_forward):
+    tok = tiny_tokenizer()
+    names = ["neg", "pos", "neutral"]
+    train = ProbeDataset.from_texts(["good", "bad", "fun"] * 4, ["pos", "neg", "neutral"] * 4, tok, label_names=names)
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=names)])
+    with pytest.raises(ValueError, match=r"labels \[2 \(neutral\)\] outside the classes \[0 \(neg\), 1 \(pos\)\]"):
+        runner.fit_probes(train)
+    single = ProbeDataset.from_texts(["good"] * 4, ["pos"] * 4, tok, label_names=names)
+    with pytest.raises(ValueError, match=r"single class \(\[1 \(pos\)\]\)"):
+        runner.fit_probes(single)
+    other = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=["pos", "neg"])])
+    with pytest.raises(ValueError, match=r"names its labels \['pos', 'neg'\] but the training set names them "
+                                         r"\['neg', 'pos', 'neutral'\]"):
+        other.fit_probes(train)
+
+
+def test_probe_on_named_classes_trains(gpt2):
+    texts, labels = toy_texts(80, seed=3)
+    names = np.array(["neg", "pos"])[labels]
+    data = ProbeDataset.from_texts(texts, names.tolist(), tiny_tokenizer(), label_names=["neg", "pos"])
+    train, test = data.tt_split(0.25, seed=0)
+    config = ProbeConfig("transformer.h.1.output", classes={"neg", "pos"}, label_names=train.label_names)
+    runner = ProbeRunner(gpt2, [config], progress=False).fit_probes(train, test, **FIT)
+    assert runner["transformer.h.1.output"].classes_.tolist() == [0, 1]
+    assert np.isfinite(runner.metrics.loc["transformer.h.1.output", "accuracy"])
+
+
 def test_test_labels_unseen_in_training(gpt2, no_forward):
     tok = tiny_tokenizer()
     train = ProbeDataset.from_texts(["good", "bad"] * 5, [0, 1] * 5, tokenizer=tok)
