@@ -9,8 +9,9 @@
   without any forward pass.
 * ``lm-probe report RUN_DIR`` rebuilds a run's ``report.html`` from its files.
 
-Errors are one line (``lm-probe: error: ...``, exit code 1) unless ``--debug`` is given,
-which shows the traceback and debug logs.
+Errors are one line (``lm-probe: error: ...``, exit code 1; an experiment with several
+problems gets one line per problem, all found in one run) unless ``--debug`` is given, which
+shows the traceback and debug logs.
 """
 
 from __future__ import annotations
@@ -226,12 +227,17 @@ def run_experiment_command(experiment: str | Path, *, dry_run: bool = False, out
 
     Returns:
         The run folders written (none for a dry run).
+
+    Raises:
+        ExperimentError: every problem found in the file, its model and its data, together.
     """
     from .experiment import load_experiment
     from .outputs import run_plan
     from .plan import plan_experiment
 
-    plan = plan_experiment(load_experiment(experiment, out=out, seeds=seeds), progress=progress, overwrite=overwrite)
+    # strict=False: the file's problems are reported together with the model's and the data's
+    experiment = load_experiment(experiment, out=out, seeds=seeds, strict=False)
+    plan = plan_experiment(experiment, progress=progress, overwrite=overwrite)
     print(plan.describe(), flush=True)
     if dry_run:
         print("\ndry run: the file, model, sites and data are valid; no forward pass was run.")
@@ -251,7 +257,14 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
 
 
 def _one_line(err: BaseException) -> str:
-    """The error's message on one line (its type name when it has no message)."""
+    """The error's message on one line (its type name when it has no message); an experiment
+    with several problems gets a line per problem."""
+    from .experiment import ExperimentError
+
+    if isinstance(err, ExperimentError) and len(err.problems) > 1:
+        head = f"{err.where}: " if err.where else ""
+        lines = [" ".join(p.split()) for p in err.problems]
+        return f"{head}{len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in lines)
     return " ".join(str(err).split()) or type(err).__name__
 
 

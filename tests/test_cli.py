@@ -93,12 +93,21 @@ def test_run_help_documents_the_whole_schema(capsys):
 
 
 # ---------------------------------------------------------------- errors
+def _error_lines(err: str) -> list[str]:
+    """The error's lines: the last lines of stderr, from 'lm-probe: error:' on (the model's
+    loading logs come before it: every problem of the file, model and data is reported at once)."""
+    lines = err.splitlines()
+    starts = [k for k, line in enumerate(lines) if line.startswith("lm-probe: error: ")]
+    assert len(starts) == 1, err
+    return lines[starts[0]:]
+
+
 def test_errors_are_one_line_without_traceback(folder, capsys, forwards):
     assert main(["run", str(folder / "typo.toml")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"lm-probe: error: {folder / 'typo.toml'}: unknown key 'num_epoch' in [probes]; "
-                          "did you mean 'num_epochs'?")
+    assert len(_error_lines(err)) == 1 and "Traceback" not in err
+    assert _error_lines(err)[0].startswith(f"lm-probe: error: {folder / 'typo.toml'}: unknown key 'num_epoch' in "
+                                           "[probes]; did you mean 'num_epochs'?")
     assert main(["run", str(folder / "missing.toml")]) == 1
     assert capsys.readouterr().err == f"lm-probe: error: experiment file {str(folder / 'missing.toml')!r} " \
                                       "does not exist\n"
@@ -117,7 +126,7 @@ def test_the_installed_entry_point(folder):
     """As a user sees it: one line on stderr and exit code 1; --debug adds the traceback."""
     command = [sys.executable, "-m", "lm_probe", "run", str(folder / "typo.toml")]
     plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    assert plain.returncode == 1 and len(_error_lines(plain.stderr)) == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "ExperimentError" in debug.stderr
@@ -161,6 +170,26 @@ def test_dry_run_prints_the_plan_without_a_forward(folder, capsys, forwards):
     assert "  model.layers.1.output\n" in out
     assert "no forward pass was run" in out
     assert not (folder / "out").exists()
+
+
+def test_dry_run_reports_every_problem_in_one_run(folder, capsys, forwards, tmp_path):
+    """Four mistakes, in the file, the data, the sites and the output folder: all four are
+    reported by one dry run, one line each, the output folder last."""
+    out = tmp_path / "held"
+    out.mkdir()
+    (out / "metrics.csv").write_text("probe\n")
+    text = (EXPERIMENT.replace('out = "out"', f'out = "{out}"').replace("num_epochs", "aplha = 1e-3\nnum_epochs")
+            .replace("max_length = 24", 'max_length = 24\ntext_column = "txt"')
+            .replace("{0..1}.output", '0.output", "model.layers.0.mlpp.output'))
+    (folder / "mistakes.toml").write_text(text)
+    assert main(["run", "--dry-run", str(folder / "mistakes.toml")]) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert lines[0] == f"lm-probe: error: {folder / 'mistakes.toml'}: 4 problems:"
+    assert lines[1].startswith("  - unknown key 'aplha' in [probes]; did you mean 'alpha'?")
+    assert lines[2].startswith("  - [data] text_column = 'txt' is not a column of toy.csv; did you mean 'text'?")
+    assert lines[3].startswith("  - [sites] ") and "'model.layers.0.mlpp.output'" in lines[3]
+    assert lines[4].startswith(f"  - the output folder {out} already holds a run (metrics.csv)")
+    assert len(lines) == 5 and forwards["n"] == 0
 
 
 def test_run_writes_the_outputs_and_refuses_to_overwrite(folder, capsys, tmp_path):

@@ -234,7 +234,8 @@ def test_class_names_are_named_in_label_messages(gpt2, no_forward):
     single = ProbeDataset.from_texts(["good"] * 4, ["pos"] * 4, tok, label_names=names)
     with pytest.raises(ValueError, match=r"single class \(\[1 \(pos\)\]\)"):
         runner.fit_probes(single)
-    other = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=["pos", "neg"])])
+    swapped = ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=["pos", "neg"])
+    other = ProbeRunner(gpt2, [swapped])
     with pytest.raises(ValueError, match=r"names its labels \['pos', 'neg'\] but the training set names them "
                                          r"\['neg', 'pos', 'neutral'\]"):
         other.fit_probes(train)
