@@ -13,7 +13,7 @@ from .early_stopping import EarlyStopping, StopReason
 from .gauge import DiffusionGauge
 from .geometry import Geometry, GeometryResults
 from .lens import LogitLens
-from .model import load_model
+from .model import ModelNotFoundError, load_model
 from .probe import IGNORE, LinearProbe, Probe, ProbeConfig
 from .replay import Cache
 from .runner import ProbeRunner
@@ -36,6 +36,7 @@ __all__ = [
     "IGNORE",
     "LinearProbe",
     "LogitLens",
+    "ModelNotFoundError",
     "Probe",
     "NotComputedError",
     "PooledBatch",

@@ -9,8 +9,9 @@
   without any forward pass.
 * ``lm-probe report RUN_DIR`` rebuilds a run's ``report.html`` from its files.
 
-Errors are one line (``lm-probe: error: ...``, exit code 1) unless ``--debug`` is given,
-which shows the traceback and debug logs.
+Errors are one line (``lm-probe: error: ...``, exit code 1; an experiment with several
+problems gets one line per problem, all found in one run) unless ``--debug`` is given, which
+shows the traceback and debug logs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def _layers(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes integers separated by commas, got {text!r}") from None
+
+
+def _batch_size(text: str) -> int:
+    """``--batch-size``: refused by argparse (exit 2) before anything loads."""
+    from .dataset import check_batch_size
+
+    try:
+        return check_batch_size(int(text), "--batch-size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if text.strip().lstrip("-").isdigit() else
+                                         f"--batch-size takes a whole number, got {text!r}") from None
 
 
 def run_demo(
@@ -60,10 +72,16 @@ def run_demo(
 
     Returns:
         The metrics DataFrame, sorted by layer.
+
+    Raises:
+        ValueError: ``batch_size`` below 1 (before the model loads), or a layer out of range.
     """
     import numpy as np
 
     from . import ProbeConfig, ProbeDataset, ProbeRunner, load_model
+    from .dataset import check_batch_size
+
+    batch_size = check_batch_size(batch_size)
     from .embedded import rotten_tomatoes
     from .plots import plot_accuracy_by_layer
 
@@ -155,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-examples", type=int, default=2000, help="reviews to use, 0 for all 4,866 (default 2000)")
     demo.add_argument("--layers", type=_layers, default=DEMO_LAYERS,
                       help="comma-separated block indices (default %(default)s)")
-    demo.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    demo.add_argument("--batch-size", type=_batch_size, default=32, help="examples per forward pass (default 32)")
     demo.add_argument("--pool", choices=["mean", "last", "first", "max"], default="mean", help="pooling (default mean)")
     demo.add_argument("--out", default="lm_probe_out/demo", help="output folder (default lm_probe_out/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -209,12 +227,17 @@ def run_experiment_command(experiment: str | Path, *, dry_run: bool = False, out
 
     Returns:
         The run folders written (none for a dry run).
+
+    Raises:
+        ExperimentError: every problem found in the file, its model and its data, together.
     """
     from .experiment import load_experiment
     from .outputs import run_plan
     from .plan import plan_experiment
 
-    plan = plan_experiment(load_experiment(experiment, out=out, seeds=seeds), progress=progress, overwrite=overwrite)
+    # strict=False: the file's problems are reported together with the model's and the data's
+    experiment = load_experiment(experiment, out=out, seeds=seeds, strict=False)
+    plan = plan_experiment(experiment, progress=progress, overwrite=overwrite)
     print(plan.describe(), flush=True)
     if dry_run:
         print("\ndry run: the file, model, sites and data are valid; no forward pass was run.")
@@ -234,7 +257,14 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
 
 
 def _one_line(err: BaseException) -> str:
-    """The error's message on one line (its type name when it has no message)."""
+    """The error's message on one line (its type name when it has no message); an experiment
+    with several problems gets a line per problem."""
+    from .experiment import ExperimentError
+
+    if isinstance(err, ExperimentError) and len(err.problems) > 1:
+        head = f"{err.where}: " if err.where else ""
+        lines = [" ".join(p.split()) for p in err.problems]
+        return f"{head}{len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in lines)
     return " ".join(str(err).split()) or type(err).__name__
 
 

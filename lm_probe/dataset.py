@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from loguru import logger
 
-__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "IGNORE"]
+__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "check_batch_size", "encode_labels", "format_labels",
+           "IGNORE"]
 
 IGNORE = -100  #: token label of positions no probe trains or is scored on
 
@@ -38,6 +39,86 @@ class Batch:
     labels: np.ndarray
     index: np.ndarray
     token_labels: np.ndarray | None = None
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    """Check a number of examples per batch before any batch is made.
+
+    Every public function that takes a batch size calls this first, so ``0``, a negative
+    number or a float fails with one message that names the argument, instead of a
+    ``ZeroDivisionError`` from deep inside a pass.
+
+    Args:
+        batch_size: The value given.
+        name: The argument's name, for the message (``"--batch-size"`` on the command line).
+
+    Returns:
+        ``batch_size`` as an int.
+
+    Raises:
+        ValueError: ``batch_size`` is not a whole number of at least 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{name} must be a whole number of examples per batch, at least 1; got {batch_size!r}")
+    return int(batch_size)
+
+
+def encode_labels(labels: Any, label_names: Sequence[str] | None = None,
+                  what: str = "labels") -> tuple[np.ndarray, list[str] | None]:
+    """Class names to integer labels, through a given mapping or in sorted order.
+
+    Integer (or float) labels pass through unchanged; ``label_names`` then only names them
+    (``label_names[i]`` names label ``i``), and each label must have a name. String labels
+    are mapped through ``label_names`` when it is given, else in sorted order (logged).
+
+    Args:
+        labels: One label per example: integers, floats (regression targets) or strings.
+        label_names: The name of each integer label, in order.
+        what: What the labels are, for messages.
+
+    Returns:
+        ``(labels, label_names)``: an int64 (or float64) array and the names (``None``
+        when there are none).
+
+    Raises:
+        ValueError: a mix of names and numbers, a name missing from ``label_names``, an
+            integer label without a name, or names given for regression targets.
+    """
+    values = list(labels) if not isinstance(labels, np.ndarray) else labels.tolist()
+    names = None if label_names is None else [str(n) for n in label_names]
+    if names is not None and len(set(names)) != len(names):
+        raise ValueError(f"label_names {names} lists a name twice; give each class one name")
+    strings = [isinstance(v, str) for v in values]
+    if any(strings) and not all(strings):
+        row = strings.index(False) if strings[0] else strings.index(True)
+        raise ValueError(f"{what} mix class names and numbers (index {row} is {values[row]!r}); use one or the other")
+    if values and all(strings):
+        if names is None:
+            names = sorted(set(values))
+            logger.info("{} are class names; mapped in sorted order: {}", what, dict(zip(names, range(len(names)))))
+        code = {n: k for k, n in enumerate(names)}
+        unknown = sorted(set(values) - set(code))
+        if unknown:
+            raise ValueError(f"{what} {unknown} are not among label_names {names}; add them to label_names")
+        return np.asarray([code[v] for v in values], np.int64), names
+    array = np.asarray(labels)
+    if names is not None:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"label_names names integer class labels, but the {what} are {array.dtype} values")
+        outside = sorted(set(array.tolist()) - set(range(len(names))))
+        if outside:
+            raise ValueError(f"{what} {outside} have no name in label_names {names} (label i is named by "
+                             f"label_names[i], i = 0..{len(names) - 1})")
+    return array, names
+
+
+def format_labels(labels: Any, names: Sequence[str] | None = None) -> str:
+    """Labels for a message, each with its name when names are known: ``"[0 (neg), 1 (pos)]"``."""
+    def one(label: Any) -> str:
+        k = int(label)
+        return f"{k} ({names[k]})" if names is not None and 0 <= k < len(names) else str(k)
+
+    return "[" + ", ".join(one(v) for v in labels) + "]"
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -177,9 +258,11 @@ class ProbeDataset:
     def from_texts(
         cls,
         texts: Sequence[str],
-        labels: Sequence[int],
+        labels: Sequence[int] | Sequence[str],
         tokenizer: Any,
         max_length: int = 128,
+        *,
+        label_names: Sequence[str] | None = None,
     ) -> "ProbeDataset":
         """Tokenize texts (without padding) into a dataset.
 
@@ -187,13 +270,17 @@ class ProbeDataset:
 
         Args:
             texts: The examples.
-            labels: One integer label per text.
+            labels: One label per text: an integer, a float (regression), or a class name.
             tokenizer: A Hugging Face tokenizer; one without a pad token is given one.
             max_length: Maximum tokens per example.
+            label_names: The name of each integer label (``label_names[i]`` names label
+                ``i``): class-name labels are mapped through it (without it, in sorted
+                order), and messages name the classes.
         """
         texts = list(texts)
         if len(texts) != len(labels):
             raise ValueError(f"got {len(texts)} texts but {len(labels)} labels; they must match")
+        labels, label_names = encode_labels(labels, label_names)
         if not texts:
             raise ValueError("the dataset is empty: give at least one text")
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -210,7 +297,7 @@ class ProbeDataset:
             )
         ids = [np.asarray(row[:max_length], dtype=np.int64) for row in encoded]
         return cls(ids, labels, pad_token_id=tokenizer.pad_token_id,
-                   padding_side=getattr(tokenizer, "padding_side", "right"), texts=texts)
+                   padding_side=getattr(tokenizer, "padding_side", "right"), texts=texts, label_names=label_names)
 
     @classmethod
     def from_hf(
@@ -225,11 +312,11 @@ class ProbeDataset:
         """Build a dataset from a Hugging Face ``datasets.Dataset`` (or any mapping of columns).
 
         Args:
-            dataset: Has ``text_column`` (strings) and ``label_column`` (integers, or a
-                ``ClassLabel``).
+            dataset: Has ``text_column`` (strings) and ``label_column`` (integers, a
+                ``ClassLabel``, whose names become ``label_names``, or class names).
             tokenizer: A Hugging Face tokenizer.
             text_column: Column with the texts.
-            label_column: Column with the integer labels.
+            label_column: Column with the labels.
             max_length: Maximum tokens per example (longer texts are truncated and counted).
         """
         columns = list(getattr(dataset, "column_names", None) or dataset.keys())
@@ -239,8 +326,10 @@ class ProbeDataset:
                 f"the dataset has no column {missing[0]!r}; its columns are {columns}. "
                 "Pass text_column=... / label_column=..."
             )
+        feature = (getattr(dataset, "features", None) or {}).get(label_column)
+        names = list(feature.names) if hasattr(feature, "names") else None
         return cls.from_texts(list(dataset[text_column]), np.asarray(dataset[label_column]),
-                              tokenizer, max_length=max_length)
+                              tokenizer, max_length=max_length, label_names=names)
 
     @classmethod
     def from_tagged(
@@ -415,8 +504,8 @@ class ProbeDataset:
         if counts.min() < 2:
             rare = classes[counts < 2].tolist()
             raise ValueError(
-                f"cannot make a stratified split: classes {rare} have a single example; "
-                "add examples or drop those classes"
+                f"cannot make a stratified split: classes {format_labels(rare, self.label_names)} have a single "
+                "example; add examples or drop those classes"
             )
         try:
             train, test = train_test_split(
@@ -446,8 +535,7 @@ class ProbeDataset:
                 shuffle the batches (a bucketed shuffle, for training).
             bucket: Window size in batches for the bucketed shuffle.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         lengths = np.array([len(r) for r in self.ids])

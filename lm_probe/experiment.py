@@ -36,6 +36,10 @@ and goes through three stages, each in one function:
    list-valued settings, per site), builds each seed's splits, probes and consumers, and
    checks the consumers' options. ``--dry-run`` stops here and prints
    :meth:`~lm_probe.plan.Plan.describe`.
+
+Stages 1 and 2 report every problem they find in one :class:`ExperimentError` (a
+:class:`Problems` list: the file's keys, the data, the model and its sites, the options,
+then the output folder), so one run shows all there is to fix.
 3. :func:`lm_probe.outputs.run_plan` trains every probe of a seed from one
    :class:`~lm_probe.ProbeRunner` (one trace per batch for all probes, the geometry and
    the gauges), then writes ``metrics.csv``, each consumer's artifacts, ``run.json`` and
@@ -46,6 +50,7 @@ This module holds the file format: the schema, its parsing and the brace ranges.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -54,18 +59,68 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .probe import ProbeConfig
 
-__all__ = ["ExperimentError", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
+__all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
            "parse_experiment", "expand_braces", "parse_layers", "schema_help"]
 
 REQUIRED = dataclasses.MISSING
 
 
 class ExperimentError(ValueError):
-    """An experiment file or its data that cannot run; the message says where and how to fix it."""
+    """An experiment file or its data that cannot run; the message says where and how to fix it.
+
+    Checking a file collects every problem it finds before it stops (see :class:`Problems`):
+    ``problems`` lists them, and the message has one line per problem when there are several.
+
+    Args:
+        problems: One message, or several.
+        where: The file they are about (prefixed to the message).
+    """
+
+    def __init__(self, problems: str | Sequence[str], where: str | Path | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.where = None if where is None else str(where)
+        head = f"{self.where}: " if self.where else ""
+        if len(self.problems) == 1:
+            message = head + self.problems[0]
+        else:
+            message = f"{head}{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class Problems:
+    """The problems found so far by one check of an experiment, so that it reports them all.
+
+    Each independent check runs in ``with problems.collect():``; an :class:`ExperimentError`
+    raised there is recorded and the check after it runs anyway. Checks that need the result
+    of a failed one are skipped, so every problem reported is a real one.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def add(self, *problems: str) -> None:
+        """Record problems (one found twice, by two seeds say, is recorded once)."""
+        self.found += [p for p in dict.fromkeys(problems) if p not in self.found]
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Run a check; record the problems of an ExperimentError it raises instead of raising it."""
+        try:
+            yield
+        except ExperimentError as err:
+            self.add(*err.problems)
+
+    def raise_any(self, where: str | Path | None = None) -> None:
+        """Raise one ExperimentError listing every problem recorded, if there is any."""
+        if self.found:
+            raise ExperimentError(self.found, where)
 
 
 # ---------------------------------------------------------------------------- schema
@@ -209,6 +264,10 @@ class Experiment:
         seeds: One run per seed (``seed = 0`` or ``seeds = [0, 1, 2]``).
         out: Output folder (absolute).
         source: The file the experiment was read from, and ``text`` its content.
+        problems: What is wrong with the file, when it was read with ``strict=False``
+            (else always empty: a strict read raises instead).
+        invalid: The tables with a problem (``""``: the top level); a table that could not
+            be read at all is ``None``. Planning skips every check that needs one of them.
     """
 
     model: ModelSection
@@ -223,6 +282,8 @@ class Experiment:
     base: Path
     source: Path | None = None
     text: str = ""
+    problems: tuple[str, ...] = ()
+    invalid: frozenset[str] = frozenset()
 
 
 _TOP = {
@@ -275,17 +336,22 @@ def schema_help() -> str:
 
 # ---------------------------------------------------------------------------- parsing
 def load_experiment(path: str | Path, *, out: str | Path | None = None,
-                    seeds: Sequence[int] | None = None) -> Experiment:
+                    seeds: Sequence[int] | None = None, strict: bool = True) -> Experiment:
     """Read and check an experiment file (no model or data is loaded).
+
+    Every table and key is checked, and every problem found is reported together.
 
     Args:
         path: The TOML file.
         out: Replace the file's output folder (relative to the current directory).
         seeds: Replace the file's seeds.
+        strict: Raise if the file has any problem. ``False``: return what could be read,
+            with the problems in :attr:`Experiment.problems` (for
+            :func:`lm_probe.plan.plan_experiment` to add those of the model and data).
 
     Raises:
-        ExperimentError: the file is missing, not TOML, or has an unknown key or a bad
-            value; the message names the file, the table and the key.
+        ExperimentError: the file is missing or not TOML, or (``strict``) has unknown keys
+            or bad values; the message names the file, and each problem its table and key.
     """
     path = Path(path)
     if not path.is_file():
@@ -293,13 +359,14 @@ def load_experiment(path: str | Path, *, out: str | Path | None = None,
     text = path.read_text()
     try:
         return parse_experiment(text, base=path.resolve().parent, name=path.stem, source=path,
-                                out=out, seeds=seeds)
+                                out=out, seeds=seeds, strict=strict)
     except ExperimentError as err:
-        raise ExperimentError(f"{path}: {err}") from None
+        raise ExperimentError(err.problems, where=path) from None
 
 
 def parse_experiment(text: str, *, base: str | Path = ".", name: str = "experiment", source: Path | None = None,
-                     out: str | Path | None = None, seeds: Sequence[int] | None = None) -> Experiment:
+                     out: str | Path | None = None, seeds: Sequence[int] | None = None,
+                     strict: bool = True) -> Experiment:
     """Parse experiment TOML text; relative paths in it start at ``base``.
 
     Args:
@@ -309,46 +376,74 @@ def parse_experiment(text: str, *, base: str | Path = ".", name: str = "experime
         source: The file the text came from (recorded in the outputs).
         out: Override the output folder (relative to the current directory).
         seeds: Override the seeds.
+        strict: Raise on any problem; ``False``: record them in :attr:`Experiment.problems`.
 
     Raises:
-        ExperimentError: invalid TOML, an unknown key, a missing table or key, or a bad value.
+        ExperimentError: invalid TOML; and (``strict``) unknown keys, missing tables or keys,
+            or bad values, all of them in one error.
     """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ExperimentError(f"not valid TOML: {err}") from None
-    _reject_unknown(doc, [*_TOP, *SECTIONS], "the top level", "table or key")
+    problems, invalid = Problems(), set()
     base = Path(base)
-    for key, (types, _) in _TOP.items():
-        if key in doc:
-            _check_value(doc[key], types, "the top level", key)
-    for table in ("model", "data", "sites"):
-        if table not in doc:
-            raise ExperimentError(f"missing table [{table}]; an experiment needs [model], [data] and [sites]")
-    parsed = {table: _parse_table(SECTIONS[table], doc[table], table)
+
+    def check(table: str, parse: Any) -> Any:
+        """Run one table's parse; a table with any problem is marked invalid."""
+        before, value = len(problems), None
+        with problems.collect():
+            value = parse()
+        if len(problems) > before:
+            invalid.add(table)
+        return value
+
+    check("", lambda: _reject_unknown(doc, [*_TOP, *SECTIONS], "the top level", "table or key"))
+    top = {key: check("", lambda key=key, types=types: _check_value(doc[key], types, "the top level", key))
+           for key, (types, _) in _TOP.items() if key in doc}
+    top = {key: value for key, value in top.items() if value is not None}  # the values that passed
+    missing = [table for table in ("model", "data", "sites") if table not in doc]
+    if missing:
+        problems.add(f"missing table {', '.join(f'[{t}]' for t in missing)}; an experiment needs [model], [data] "
+                     "and [sites]")
+        invalid.update(missing)
+    parsed = {table: check(table, lambda table=table: _parse_table(SECTIONS[table], doc[table], table, problems))
               for table in ("model", "data", "sites", "geometry", "gauges") if table in doc}
-    probes = _parse_probes(doc.get("probes", {}))
-    _check_data(parsed["data"])
-    if not parsed["sites"].paths and not parsed["sites"].kind:
-        raise ExperimentError("[sites] names no site: give paths = [...] or kind = 'resid_post'")
-    geometry = parsed.get("geometry")
-    gauges = parsed.get("gauges")
+    probes = check("probes", lambda: _parse_probes(doc.get("probes", {}), problems))
+    if parsed.get("data") is not None:
+        check("data", lambda: _check_data(parsed["data"]))
+    if parsed.get("sites") is not None and not parsed["sites"].paths and not parsed["sites"].kind:
+        check("sites", lambda: _fail("[sites] names no site: give paths = [...] or kind = 'resid_post'"))
+    found_seeds = check("", lambda: _seeds(top) if seeds is None else _unique_seeds(list(seeds), "--seed"))
+    if strict:
+        problems.raise_any()
+    geometry, gauges = parsed.get("geometry"), parsed.get("gauges")
+    default_out = f"runs/{name}"
     return Experiment(
-        model=parsed["model"], data=parsed["data"], sites=parsed["sites"], probes=probes,
+        model=parsed.get("model"), data=parsed.get("data"), sites=parsed.get("sites"), probes=probes,
         geometry=geometry if geometry is not None and geometry.enabled else None,
         gauges=gauges if gauges is not None and gauges.enabled else None,
-        seeds=_seeds(doc) if seeds is None else _unique_seeds(list(seeds), "--seed"),
-        out=Path(out).resolve() if out is not None else (base / doc.get("out", f"runs/{name}")).resolve(),
-        name=doc.get("name", name), base=base, source=source, text=text,
+        seeds=found_seeds or (),
+        out=Path(out).resolve() if out is not None else (base / top.get("out", default_out)).resolve(),
+        name=top.get("name", name), base=base, source=source, text=text,
+        problems=tuple(problems.found), invalid=frozenset(invalid),
     )
 
 
+def _fail(message: str) -> None:
+    raise ExperimentError(message)
+
+
 def _reject_unknown(table: dict, valid: Sequence[str], where: str, what: str = "key") -> None:
+    """Every key of ``table`` not in ``valid``, each with the closest valid key, in one error."""
+    unknown = []
     for key in table:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ";"
-            raise ExperimentError(f"unknown {what} {key!r} in {where}{hint} valid: {', '.join(valid)}")
+            unknown.append(f"unknown {what} {key!r} in {where}{hint} valid: {', '.join(valid)}")
+    if unknown:
+        raise ExperimentError(unknown)
 
 
 def _describe_type(value: Any) -> str:
@@ -377,61 +472,67 @@ def _check_value(value: Any, types: tuple, where: str, key: str, choices: Sequen
     return value
 
 
-def _parse_table(cls: type, table: Any, section: str) -> Any:
-    """A section dataclass from a TOML table, every key checked."""
+def _parse_table(cls: type, table: Any, section: str, problems: Problems) -> Any:
+    """A section dataclass from a TOML table, every key checked; each problem is recorded in
+    ``problems`` and the key left at its default. ``None`` when a required key is missing or bad."""
     where = f"[{section}]"
     if not isinstance(table, dict):
         raise ExperimentError(f"{section} must be a table [{section}], got {_describe_type(table)}")
     specs = [f for f in fields(cls) if not f.metadata.get("internal")]
-    _reject_unknown(table, [f.name for f in specs], where)
+    with problems.collect():
+        _reject_unknown(table, [f.name for f in specs], where)
     values = {}
     for f in specs:
         meta = f.metadata
         if f.name in table:
-            value = _check_value(table[f.name], meta["types"], where, f.name, meta["choices"], meta["items"],
-                                 meta["minimum"])
-            if meta["items"] is str and isinstance(value, str):
-                value = [value]
-            values[f.name] = tuple(value) if isinstance(value, list) and f.name != "layers" else value
+            with problems.collect():
+                value = _check_value(table[f.name], meta["types"], where, f.name, meta["choices"], meta["items"],
+                                     meta["minimum"])
+                if meta["items"] is str and isinstance(value, str):
+                    value = [value]
+                values[f.name] = tuple(value) if isinstance(value, list) and f.name != "layers" else value
         elif f.default is REQUIRED:
-            raise ExperimentError(f"{where} needs {f.name!r}: {meta['help']}")
+            problems.add(f"{where} needs {f.name!r}: {meta['help']}")
+    if any(f.default is REQUIRED and f.name not in values for f in specs):
+        return None
     return cls(**values)
 
 
-def _parse_probes(table: Any) -> ProbesSection:
+def _parse_probes(table: Any, problems: Problems) -> ProbesSection | None:
     """``[probes]``: lm_probe's keys are checked like any table; other keys must be estimator arguments."""
     if not isinstance(table, dict):
         raise ExperimentError(f"probes must be a table [probes], got {_describe_type(table)}")
     own = {f.name for f in fields(ProbesSection) if not f.metadata.get("internal")}
-    section = _parse_table(ProbesSection, {k: v for k, v in table.items() if k in own}, "probes")
+    section = _parse_table(ProbesSection, {k: v for k, v in table.items() if k in own}, "probes", problems)
     for key in SWEEPABLE:
         value = getattr(section, key)
         if isinstance(value, tuple) and not value:
-            raise ExperimentError(f"[probes] {key} = [] sweeps over nothing; give at least one value")
+            problems.add(f"[probes] {key} = [] sweeps over nothing; give at least one value")
     if isinstance(section.val_size, float) and section.val_size >= 1:
-        raise ExperimentError(f"[probes] val_size = {section.val_size} must be a share below 1 or a number of "
-                              "examples")
+        problems.add(f"[probes] val_size = {section.val_size} must be a share below 1 or a number of examples")
     extra = {k: v for k, v in table.items() if k not in own}
-    heads = _as_tuple(section.head)
+    heads = _as_tuple(section.head) or ("linear",)
     valid = set.intersection(*[_estimator_params(h, section.task) for h in heads])
     anywhere = set.union(*[_estimator_params(h, t) for h in ("linear", "mlp")
                            for t in ("classification", "regression")])
+    estimator = []
     for key, value in extra.items():
-        if key in _NOT_ESTIMATOR:
-            raise ExperimentError(f"[probes] {key!r} cannot be set: {_NOT_ESTIMATOR[key]}")
-        if key not in valid:
-            if key in anywhere:
-                raise ExperimentError(
-                    f"[probes] {key!r} is not an argument of the estimator of head {list(heads)} and task "
-                    f"{section.task!r}; its arguments are {sorted(valid)}")
-            _reject_unknown({key: value}, sorted(own | valid), "[probes]")
-        if isinstance(value, list) and not value:
-            raise ExperimentError(f"[probes] {key} = [] sweeps over nothing; give at least one value")
-    estimator = tuple((k, tuple(v) if isinstance(v, list) else (v,)) for k, v in extra.items())
-    for key, values in estimator:
-        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-            raise ExperimentError(f"[probes] {key} lists a value twice: {list(values)}")
-    return dataclasses.replace(section, estimator=estimator)
+        with problems.collect():
+            if key in _NOT_ESTIMATOR:
+                raise ExperimentError(f"[probes] {key!r} cannot be set: {_NOT_ESTIMATOR[key]}")
+            if key not in valid:
+                if key in anywhere:
+                    raise ExperimentError(
+                        f"[probes] {key!r} is not an argument of the estimator of head {list(heads)} and task "
+                        f"{section.task!r}; its arguments are {sorted(valid)}")
+                _reject_unknown({key: value}, sorted(own | valid), "[probes]")
+            values = tuple(value) if isinstance(value, list) else (value,)
+            if not values:
+                raise ExperimentError(f"[probes] {key} = [] sweeps over nothing; give at least one value")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ExperimentError(f"[probes] {key} lists a value twice: {list(values)}")
+            estimator.append((key, values))
+    return dataclasses.replace(section, estimator=tuple(estimator))
 
 
 def _estimator_params(head: str, task: str) -> set[str]:

@@ -28,7 +28,7 @@ import torch
 from loguru import logger
 
 from .consumer import Consumer, NotComputedError, Request
-from .dataset import ProbeDataset
+from .dataset import ProbeDataset, check_batch_size
 from .diffusion import DiffusionResult, diffuse
 from .pooling import check_pool
 from .trigger import Trigger
@@ -67,6 +67,7 @@ class DiffusionGauge(Consumer):
             raise ValueError("sites must be a non-empty list of site strings")
         if n_samples < 2:
             raise ValueError(f"n_samples must be at least 2, got {n_samples}")
+        batch_size = check_batch_size(batch_size)
         if not 1 <= knn < n_samples:
             raise ValueError(f"knn={knn} must be at least 1 and below n_samples={n_samples}")
         if check_pool(pool) == "none":
@@ -106,8 +107,8 @@ class DiffusionGauge(Consumer):
         self._runner, self._frozen = runner, None
         if self._subset is None:
             self._subset = self._choose(self.data if self.data is not None else data)
-        if batch_size:
-            self.batch_size = batch_size
+        if batch_size is not None:
+            self.batch_size = check_batch_size(batch_size)
 
     def on_event(self, event: str, step: int, epoch: int) -> None:
         if self._runner is None or step in self._measured_steps or not self.trigger.fires(step, epoch, event):

@@ -105,6 +105,8 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
         arrays[f"{prefix}/mean"] = np.atleast_1d(np.asarray(probe._mean, np.float64))
         arrays[f"{prefix}/m2"] = np.atleast_1d(np.asarray(probe._m2, np.float64))
         cfg = {f: getattr(probe.config, f) for f in _CONFIG_FIELDS}
+        if getattr(probe.config, "label_names", None) is not None:  # only when set: older readers never see it
+            cfg["label_names"] = probe.config.label_names
         probes.append({
             "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
             "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,

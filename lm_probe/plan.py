@@ -7,7 +7,9 @@ each site, expands the probe sweep, and builds each seed's subset, splits,
 :class:`~lm_probe.ProbeRunner` (all probes of the seed on one runner, so one trace per
 batch) and consumers. Every option is tried here: scikit-learn arguments are validated,
 the gauge's operator options are run on random points of the model's width, and the
-output folder is checked. ``lm-probe run --dry-run`` prints :meth:`Plan.describe` and stops;
+output folder is checked, last. Every problem found is reported together, in one
+:class:`~lm_probe.experiment.ExperimentError`; rows are tokenized only where a seed uses
+them. ``lm-probe run --dry-run`` prints :meth:`Plan.describe` and stops;
 :func:`lm_probe.outputs.run_plan` runs the plan.
 
 A sweep is the cartesian product of the list-valued settings of ``[probes]`` (in file
@@ -26,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import ProbeDataset
-from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, ProbesSection, \
-    SitesSection, expand_braces, parse_layers
+from .dataset import ProbeDataset, format_labels
+from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, Problems, \
+    ProbesSection, SitesSection, expand_braces, parse_layers
 from .gauge import DiffusionGauge
 from .geometry import Geometry
 from .probe import ProbeConfig
@@ -140,6 +142,11 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
                     overwrite: bool = False) -> Plan:
     """Check everything and build every seed's runner, without any forward pass.
 
+    Every check runs, and every problem found is reported in one :class:`ExperimentError`
+    (with those an experiment read with ``strict=False`` carries already); a check that
+    needs what a failed one would have given (the sites need the model) is skipped. The
+    output folder is checked last.
+
     Args:
         experiment: From :func:`lm_probe.experiment.load_experiment`.
         model: An nnsight model to use instead of loading ``[model] name`` (tests, notebooks).
@@ -150,22 +157,70 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
         The :class:`Plan`; :func:`lm_probe.outputs.run_plan` runs it.
 
     Raises:
-        ExperimentError: the output folder holds a run, the model cannot be loaded, the
-            data fails its checks, a site is unknown, or a probe or consumer option is invalid.
+        ExperimentError: every problem found: the file's, the data's (columns, labels,
+            splits), the model's (it does not load, a site is unknown), a probe or consumer
+            option, and an output folder that already holds a run.
     """
-    exp = experiment
-    for folder in [exp.out, *(exp.out / f"seed_{s}" for s in exp.seeds if len(exp.seeds) > 1)]:
-        _check_out(folder, overwrite)
-    table = read_table(exp.data, exp.base, exp.probes.task)  # the data first: it is quicker to read than a model
-    model = model if model is not None else _load_model(exp)
-    sites = _sites(exp.sites, model)
-    probes = _probe_specs(exp.probes, sites) if exp.probes.enabled else []
-    for spec in probes:
-        _check_estimator(spec)
-    replay_cache(exp.probes, exp.base)
-    dataset = ProbeDataset.from_texts(table.texts, table.labels, model.tokenizer, max_length=exp.data.max_length)
-    runs = [_seed_run(exp, model, dataset, sites, probes, seed, progress) for seed in exp.seeds]
+    exp, problems = experiment, Problems()
+    problems.add(*exp.problems)
+
+    def usable(table: str) -> bool:
+        return table not in exp.invalid and (table == "" or getattr(exp, table) is not None)
+
+    table = sites = probes = runs = None
+    with problems.collect():  # the data first: it is quicker to read than a model
+        if usable("data"):
+            table = read_table(exp.data, exp.base, exp.probes.task if exp.probes is not None else "classification")
+    with problems.collect():
+        if model is None and usable("model"):
+            model = _load_model(exp)
+    with problems.collect():
+        if model is not None and usable("sites"):
+            sites = _sites(exp.sites, model)
+    with problems.collect():
+        if sites is not None and usable("probes"):
+            probes = _probe_specs(exp.probes, sites) if exp.probes.enabled else []
+            for spec in probes:
+                _check_estimator(spec)
+    with problems.collect():
+        if usable("probes"):
+            replay_cache(exp.probes, exp.base)
+    if all(x is not None for x in (table, model, sites, probes)) and not exp.invalid:  # each seed needs them all
+        with problems.collect():
+            runs = _seed_runs(exp, table, model, sites, probes, progress, problems)
+    if usable(""):  # last: a folder that holds a run is the easiest problem to fix
+        for folder in [exp.out, *(exp.out / f"seed_{s}" for s in exp.seeds if len(exp.seeds) > 1)]:
+            with problems.collect():
+                _check_out(folder, overwrite)
+    problems.raise_any(exp.source)
     return Plan(exp, model, table, sites, probes, runs, overwrite)
+
+
+def _seed_runs(exp: Experiment, table: Table, model: Any, sites: list[str], probes: list[ProbeSpec],
+               progress: bool, problems: Problems) -> list[SeedRun]:
+    """Every seed's run, from one tokenization of the rows the seeds use (so that the warning
+    about texts longer than max_length counts those rows, not the whole data set)."""
+    n = len(table.texts)
+    if exp.data.n_examples > n:
+        raise ExperimentError(f"[data] n_examples = {exp.data.n_examples} but the data has {n} rows; lower it, "
+                              "or use 0 for all rows")
+    index = {seed: np.arange(n) if exp.data.n_examples in (0, n) else np.sort(
+        np.random.default_rng(seed).permutation(n)[:exp.data.n_examples]) for seed in exp.seeds}
+    used = np.unique(np.concatenate(list(index.values())))
+    try:
+        tokenized = ProbeDataset.from_texts([table.texts[i] for i in used], table.labels[used], model.tokenizer,
+                                            max_length=exp.data.max_length, label_names=table.label_names)
+    except ValueError as err:
+        raise ExperimentError(f"[data] {err}") from None
+    dataset = ProbeDataset(tokenized.ids, tokenized.labels, pad_token_id=tokenized.pad_token_id,
+                           padding_side=tokenized.padding_side, texts=tokenized.texts,
+                           label_names=tokenized.label_names, example_ids=used)  # ids: the table's rows
+    runs = []
+    for seed in exp.seeds:
+        with problems.collect():
+            examples = dataset.subset(np.searchsorted(used, index[seed]))
+            runs.append(_seed_run(exp, model, examples, sites, probes, seed, progress))
+    return runs
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -181,7 +236,7 @@ def _load_model(exp: Experiment) -> Any:
     import torch
 
     from .embedded import EMBEDDED_MODELS
-    from .model import load_model
+    from .model import ModelNotFoundError, load_model
 
     name = exp.model.name
     folder = exp.base / name
@@ -200,37 +255,46 @@ def _load_model(exp: Experiment) -> Any:
                  f"{folder})")
     try:
         return load_model(source, **kwargs)
+    except ModelNotFoundError as err:  # its message says what would work
+        raise ExperimentError(f"[model] name = {name!r}: {err} (relative folders start at {exp.base})") from None
     except Exception as err:  # noqa: BLE001 (hub, file and format errors all mean: this name does not load)
         reason = " ".join(str(err).split())[:300]
         raise ExperimentError(f"[model] name = {name!r} did not load as {tried}: {reason}") from None
 
 
 def _sites(section: SitesSection, model: Any) -> list[str]:
-    """Canonical site strings from paths (braces expanded) and kinds, each checked against the model."""
+    """Canonical site strings from paths (braces expanded) and kinds, each checked against the model;
+    every bad path, kind and site is reported together."""
     from .architectures import sites as sites_of_kind
     from .sites import SiteError, resolve_sites
 
-    found: dict[str, str] = {}  # canonical site -> where it came from
-    wanted = [(s, f"paths {p!r}") for p in section.paths for s in _expanded(p, "[sites] paths")]
+    problems, found = Problems(), {}  # found: canonical site -> where it came from
+    wanted: list[tuple[str, str]] = []
+    for p in section.paths:
+        with problems.collect():
+            wanted += [(s, f"paths {p!r}") for s in _expanded(p, "[sites] paths")]
     if section.kind:
-        layers = parse_layers(section.layers)
-        for kind in section.kind:
-            try:
-                wanted += [(s, f"kind {kind!r}") for s in sites_of_kind(model, kind, layers)]
-            except ValueError as err:
-                raise ExperimentError(f"[sites] kind = {kind!r}, layers = {section.layers!r}: {err}") from None
+        with problems.collect():
+            layers = parse_layers(section.layers)
+            for kind in section.kind:
+                try:
+                    wanted += [(s, f"kind {kind!r}") for s in sites_of_kind(model, kind, layers)]
+                except ValueError as err:
+                    problems.add(f"[sites] kind = {kind!r}, layers = {section.layers!r}: {err}")
     elif section.layers != "all":
-        raise ExperimentError("[sites] layers applies to kind; with paths, write the layers in the path "
-                              "('model.layers.{0..29}.output')")
+        problems.add("[sites] layers applies to kind; with paths, write the layers in the path "
+                     "('model.layers.{0..29}.output')")
     for spec, origin in wanted:
         try:
             site = resolve_sites(model._module, [spec])[spec]
         except SiteError as err:
-            raise ExperimentError(f"[sites] {err}") from None
+            problems.add(f"[sites] {err}")
+            continue
         if site.name in found:
-            raise ExperimentError(f"[sites] site {site.name!r} is listed twice ({found[site.name]} and {origin}); "
-                                  "list each site once")
+            problems.add(f"[sites] site {site.name!r} is listed twice ({found[site.name]} and {origin}); "
+                         "list each site once")
         found[site.name] = origin
+    problems.raise_any()
     return list(found)
 
 
@@ -307,26 +371,23 @@ def replay_cache(section: ProbesSection, base: Path | None = None) -> Cache | No
         raise ExperimentError(f"[probes] cache_dir: {err}") from None
 
 
-def _seed_run(exp: Experiment, model: Any, dataset: ProbeDataset, sites: list[str], probes: list[ProbeSpec],
+def _seed_run(exp: Experiment, model: Any, examples: ProbeDataset, sites: list[str], probes: list[ProbeSpec],
               seed: int, progress: bool) -> SeedRun:
-    """One seed's subset, splits, runner and consumers (every option checked here)."""
-    n = len(dataset)
-    if exp.data.n_examples > n:
-        raise ExperimentError(f"[data] n_examples = {exp.data.n_examples} but the data has {n} rows; lower it, "
-                              "or use 0 for all rows")
-    index = np.arange(n) if exp.data.n_examples in (0, n) else np.sort(
-        np.random.default_rng(seed).permutation(n)[:exp.data.n_examples])
-    examples = dataset.subset(index)
+    """One seed's splits, runner and consumers from its examples (every option checked here)."""
     try:
         train, test = examples.tt_split(exp.data.test_size, seed=seed)
         fit = train.tt_split(exp.probes.val_size, seed=seed)[0] if probes and exp.probes.val_size else train
     except ValueError as err:
         raise ExperimentError(f"[data] {err}") from None
     if probes and not exp.probes.task == "regression" and len(train.classes) < 2:
-        raise ExperimentError(f"[data] the training set has a single class {train.classes.tolist()}; a probe needs "
-                              "at least two")
-    geometry = _geometry(exp.geometry, sites, seed) if exp.geometry else None
-    gauge = _gauge(exp.gauges, sites, seed, fit if probes else examples, model) if exp.gauges else None
+        single = format_labels(train.classes, train.label_names)
+        raise ExperimentError(f"[data] the training set has a single class {single}; a probe needs at least two")
+    problems, geometry, gauge = Problems(), None, None
+    with problems.collect():
+        geometry = _geometry(exp.geometry, sites, seed) if exp.geometry else None
+    with problems.collect():
+        gauge = _gauge(exp.gauges, sites, seed, fit if probes else examples, model) if exp.gauges else None
+    problems.raise_any()
     consumers = [c for c in (geometry, gauge) if c is not None]
     if not probes and not consumers:
         raise ExperimentError("nothing to run: [probes] enabled = false and no [geometry] or [gauges] table")

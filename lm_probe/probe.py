@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from loguru import logger
@@ -25,6 +25,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDCl
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from .consumer import Consumer, PooledBatch, finite_rows
+from .dataset import format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
@@ -141,14 +142,39 @@ def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
     return np.where(after - (start - 1) > 0, in_window / total, 1.0)
 
 
+def _class_labels(classes: Any, names: list[str] | None, probe: str) -> tuple[int, ...] | None:
+    """A probe's classes as sorted integer labels; class names go through ``names``."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        raise TypeError(f"probe {probe!r}: classes must be a collection of labels, got the string {classes!r}")
+    classes = set(classes)
+    named = {c for c in classes if isinstance(c, str)}
+    if not named:
+        return tuple(sorted(int(c) for c in classes))
+    if named != classes:
+        raise ValueError(f"probe {probe!r}: classes {classes} mix class names and integer labels; use one or the other")
+    if names is None:
+        raise ValueError(f"probe {probe!r}: classes {sorted(named)} are class names, but nothing maps them to "
+                         "integer labels; pass label_names=[...] too (label_names[i] names label i, e.g. "
+                         "label_names=train.label_names), or give the integer labels")
+    unknown = sorted(named - set(names))
+    if unknown:
+        raise ValueError(f"probe {probe!r}: classes {unknown} are not among label_names {names}")
+    return tuple(sorted(names.index(c) for c in named))
+
+
 class ProbeConfig:
     """What to probe and how.
 
     Args:
         site: Module path plus ``.output`` / ``.input`` (``"model.layers.3.output"``,
             ``"model.layers[-1].mlp.output"``).
-        classes: The labels this probe predicts (any integers). ``None``: the
-            distinct labels of the training set.
+        classes: The labels this probe predicts: any integers, or class names given
+            with ``label_names``. ``None``: the distinct labels of the training set.
+        label_names: The name of each integer label (``label_names[i]`` names label
+            ``i``, as :attr:`ProbeDataset.label_names`): ``classes`` may then be names,
+            and messages name the classes.
         pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"max"``, or ``"none"``
             for token-level probes (one row per labeled token; needs token labels,
             see :meth:`ProbeDataset.from_tagged`).
@@ -184,8 +210,9 @@ class ProbeConfig:
     def __init__(
         self,
         site: str,
-        classes: Iterable[int] | None = None,
+        classes: Iterable[int] | Iterable[str] | None = None,
         *,
+        label_names: Sequence[str] | None = None,
         pool: str = "mean",
         name: str | None = None,
         standardize: bool = True,
@@ -208,11 +235,13 @@ class ProbeConfig:
             raise ValueError(f"probe {label!r}: head must be 'linear' or 'mlp' and task 'classification' or "
                              f"'regression', got head={head!r}, task={task!r}")
         self.site, self.head, self.task = site, head, task
-        self.classes = None if classes is None else tuple(sorted(int(c) for c in set(classes)))
+        self.label_names = None if label_names is None else [str(n) for n in label_names]
+        self.classes = _class_labels(classes, self.label_names, label)
         if task == "regression" and classes is not None:
             raise ValueError(f"probe {label!r}: a regression probe has no classes")
         if self.classes is not None and len(self.classes) < 2:
-            raise ValueError(f"probe {label!r}: classes={self.classes} needs at least two classes")
+            raise ValueError(f"probe {label!r}: classes={format_labels(self.classes, self.label_names)} needs at "
+                             "least two classes")
         if control and task != "classification":
             raise ValueError(f"probe {label!r}: control tasks are defined for classification probes")
         self.pool = check_pool(pool)
@@ -280,8 +309,9 @@ class ProbeConfig:
         own = {k: getattr(self, k, None) for k in PER_PROBE if getattr(self, k, None) is not None}
         extra = "".join(f", {k}={v!r}" for k, v in {**own, **self.probe_kwargs}.items())
         solver = "" if self.solver == "sgd" else f", solver={self.solver!r}"
+        names = "" if getattr(self, "label_names", None) is None else f", label_names={self.label_names!r}"
         return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
-                f"task={self.task!r}, name={self.name!r}{solver}{extra})")
+                f"task={self.task!r}, name={self.name!r}{names}{solver}{extra})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ProbeConfig) and vars(self) == vars(other)
@@ -545,7 +575,7 @@ class Probe(Consumer):
         missing = sorted(set(self.classes_.tolist()) - set(np.unique(y).tolist()))
         if missing:
             raise ValueError(f"probe {self.name!r}: solver='lbfgs' needs every class in the fit rows; classes "
-                             f"{missing} have none")
+                             f"{format_labels(missing, getattr(self.config, 'label_names', None))} have none")
         kwargs = dict(self.config.probe_kwargs)
         Cs, folds = self.config.Cs, getattr(self.config, "cv", "validation")  # configs saved before cv
 

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from .backend import ProbeBank, check_backend, supports
 from .consumer import Consumer, PooledBatch, Request, finite_rows
 from .control import ControlTask
-from .dataset import ProbeDataset
+from .dataset import ProbeDataset, check_batch_size, format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
+from .model import ensure_dispatched
 from .probe import Probe, ProbeConfig, _labeled
 from .replay import Cache, ReplayCache
 from .sites import Site
@@ -87,6 +88,8 @@ class ProbeRunner:
                 f"ProbeRunner needs an nnsight model, got {type(model).__name__}; "
                 "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)"
             )
+        if not trace_kwargs.get("remote"):
+            model = ensure_dispatched(model)  # a model built on meta gets its weights before any batch
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
         if trace_kwargs.get("remote"):
             import nnsight
@@ -182,8 +185,7 @@ class ProbeRunner:
         Returns:
             ``self``, with :attr:`metrics` filled when ``test`` is given.
         """
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of examples, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         if num_epochs < 1 or eval_every < 1:
             raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
         if cache is not None and not isinstance(cache, Cache):
@@ -291,6 +293,7 @@ class ProbeRunner:
             max_tokens: Stop after exactly this many real tokens: the last batch is cut
                 (see :meth:`PooledBatch.first_tokens`), never overshot.
         """
+        batch_size = check_batch_size(batch_size)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
@@ -354,6 +357,7 @@ class ProbeRunner:
             ``{(site, pooling): (n, hidden) float32 array}`` in dataset order; for
             ``pool="none"`` the rows are every real token, example by example.
         """
+        batch_size = check_batch_size(batch_size)
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
         self._resolve([spec for spec, _ in requests])
         rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
@@ -387,10 +391,11 @@ class ProbeRunner:
             KeyError: a name in ``subset`` is no probe's.
         """
         probes = {name: self[name] for name in subset} if subset else self.probes
+        batch_size = len(input_ids) if batch_size is None else check_batch_size(batch_size)
         data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
                                          pad_token_id=_pad_id(self.model),
                                          padding_side=_padding_side(self.model))
-        acts = self.pooled(data, _requests(probes.values()), batch_size or len(data), "features")
+        acts = self.pooled(data, _requests(probes.values()), batch_size, "features")
         return {name: acts[p.requests[0]] for name, p in probes.items()}
 
     @classmethod
@@ -485,7 +490,7 @@ class ProbeRunner:
             :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for
             probes with a control twin.
         """
-        acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")
+        acts = self.pooled(dataset, self._probe_requests(), check_batch_size(batch_size), "test")
         rows = []
         for name, probe in self.probes.items():
             if _is_control(name):
@@ -561,8 +566,9 @@ class ProbeRunner:
             known = np.isin(y, np.asarray(classes))
             unseen = int((~known).sum())
             if unseen:
-                logger.warning("probe {!r}: {} labeled tokens have tags never seen in training ({}); "
-                               "they are left out of its metrics", probe.name, unseen, sorted(set(y[~known].tolist())))
+                logger.warning("probe {!r}: {} labeled tokens have tags never seen in training {}; they are left "
+                               "out of its metrics", probe.name, unseen,
+                               format_labels(sorted(set(y[~known].tolist())), self._names(data, probe)))
                 X, y = X[known], y[known]
         return X, y, unseen, nonfinite
 
@@ -603,22 +609,34 @@ class ProbeRunner:
             if probe.is_classifier and data.is_regression:
                 raise ValueError(f"probe {probe.name!r} is a classifier but the {what} labels are floats; "
                                  "use ProbeConfig(..., task='regression') for continuous targets")
+            named = getattr(config, "label_names", None)
+            if named is not None and data.label_names is not None and named != data.label_names:
+                raise ValueError(f"probe {probe.name!r} names its labels {named} but the {what} set names them "
+                                 f"{data.label_names}; give the probe label_names={data.label_names!r}")
         if data.is_regression or not any(p.is_classifier for p in self.probes.values()):
             return
         present = set(data.classes.tolist())
         if what == "training" and len(present) < 2:
-            raise ValueError(
-                f"the training set has a single class ({sorted(present)}); a probe needs examples of at least two"
-            )
+            single = format_labels(sorted(present), self._names(data))
+            raise ValueError(f"the training set has a single class ({single}); a probe needs examples of at least two")
         if data.is_token_level and what != "training":
             return  # a new tag in the test set is reported at scoring time, not an error
         for probe in self.probes.values():
             allowed = probe.config.classes or default
             if probe.is_classifier and allowed is not None and not present <= set(allowed):
+                names = self._names(data, probe)
                 raise ValueError(
-                    f"the {what} set has labels {sorted(present - set(allowed))} outside the classes "
-                    f"{list(allowed)} of probe {probe.name!r}; add them to classes= or drop those examples"
+                    f"the {what} set has labels {format_labels(sorted(present - set(allowed)), names)} outside the "
+                    f"classes {format_labels(allowed, names)} of probe {probe.name!r}; add them to classes= or drop "
+                    "those examples"
                 )
+
+    def _names(self, data: ProbeDataset | None, probe: Probe | None = None) -> list[str] | None:
+        """The class names for messages: the data's, else the probe's (or any probe's) label_names."""
+        if data is not None and data.label_names is not None:
+            return data.label_names
+        configs = [probe.config] if probe is not None else [p.config for p in self.probes.values()]
+        return next((c.label_names for c in configs if getattr(c, "label_names", None) is not None), None)
 
 
 def _flat(values: Any, token: bool) -> np.ndarray:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_probe.cli import _parser, main
+from lm_probe.cli import _parser, main, run_demo
 from lm_probe.experiment import SCHEMA, ExperimentError
 
 from conftest import tiny_experiment_folder
@@ -93,12 +93,21 @@ def test_run_help_documents_the_whole_schema(capsys):
 
 
 # ---------------------------------------------------------------- errors
+def _error_lines(err: str) -> list[str]:
+    """The error's lines: the last lines of stderr, from 'lm-probe: error:' on (the model's
+    loading logs come before it: every problem of the file, model and data is reported at once)."""
+    lines = err.splitlines()
+    starts = [k for k, line in enumerate(lines) if line.startswith("lm-probe: error: ")]
+    assert len(starts) == 1, err
+    return lines[starts[0]:]
+
+
 def test_errors_are_one_line_without_traceback(folder, capsys, forwards):
     assert main(["run", str(folder / "typo.toml")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"lm-probe: error: {folder / 'typo.toml'}: unknown key 'num_epoch' in [probes]; "
-                          "did you mean 'num_epochs'?")
+    assert len(_error_lines(err)) == 1 and "Traceback" not in err
+    assert _error_lines(err)[0].startswith(f"lm-probe: error: {folder / 'typo.toml'}: unknown key 'num_epoch' in "
+                                           "[probes]; did you mean 'num_epochs'?")
     assert main(["run", str(folder / "missing.toml")]) == 1
     assert capsys.readouterr().err == f"lm-probe: error: experiment file {str(folder / 'missing.toml')!r} " \
                                       "does not exist\n"
@@ -117,7 +126,7 @@ def test_the_installed_entry_point(folder):
     """As a user sees it: one line on stderr and exit code 1; --debug adds the traceback."""
     command = [sys.executable, "-m", "lm_probe", "run", str(folder / "typo.toml")]
     plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    assert plain.returncode == 1 and len(_error_lines(plain.stderr)) == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "ExperimentError" in debug.stderr
@@ -130,6 +139,27 @@ def test_bad_arguments_exit_2_with_usage(capsys):
     assert "the following arguments are required: EXPERIMENT.toml" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "-3", "two"])
+def test_demo_batch_size_below_one_exits_2_before_loading(capsys, size):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--batch-size", size])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --batch-size:" in err
+    assert ("at least 1" if size != "two" else "takes a whole number") in err
+
+
+def test_run_demo_refuses_batch_size_below_one_before_loading(monkeypatch):
+    import lm_probe
+
+    def never(*_, **__):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(lm_probe, "load_model", never)
+    with pytest.raises(ValueError, match="batch_size must be a whole number of examples per batch, at least 1"):
+        run_demo(batch_size=0)
+
+
 # ---------------------------------------------------------------- run
 def test_dry_run_prints_the_plan_without_a_forward(folder, capsys, forwards):
     assert main(["run", "--dry-run", "--no-progress", str(folder / "exp.toml")]) == 0
@@ -140,6 +170,26 @@ def test_dry_run_prints_the_plan_without_a_forward(folder, capsys, forwards):
     assert "  model.layers.1.output\n" in out
     assert "no forward pass was run" in out
     assert not (folder / "out").exists()
+
+
+def test_dry_run_reports_every_problem_in_one_run(folder, capsys, forwards, tmp_path):
+    """Four mistakes, in the file, the data, the sites and the output folder: all four are
+    reported by one dry run, one line each, the output folder last."""
+    out = tmp_path / "held"
+    out.mkdir()
+    (out / "metrics.csv").write_text("probe\n")
+    text = (EXPERIMENT.replace('out = "out"', f'out = "{out}"').replace("num_epochs", "aplha = 1e-3\nnum_epochs")
+            .replace("max_length = 24", 'max_length = 24\ntext_column = "txt"')
+            .replace("{0..1}.output", '0.output", "model.layers.0.mlpp.output'))
+    (folder / "mistakes.toml").write_text(text)
+    assert main(["run", "--dry-run", str(folder / "mistakes.toml")]) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert lines[0] == f"lm-probe: error: {folder / 'mistakes.toml'}: 4 problems:"
+    assert lines[1].startswith("  - unknown key 'aplha' in [probes]; did you mean 'alpha'?")
+    assert lines[2].startswith("  - [data] text_column = 'txt' is not a column of toy.csv; did you mean 'text'?")
+    assert lines[3].startswith("  - [sites] ") and "'model.layers.0.mlpp.output'" in lines[3]
+    assert lines[4].startswith(f"  - the output folder {out} already holds a run (metrics.csv)")
+    assert len(lines) == 5 and forwards["n"] == 0
 
 
 def test_run_writes_the_outputs_and_refuses_to_overwrite(folder, capsys, tmp_path):

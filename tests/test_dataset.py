@@ -82,6 +82,36 @@ def test_split_refuses_singleton_class():
     data = ProbeDataset([np.array([1])] * 5, [0, 0, 0, 0, 1])
     with pytest.raises(ValueError, match=r"classes \[1\] have a single example"):
         data.tt_split(0.2)
+    named = ProbeDataset([np.array([1])] * 5, [0, 0, 0, 0, 1], label_names=["neg", "pos"])
+    with pytest.raises(ValueError, match=r"classes \[1 \(pos\)\] have a single example"):
+        named.tt_split(0.2)
+
+
+def test_class_name_labels_map_through_label_names(logs):
+    tok = tiny_tokenizer(pad=True)
+    texts = ["good film", "bad film", "fun", "dull"]
+    data = ProbeDataset.from_texts(texts, ["pos", "neg", "pos", "neg"], tok, label_names=["pos", "neg"])
+    assert data.labels.tolist() == [0, 1, 0, 1] and data.label_names == ["pos", "neg"]
+    data = ProbeDataset.from_texts(texts, ["pos", "neg", "pos", "neg"], tok)  # no mapping: sorted order, logged
+    assert data.labels.tolist() == [1, 0, 1, 0] and data.label_names == ["neg", "pos"]
+    assert any("mapped in sorted order" in m for m in logs)
+    assert ProbeDataset.from_texts(texts, [1, 0, 1, 0], tok, label_names=["neg", "pos"]).label_names == ["neg", "pos"]
+    with pytest.raises(ValueError, match=r"labels \['good'\] are not among label_names \['neg', 'pos'\]"):
+        ProbeDataset.from_texts(texts, ["pos", "good", "pos", "neg"], tok, label_names=["neg", "pos"])
+    with pytest.raises(ValueError, match="mix class names and numbers"):
+        ProbeDataset.from_texts(texts, ["pos", 0, "pos", "neg"], tok)
+    with pytest.raises(ValueError, match=r"labels \[2\] have no name in label_names"):
+        ProbeDataset.from_texts(texts, [1, 0, 2, 0], tok, label_names=["neg", "pos"])
+    assert data.subset([0, 1]).label_names == data.tt_split(2, seed=0)[1].label_names == ["neg", "pos"]
+
+
+def test_from_hf_keeps_class_label_names():
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["rotten", "fresh"])})
+    hf = datasets.Dataset.from_dict({"text": ["good film", "bad film"], "label": [1, 0]}, features=features)
+    assert ProbeDataset.from_hf(hf, tiny_tokenizer(pad=True)).label_names == ["rotten", "fresh"]
 
 
 def test_shuffled_batches_are_seeded():

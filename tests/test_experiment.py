@@ -207,6 +207,25 @@ def test_named_labels_map_in_sorted_order(tmp_path):
     assert table.label_names == ["neg", "pos"]
 
 
+def test_named_labels_run_from_a_csv(tmp_path, model):
+    """``lm-probe run`` on string labels: names map to integers, and messages and outputs use the names."""
+    texts, labels = toy_texts(60, seed=5)
+    frame = pd.DataFrame({"text": texts, "label": np.array(["neg", "pos"])[labels]})
+    frame.to_csv(tmp_path / "named.csv", index=False)
+    text = experiment_text(data='path = "named.csv"\ntest_size = 0.25', probes="num_epochs = 1", geometry=None,
+                           gauges=None)
+    plan = plan_experiment(load_experiment(write(tmp_path, text)), model=model, progress=False)
+    assert plan.runs[0].examples.label_names == ["neg", "pos"]
+    assert f"classes 0 (neg): {int(np.sum(labels == 0))}, 1 (pos): {int(np.sum(labels == 1))}" in plan.describe()
+    run_plan(plan)
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv", index_col=0)
+    assert len(metrics) == 2 and metrics["accuracy"].notna().all()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["data"]["label_names"] == ["neg", "pos"]
+    frame.loc[0, "label"] = "neutral"  # one example of a third class: the split names it
+    frame.to_csv(tmp_path / "named.csv", index=False)
+    errors(tmp_path, text, r"classes \[1 \(neutral\)\] have a single example", model)
+
+
 def test_missing_column_names_the_columns(workdir, model):
     errors(workdir, experiment_text(data='path = "toy.csv"\ntext_column = "reviews"'),
            r"\[data\] text_column = 'reviews' is not a column of toy.csv; did you mean 'review'\? "
@@ -233,6 +252,8 @@ def test_bad_rows_are_named(tmp_path, rows, match):
 def test_model_that_does_not_load(workdir):
     errors(workdir, experiment_text(model='name = "toy_saved"'),
            r"\[model\] name = 'toy_saved' did not load as the folder .*toy_saved: ")
+    errors(workdir, experiment_text(model='name = "smollm2-135"'),
+           r"\[model\] name = 'smollm2-135': .*did you mean the embedded model 'smollm2-135m'\?")
 
 
 def test_data_problems_found_before_any_forward(workdir, model):
@@ -392,6 +413,45 @@ def test_cka_matrix_against_its_definition(full_run):
     frame = cka_matrix({"a": x, "b": y}, ["a", "b"])
     assert frame.loc["a", "b"] == pytest.approx(linear_cka(xc.T @ yc, xc.T @ xc, yc.T @ yc), rel=1e-12)
     assert np.isnan(cka_matrix({"a": x, "c": np.ones((50, 3))}, ["a", "c"]).loc["a", "c"])
+
+
+def test_every_problem_is_reported_in_one_check(full_run, workdir, model):
+    """A file with mistakes in three tables and an output folder that holds a run: one check
+    reports all of them (the file's problems too, when read with strict=False), the folder last."""
+    _, held, _ = full_run
+    text = experiment_text(data='path = "toy.csv"\ntext_column = "reveiw"',
+                           sites='paths = ["model.layers.1.output", "model.layers.7.output", '
+                                 '"model.layers.1.mlpp.output"]',
+                           probes="alpha = 1e-3\nnum_epoch = 2\npool = \"avg\"")
+    path = write(workdir, text, "mistakes.toml")
+    with pytest.raises(ExperimentError) as strict:
+        load_experiment(path, out=held)
+    assert sorted(p[:30] for p in strict.value.problems) == ["[probes]: pool = 'avg' is not ",
+                                                             "unknown key 'num_epoch' in [pr"]
+    exp = load_experiment(path, out=held, strict=False)
+    assert exp.invalid == {"probes"} and len(exp.problems) == 2
+    with pytest.raises(ExperimentError) as err:
+        plan_experiment(exp, model=model, progress=False)
+    problems = err.value.problems
+    assert len(problems) == 6, problems
+    assert "text_column = 'reveiw' is not a column of toy.csv; did you mean 'review'?" in problems[2]
+    assert "'model.layers.7.output'" in problems[3] and "'model.layers.1.mlpp.output'" in problems[4]
+    assert problems[5].startswith(f"the output folder {held} already holds a run")
+    assert str(err.value).startswith(f"{path}: 6 problems:\n  - ")
+
+
+def test_long_texts_are_counted_among_the_rows_used(tmp_path, model, logs):
+    texts, labels = toy_texts(120, seed=6)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(tmp_path / "toy.csv", index=False)
+    text = experiment_text(data='path = "toy.csv"\nn_examples = 40\nmax_length = 8', probes="num_epochs = 1",
+                           geometry=None, gauges=None)
+    plan = plan_experiment(load_experiment(write(tmp_path, text)), model=model, progress=False)
+    used = plan.runs[0].examples.texts
+    long = sum(len(model.tokenizer(t)["input_ids"]) > 8 for t in used)
+    assert 0 < long < 40 and len(used) == 40
+    assert [m for m in logs if "longer than max_length" in m] == [
+        f"{long} of 40 texts are longer than max_length=8 tokens and were truncated to their first 8 tokens; "
+        "raise max_length to keep them whole"]
 
 
 def test_existing_run_is_not_overwritten_without_asking(full_run, workdir, model):

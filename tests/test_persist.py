@@ -17,7 +17,8 @@ FIT = dict(batch_size=16, eval_every=5, patience=3, num_epochs=1)
 @pytest.fixture(scope="module")
 def trained(gpt2, toy):
     train, test = toy
-    configs = [ProbeConfig("transformer.h.1.output", name="lin", class_weight={0: 1.0, 1: 2.0}),
+    configs = [ProbeConfig("transformer.h.1.output", name="lin", class_weight={0: 1.0, 1: 2.0},
+                           label_names=["neg", "pos"]),
                ProbeConfig("transformer.h.2.output", name="mlp", head="mlp", hidden_size=8),
                ProbeConfig("transformer.h[-1].output", name="ctl", pool="last", control=True)]
     runner = ProbeRunner(gpt2, configs, progress=False).fit_probes(train, test, **FIT)
@@ -34,6 +35,7 @@ def test_round_trip_gives_identical_predictions_without_pickle(trained, gpt2, tm
     for model in (None, gpt2):
         back = ProbeRunner.load(tmp_path / "run", model=model)
         assert list(back.probes) == list(runner.probes) == ["lin", "mlp", "ctl", "ctl [control]"]
+        assert back["lin"].config.label_names == ["neg", "pos"] and back["mlp"].config.label_names is None
         for name, probe in runner.probes.items():
             X = feats[name.replace(" [control]", "")]
             np.testing.assert_array_equal(back[name].predict_proba(X), probe.predict_proba(X))

@@ -113,3 +113,17 @@ def test_config_passes_sgd_arguments_through():
     probe = LinearProbe(cfg)
     params = probe.estimator_.get_params()
     assert (params["alpha"], params["penalty"], params["class_weight"]) == (0.01, "l1", {0: 1.0, 1: 2.0})
+
+
+def test_class_names_need_label_names_and_map_through_them():
+    with pytest.raises(ValueError, match=r"probe 'l3': classes \['neg', 'pos'\] are class names, .*label_names="):
+        ProbeConfig("model.layers.3.output", classes={"pos", "neg"}, name="l3")
+    config = ProbeConfig("model.layers.3.output", classes={"pos", "neg"}, label_names=["neg", "pos"])
+    assert config.classes == (0, 1) and config.label_names == ["neg", "pos"]
+    assert ProbeConfig("x.output", classes={"neutral", "pos"}, label_names=["neg", "neutral", "pos"]).classes == (1, 2)
+    with pytest.raises(ValueError, match=r"classes \['good'\] are not among label_names \['neg', 'pos'\]"):
+        ProbeConfig("x.output", classes={"pos", "good"}, label_names=["neg", "pos"])
+    with pytest.raises(ValueError, match="mix class names and integer labels"):
+        ProbeConfig("x.output", classes={"pos", 0}, label_names=["neg", "pos"])
+    with pytest.raises(ValueError, match=r"classes=\[1 \(pos\)\] needs at least two classes"):
+        ProbeConfig("x.output", classes={"pos"}, label_names=["neg", "pos"])

@@ -224,6 +224,34 @@ def test_labels_outside_classes(gpt2, toy, no_forward):
         runner.fit_probes(train, test)
 
 
+def test_class_names_are_named_in_label_messages(gpt2, no_forward):
+    tok = tiny_tokenizer()
+    names = ["neg", "pos", "neutral"]
+    train = ProbeDataset.from_texts(["good", "bad", "fun"] * 4, ["pos", "neg", "neutral"] * 4, tok, label_names=names)
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=names)])
+    with pytest.raises(ValueError, match=r"labels \[2 \(neutral\)\] outside the classes \[0 \(neg\), 1 \(pos\)\]"):
+        runner.fit_probes(train)
+    single = ProbeDataset.from_texts(["good"] * 4, ["pos"] * 4, tok, label_names=names)
+    with pytest.raises(ValueError, match=r"single class \(\[1 \(pos\)\]\)"):
+        runner.fit_probes(single)
+    swapped = ProbeConfig("transformer.h.1.output", classes={"pos", "neg"}, label_names=["pos", "neg"])
+    other = ProbeRunner(gpt2, [swapped])
+    with pytest.raises(ValueError, match=r"names its labels \['pos', 'neg'\] but the training set names them "
+                                         r"\['neg', 'pos', 'neutral'\]"):
+        other.fit_probes(train)
+
+
+def test_probe_on_named_classes_trains(gpt2):
+    texts, labels = toy_texts(80, seed=3)
+    names = np.array(["neg", "pos"])[labels]
+    data = ProbeDataset.from_texts(texts, names.tolist(), tiny_tokenizer(), label_names=["neg", "pos"])
+    train, test = data.tt_split(0.25, seed=0)
+    config = ProbeConfig("transformer.h.1.output", classes={"neg", "pos"}, label_names=train.label_names)
+    runner = ProbeRunner(gpt2, [config], progress=False).fit_probes(train, test, **FIT)
+    assert runner["transformer.h.1.output"].classes_.tolist() == [0, 1]
+    assert np.isfinite(runner.metrics.loc["transformer.h.1.output", "accuracy"])
+
+
 def test_test_labels_unseen_in_training(gpt2, no_forward):
     tok = tiny_tokenizer()
     train = ProbeDataset.from_texts(["good", "bad"] * 5, [0, 1] * 5, tokenizer=tok)
@@ -241,3 +269,29 @@ def test_single_class_training_set(gpt2, no_forward):
 def test_not_an_nnsight_model(gpt2):
     with pytest.raises(TypeError, match="load_model"):
         ProbeRunner(gpt2._module, [ProbeConfig("transformer.h.1.output")])
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.0, True])
+@pytest.mark.parametrize("call", ["fit_probes", "evaluate", "pooled", "collect", "get_probe_features", "gauge",
+                                  "batches"])
+def test_batch_size_below_one_is_refused_everywhere(gpt2, toy, no_forward, call, size):
+    """Every public function taking a batch size refuses 0, negatives and non-integers with one
+    ValueError that names the argument (not a ZeroDivisionError from inside a pass)."""
+    from lm_probe import DiffusionGauge, Geometry
+
+    train, test = toy
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output")], progress=False)
+    batch = next(test.batches(4))
+    calls = {
+        "fit_probes": lambda: runner.fit_probes(train, test, batch_size=size),
+        "evaluate": lambda: runner.evaluate(test, batch_size=size),
+        "pooled": lambda: runner.pooled(test, batch_size=size),
+        "collect": lambda: runner.collect(test, [Geometry(["transformer.h.1.output"])], batch_size=size),
+        "get_probe_features": lambda: runner.get_probe_features(batch.input_ids, batch.attention_mask,
+                                                                batch_size=size),
+        "gauge": lambda: DiffusionGauge(["transformer.h.1.output"], n_samples=8, knn=3, batch_size=size),
+        "batches": lambda: next(test.batches(size)),
+    }
+    with pytest.raises(ValueError, match=r"batch_size must be a whole number of examples per batch, at least 1; "
+                                         rf"got {size!r}"):
+        calls[call]()
