@@ -261,10 +261,8 @@ def _one_line(err: BaseException) -> str:
     with several problems gets a line per problem."""
     from .experiment import ExperimentError
 
-    if isinstance(err, ExperimentError) and len(err.problems) > 1:
-        head = f"{err.where}: " if err.where else ""
-        lines = [" ".join(p.split()) for p in err.problems]
-        return f"{head}{len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in lines)
+    if isinstance(err, ExperimentError) and len(err.problems) > 1:  # its own layout, each problem on one line
+        return str(ExperimentError([" ".join(p.split()) for p in err.problems], err.where))
     return " ".join(str(err).split()) or type(err).__name__
 
 

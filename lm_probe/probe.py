@@ -567,7 +567,7 @@ class Probe(Consumer):
         from sklearn.metrics import log_loss
 
         X, y = self._transform(np.vstack(self._rows)), np.concatenate(self._row_targets)
-        if sum(map(len, self._row_keys)) == len(y):  # rows in example-id order: folds free of batch order
+        if self._row_keys:  # rows in example-id order: folds free of batch order (keys come with every batch)
             keys = np.concatenate(self._row_keys)
             order = np.lexsort((keys[:, 1], keys[:, 0]))
             X, y = X[order], y[order]

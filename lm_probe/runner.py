@@ -391,7 +391,7 @@ class ProbeRunner:
             KeyError: a name in ``subset`` is no probe's.
         """
         probes = {name: self[name] for name in subset} if subset else self.probes
-        batch_size = len(input_ids) if batch_size is None else check_batch_size(batch_size)
+        batch_size = len(input_ids) if batch_size is None else batch_size  # pooled checks it
         data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
                                          pad_token_id=_pad_id(self.model),
                                          padding_side=_padding_side(self.model))
@@ -490,7 +490,7 @@ class ProbeRunner:
             :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for
             probes with a control twin.
         """
-        acts = self.pooled(dataset, self._probe_requests(), check_batch_size(batch_size), "test")
+        acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")  # pooled checks batch_size
         rows = []
         for name, probe in self.probes.items():
             if _is_control(name):
