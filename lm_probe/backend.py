@@ -167,7 +167,8 @@ class _Group:
         self.eta0 = np.array([float(k["eta0"]) for k in kws])
         self.power_t = np.array([float(k["power_t"]) for k in kws])
         self.invscaling = np.array([k["learning_rate"] == "invscaling" for k in kws])
-        self.alpha = torch.tensor([float(k["alpha"]) if k["penalty"] == "l2" else 0.0 for k in kws], **f32)
+        alphas = [p.estimator_.alpha for p in probes]  # alpha="auto" resolved by the probe for this fit
+        self.alpha = torch.tensor([float(a) if k["penalty"] == "l2" else 0.0 for a, k in zip(alphas, kws)], **f32)
         self.fit_intercept = torch.tensor([float(bool(k["fit_intercept"])) for k in kws], **f32)
         self.average_from = np.array([0 if not k["average"] else int(k["average"]) for k in kws])
         self.class_weight = [k["class_weight"] or {} for k in kws]

@@ -68,6 +68,7 @@ def _run_seed(plan: Plan, run: SeedRun) -> Path:
         run.runner.fit_probes(run.train, run.test, batch_size=data.batch_size, num_epochs=p.num_epochs,
                               val_size=p.val_size, eval_every=p.eval_every, patience=p.patience,
                               min_delta=p.min_delta, warmup_steps=p.warmup_steps, max_steps=p.max_steps,
+                              lr_decay=p.lr_decay or None, decay_patience=p.decay_patience,
                               cache=replay_cache(p, exp.base))
     else:
         run.runner.collect(run.examples, batch_size=data.batch_size)

@@ -112,7 +112,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
-            "n_epochs": probe.n_epochs_,
+            "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_,
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
@@ -177,6 +177,9 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
             probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
             probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
             probe.n_epochs_ = entry.get("n_epochs", 0)
+            if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
+                probe.n_rows_ = entry["n_rows"]
+                probe.reset_estimator_alpha()
             probe._n, probe._mean, probe._m2 = entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"]
             _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
             runner.probes[entry["name"]] = probe

@@ -132,7 +132,8 @@ class Plan:
                 + (f", {control} with a control twin" if control else "") + ", one trace per batch",
                 *(f"  {spec.name}" for spec in self.probes),
                 f"training:   num_epochs {p.num_epochs}, val_size {p.val_size}, eval_every {p.eval_every}, "
-                f"patience {p.patience}, min_delta {p.min_delta}, max_steps {p.max_steps}, backend {p.backend}",
+                f"patience {p.patience}, min_delta {p.min_delta}, max_steps {p.max_steps}, lr_decay {p.lr_decay}, "
+                f"decay_patience {p.decay_patience}, backend {p.backend}",
                 "            " + (f"each training example traced once, its pooled rows replayed to the probes "
                                   f"(cache budget {p.cache_budget_mib} MiB)" if p.cache else
                                   "cache = false: every epoch traced again")]

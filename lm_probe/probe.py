@@ -32,7 +32,7 @@ from .pooling import check_pool
 from .stats import welford_update
 
 __all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
-           "PER_PROBE", "asgd_weight"]
+           "PER_PROBE", "asgd_weight", "default_alpha", "DEFAULT_SGD_C"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -64,6 +64,13 @@ _LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
 #: logistic regression on the same activations from 0.028 to 0.005 on average over
 #: 11 layers of the demo model (benchmarks/overhead.py measures it).
 #:
+#: ``alpha="auto"`` (opt-in) is the L2 strength of ``LogisticRegression(C=DEFAULT_SGD_C)``
+#: on the probe's training rows, ``alpha = 1 / (DEFAULT_SGD_C * rows)``
+#: (:func:`default_alpha`): regularization that weakens as the data grows, as a
+#: cross-validated ``C`` does. On benchmarks/quality.py's real activations (675 training
+#: rows) ``LogisticRegressionCV`` chose ``C`` near 0.006 for most probes, where
+#: scikit-learn's ``alpha=1e-4`` is ``C`` near 15, and only early stopping regularizes.
+#:
 #: ``average`` is implemented by the probe, not by scikit-learn: with ``partial_fit``,
 #: scikit-learn 1.x restarts the running intercept of an averaged SGD from a stale value
 #: on every call (binary: ``_standard_intercept`` is only stored before averaging
@@ -72,6 +79,26 @@ _LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
 #: The probe trains a plain SGD (``average=False``) and keeps the average of its
 #: iterates after each batch, weighted by the batch's rows (:func:`asgd_weight`).
 DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003, "average": True}
+#: ``alpha="auto"``'s regularization in LogisticRegression's units (see :func:`default_alpha`).
+#: An SGD probe's ``alpha`` may be ``"auto"`` (``ProbeConfig(site, alpha="auto")``).
+DEFAULT_SGD_C = 0.005
+#: ``alpha="auto"`` for a probe stepped by hand (``partial_fit`` without ``start``): no
+#: row count to scale by, so scikit-learn's default.
+_UNSCALED_ALPHA = 1e-4
+
+
+def default_alpha(n_rows: int | None, C: float = DEFAULT_SGD_C) -> float:
+    """The SGD L2 strength equal to ``LogisticRegression(C=C)`` on ``n_rows`` rows.
+
+    scikit-learn's SGD minimizes ``mean(loss) + alpha / 2 * |w|^2``, its logistic
+    regression ``C * sum(loss) + 1 / 2 * |w|^2``: the same minimizer when
+    ``alpha = 1 / (C * n_rows)``. ``None`` (rows unknown) gives scikit-learn's 1e-4.
+    """
+    if not n_rows:
+        return _UNSCALED_ALPHA
+    return 1.0 / (C * int(n_rows))
+
+
 _DEFAULTS: dict[type, dict[str, Any]] = {
     SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
     SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
@@ -351,6 +378,7 @@ class Probe(Consumer):
                                    sorted(set(int(c) for c in classes or ())), dtype=np.int64)
         self.random_state = random_state
         self._relabel: Any = None
+        self.n_rows_: int | None = None  # training rows of the current fit (alpha="auto" scales by it)
         self.reset()
 
     # ------------------------------------------------------------ estimator API
@@ -363,6 +391,8 @@ class Probe(Consumer):
         self._average = kwargs.pop("average", False) if sgd_linear else False
         if sgd_linear:
             kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS
+        if kwargs.get("alpha") == "auto":
+            kwargs["alpha"] = default_alpha(self.n_rows_)
         self.estimator_ = self.config.estimator(random_state=self.random_state, **kwargs)
         self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
         self._rows: list[np.ndarray] = []  # solver="lbfgs": the fit rows, until solved
@@ -388,6 +418,11 @@ class Probe(Consumer):
         self._eval_every, self._max_steps = 0, None
         self.history_: list[tuple[int, float]] = []
         self.n_nonfinite_ = 0
+
+    def reset_estimator_alpha(self) -> None:
+        """Resolve ``alpha="auto"`` again for :attr:`n_rows_` (a probe loaded from disk)."""
+        if self.config.probe_kwargs.get("alpha") == "auto" and not self._lbfgs:
+            self.estimator_.set_params(alpha=default_alpha(self.n_rows_))
 
     @property
     def mean_(self) -> np.ndarray:
@@ -479,7 +514,8 @@ class Probe(Consumer):
               validation: tuple[np.ndarray, np.ndarray] | None = None,
               early_stopping: EarlyStopping | None = None, eval_every: int = 10,
               max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0,
-              decay: DecayOnPlateau | None = None, max_row_bytes: int | None = None, **_: Any) -> None:
+              decay: DecayOnPlateau | None = None, max_row_bytes: int | None = None,
+              n_rows: int | None = None, **_: Any) -> None:
         """Start a training pass.
 
         Args:
@@ -494,7 +530,10 @@ class Probe(Consumer):
             n_nonfinite: Validation rows already left out for non-finite activations.
             decay: Step-size decay on validation plateaus (SGD linear heads).
             max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
+            n_rows: The training rows this pass will show the probe (``alpha="auto"``
+                scales its L2 strength by them: :func:`default_alpha`).
         """
+        self.n_rows_ = None if n_rows is None else int(n_rows)
         if classes is not None:
             self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
         self.reset()

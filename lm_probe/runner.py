@@ -165,7 +165,9 @@ class ProbeRunner:
                 for early stopping.
             test: Examples for :attr:`metrics` (``None`` leaves :attr:`metrics` ``None``).
             batch_size: Examples per forward pass (and per probe step).
-            num_epochs: Passes of the probes over the training examples at most.
+            num_epochs: Passes of the probes over the training examples at most (the
+                replayed epochs cost no forward; with ``cache=None`` every epoch traces
+                again).
             val_size: Validation share (0 disables validation and early stopping).
             eval_every: Training steps between validation evaluations.
             patience: Evaluations without an improvement of ``min_delta`` in validation
@@ -179,7 +181,8 @@ class ProbeRunner:
                 hold their fit rows within its memory budget.
             lr_decay: Multiply an SGD probe's step size by this factor after
                 ``decay_patience`` validations in a row without improvement
-                (:class:`~lm_probe.early_stopping.DecayOnPlateau`); ``None``: constant steps.
+                (:class:`~lm_probe.early_stopping.DecayOnPlateau`), so that the averaged
+                SGD converges; ``None``: constant steps.
             decay_patience: Validations without improvement before each decay.
 
         Returns:
@@ -238,6 +241,8 @@ class ProbeRunner:
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
         control_fit = self.control.labels(fit) if self.control is not None else None
+        n_rows = {False: int(_labeled(fit.labels).sum()),  # training rows per pooling, for alpha="auto"
+                  True: int(_labeled(fit.flat_token_labels()).sum()) if fit.token_labels is not None else None}
         for probe in self.probes.values():
             classes = probe.config.classes or tuple(train.classes.tolist())
             validation, n_bad = None, 0
@@ -246,7 +251,8 @@ class ProbeRunner:
                 validation = (X, y)
             own = probe.config.training(**stopping)
             max_steps = own.pop("max_steps")
-            probe.start(classes=classes if probe.is_classifier else None, validation=validation,
+            probe.start(classes=classes if probe.is_classifier else None, validation=validation, n_rows=n_rows[
+                            probe.config.pool == "none"],
                         early_stopping=EarlyStopping(**own), max_steps=max_steps, decay=decay(), n_nonfinite=n_bad,
                         relabel=control_fit if _is_control(probe.name) else None, **settings)
 

@@ -523,3 +523,17 @@ def test_torch_backend_from_the_file(tmp_path, workdir, model):
         train, test, batch_size=32, num_epochs=2, eval_every=2, patience=3).metrics
     np.testing.assert_allclose(metrics["accuracy"].to_numpy(float), reference["accuracy"].to_numpy(float), rtol=1e-12)
     np.testing.assert_allclose(metrics["loss"].to_numpy(float), reference["loss"].to_numpy(float), rtol=1e-9)
+
+
+def test_the_step_decay_settings_reach_fit_probes(workdir, model, monkeypatch):
+    """[probes] lr_decay and decay_patience are fit_probes' (0: constant steps, its None)."""
+    seen = []
+    monkeypatch.setattr(ProbeRunner, "fit_probes", lambda self, *a, **kw: seen.append(kw) or self)
+    for body, expected in (("lr_decay = 0.5\ndecay_patience = 4", (0.5, 4)), ("", (None, 2))):
+        text = experiment_text(probes='pool = "mean"\nnum_epochs = 2\n' + body, geometry=None, gauges=None)
+        exp = load_experiment(write(workdir, text, "decay.toml"), out=workdir / "runs" / f"decay{len(seen)}")
+        try:
+            run_plan(plan_experiment(exp, model=model, progress=False))
+        except Exception:  # the spy trained nothing: writing the results may fail after the call
+            pass
+        assert (seen[-1]["lr_decay"], seen[-1]["decay_patience"]) == expected

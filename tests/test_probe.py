@@ -4,7 +4,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier
 
 from lm_probe import LinearProbe, ProbeConfig
-from lm_probe.probe import DEFAULT_PROBE_KWARGS
+from lm_probe.probe import DEFAULT_PROBE_KWARGS, default_alpha
+
+#: The defaults as scikit-learn takes them for a probe stepped by hand (no row count: alpha 1e-4).
+BY_HAND = {**DEFAULT_PROBE_KWARGS, "alpha": 1e-4}  # as alpha="auto" gives a probe stepped by hand
 
 
 def batches(seed=0, n=240, d=6, classes=(0, 1)):
@@ -52,7 +55,7 @@ def test_averaged_sgd_equals_sklearns_single_pass_fit(classes):
 
 
 def test_standardization_uses_running_float64_moments():
-    ref = SGDClassifier(loss="log_loss", random_state=0, **{**DEFAULT_PROBE_KWARGS, "average": False})
+    ref = SGDClassifier(loss="log_loss", random_state=0, **{**BY_HAND, "average": False})
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1], average=False), random_state=0)
     seen = []
     for X, y in batches():
@@ -127,3 +130,29 @@ def test_class_names_need_label_names_and_map_through_them():
         ProbeConfig("x.output", classes={"pos", 0}, label_names=["neg", "pos"])
     with pytest.raises(ValueError, match=r"classes=\[1 \(pos\)\] needs at least two classes"):
         ProbeConfig("x.output", classes={"pos"}, label_names=["neg", "pos"])
+
+
+def test_auto_alpha_is_logistic_regressions_C_in_sgd_units():
+    """alpha="auto" = 1 / (C * rows) with C = 0.005: the L2 strength for which scikit-learn's
+    SGD objective, mean(loss) + alpha/2 |w|^2, has the minimizer of LogisticRegression(C)'s
+    C * sum(loss) + 1/2 |w|^2 on the same rows."""
+    from scipy.optimize import minimize
+    from sklearn.linear_model import LogisticRegression
+
+    probe = LinearProbe(ProbeConfig("a.output", classes=[0, 1], alpha="auto"))
+    assert probe.estimator_.alpha == 1e-4  # stepped by hand: no row count to scale by
+    probe.start(classes=[0, 1], n_rows=400)
+    assert probe.estimator_.alpha == pytest.approx(1 / (0.005 * 400)) == default_alpha(400)
+    assert LinearProbe(ProbeConfig("a.output", classes=[0, 1], alpha=0.02)).estimator_.alpha == 0.02
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    y = (X[:, 0] + rng.normal(size=400) > 0).astype(int)
+    alpha = default_alpha(400)
+
+    def sgd_objective(wb):  # scikit-learn's SGD loss, intercept not penalized
+        z = X @ wb[:3] + wb[3]
+        return np.mean(np.logaddexp(0, z) - y * z) + alpha / 2 * wb[:3] @ wb[:3]
+
+    wb = minimize(sgd_objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x
+    ref = LogisticRegression(C=0.005, tol=1e-10).fit(X, y)
+    np.testing.assert_allclose(wb[:3], ref.coef_[0], atol=1e-5)

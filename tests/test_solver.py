@@ -11,7 +11,7 @@ from sklearn.metrics import log_loss
 
 from lm_probe import Cache, ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.early_stopping import DecayOnPlateau
-from lm_probe.probe import DEFAULT_CS
+from lm_probe.probe import DEFAULT_CS, DEFAULT_PROBE_KWARGS
 from lm_probe.sites import Site
 from lm_probe.sources import ArraySource
 
@@ -122,6 +122,23 @@ def test_sgd_with_the_decay_converges_where_three_epochs_do_not():
     assert fits["default"].stopped_reason_.value == "patience", "early stopping ended it, not the epoch bound"
 
 
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_auto_alpha_is_set_from_the_fit_rows_and_survives_saving(backend, tmp_path):
+    """alpha="auto" = 1 / (0.005 * training rows): 600 examples, 60 held out -> 540 rows;
+    the torch bank steps with the same alpha, and a saved probe reports it."""
+    data, source = synthetic(n=600)
+    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, alpha="auto")], progress=False, backend=backend)
+    runner.fit_probes(data, data, num_epochs=1)
+    assert runner[SITE].estimator_.alpha == pytest.approx(1 / (0.005 * 540))
+    assert runner.metrics.loc[SITE, "alpha"] == pytest.approx(1 / (0.005 * 540))
+    if backend == "torch":
+        assert float(runner.bank.groups[0].alpha[0]) == pytest.approx(1 / (0.005 * 540), rel=1e-6)
+    runner.save(tmp_path / "p")
+    loaded = ProbeRunner.load(tmp_path / "p")
+    assert loaded[SITE].estimator_.alpha == pytest.approx(1 / (0.005 * 540))
+    assert loaded[SITE].compute()["alpha"] == pytest.approx(1 / (0.005 * 540))
+
+
 def test_decay_on_plateau_halves_after_patience_evaluations():
     decay = DecayOnPlateau(factor=0.5, patience=2)
     scales = [decay.check(improved) for improved in [True, False, False, False, True, False, False]]
@@ -150,13 +167,13 @@ def test_the_decay_shrinks_the_step_the_estimator_takes(backend, monkeypatch):
     probe = runner[SITE]
     assert probe.lr_scale_ < 1.0 and probe.lr_scale_ == pytest.approx(0.5 ** probe._decay.n_decays_)
     if backend == "sklearn":
-        ratios = np.log2(0.003 / np.array(steps))
+        ratios = np.log2(DEFAULT_PROBE_KWARGS["eta0"] / np.array(steps))
         assert ratios[0] == 0 and np.all(np.diff(ratios) >= 0) and np.allclose(ratios, np.round(ratios))
         assert ratios[-1] >= 1 and 2 ** ratios[-1] <= 1 / probe.lr_scale_ + 1e-9
     else:
         group = runner.bank.groups[0]
         masks = np.ones((1, 4), bool)
-        np.testing.assert_allclose(group.eta(np.array([0]), masks), 0.003 * probe.lr_scale_)
+        np.testing.assert_allclose(group.eta(np.array([0]), masks), DEFAULT_PROBE_KWARGS["eta0"] * probe.lr_scale_)
 
 
 def test_solver_columns_for_each_head(llama, toy):
