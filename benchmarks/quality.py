@@ -47,6 +47,8 @@ VARIANTS = {
     "100 epochs, decay 0.5 after 3, patience 15": dict(num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15),
     "100 epochs, decay, alpha auto, eta0 0.01": dict(num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15,
                                                      alpha="auto", eta0=0.01),
+    "100 epochs, decay, alpha auto, eta0 0.01, softmax head": dict(
+        num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15, alpha="auto", eta0=0.01, head="softmax"),
     "lbfgs": dict(solver="lbfgs"),
     "lbfgs, C on the validation split": dict(solver="lbfgs", cv="validation"),
 }
@@ -161,7 +163,7 @@ def main() -> None:
                   "(median) | converged | s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for variant in args.variants:
                 settings = dict(VARIANTS[variant])
-                probe = {key: settings.pop(key) for key in ("solver", "cv", "alpha", "eta0") if key in settings}
+                probe = {key: settings.pop(key) for key in ("solver", "cv", "alpha", "eta0", "head") if key in settings}
                 configs = [ProbeConfig(s, pool=p, name=f"{s}/{p}", **probe) for s, p in requests]
                 clock = time.perf_counter()
                 runner = ProbeRunner.from_source(source, configs, progress=False)

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .probe import ProbeConfig
+from .probe import _HEADS, ProbeConfig
 
 __all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
            "parse_experiment", "expand_braces", "parse_layers", "schema_help"]
@@ -185,8 +185,9 @@ class ProbesSection:
     pool: Any = _key("mean", types=(str, list), items=str, choices=("mean", "last", "first", "max"),
                      help="pooling of each example's tokens (sweepable; token-level probes, pool 'none', need "
                           "word-tagged data: use the Python API)")
-    head: Any = _key("linear", types=(str, list), items=str, choices=("linear", "mlp"),
-                     help="'linear' (SGD logistic regression) or 'mlp' (sweepable)")
+    head: Any = _key("linear", types=(str, list), items=str, choices=("linear", "softmax", "mlp"),
+                     help="'linear' (SGD logistic regression, one-vs-rest for more than two classes), "
+                          "'softmax' (SGD multinomial logistic regression) or 'mlp' (sweepable)")
     task: str = _key("classification", types=(str,), choices=("classification", "regression"),
                      help="'classification' (integer or named labels) or 'regression' (numeric labels)")
     control: Any = _key(False, types=(bool, list), items=bool,
@@ -517,8 +518,7 @@ def _parse_probes(table: Any, problems: Problems) -> ProbesSection | None:
     extra = {k: v for k, v in table.items() if k not in own}
     heads = _as_tuple(section.head) or ("linear",)
     valid = set.intersection(*[_estimator_params(h, section.task) for h in heads])
-    anywhere = set.union(*[_estimator_params(h, t) for h in ("linear", "mlp")
-                           for t in ("classification", "regression")])
+    anywhere = set.union(*[_estimator_params(h, t) for t, h in _HEADS])
     estimator = []
     for key, value in extra.items():
         with problems.collect():

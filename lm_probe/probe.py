@@ -29,6 +29,7 @@ from .dataset import format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
+from .softmax import SoftmaxSGDClassifier
 from .stats import welford_update
 
 __all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
@@ -40,11 +41,15 @@ IGNORE = -100
 
 _HEADS: dict[tuple[str, str], type] = {
     ("classification", "linear"): SGDClassifier,
+    ("classification", "softmax"): SoftmaxSGDClassifier,
     ("classification", "mlp"): MLPClassifier,
     ("regression", "linear"): SGDRegressor,
     ("regression", "mlp"): MLPRegressor,
 }
 _PARAMS = {cls: frozenset(cls().get_params()) for cls in (*_HEADS.values(), LogisticRegression)}
+#: Heads trained by SGD steps on a linear model: the probe averages their iterates and
+#: decays their step (``"softmax"``: multinomial, see :mod:`lm_probe.softmax`).
+_SGD_LINEAR = ("linear", "softmax")
 
 #: ``"sgd"``: the online head (SGD, or the MLP's own optimizer) trained batch by batch.
 #: ``"lbfgs"``: a full-batch L2 logistic regression on all the fit rows, at the end of the
@@ -101,6 +106,7 @@ def default_alpha(n_rows: int | None, C: float = DEFAULT_SGD_C) -> float:
 
 _DEFAULTS: dict[type, dict[str, Any]] = {
     SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
+    SoftmaxSGDClassifier: dict(DEFAULT_PROBE_KWARGS),
     SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
     MLPClassifier: {},
     MLPRegressor: {},
@@ -207,7 +213,10 @@ class ProbeConfig:
             see :meth:`ProbeDataset.from_tagged`).
         name: Unique probe name (default: the site string).
         standardize: Standardize features with running moments before the estimator.
-        head: ``"linear"`` (SGD) or ``"mlp"`` (scikit-learn's MLP, ``hidden_size`` units).
+        head: ``"linear"`` (SGD; more than two classes one-vs-rest, as ``SGDClassifier``),
+            ``"softmax"`` (SGD on one multinomial logistic regression, as an offline
+            ``LogisticRegression``: :mod:`lm_probe.softmax`) or ``"mlp"`` (scikit-learn's
+            MLP, ``hidden_size`` units).
         task: ``"classification"`` or ``"regression"`` (continuous targets; metrics
             ``r2``, ``mse``, ``pearson``).
         hidden_size: Hidden units of the ``mlp`` head.
@@ -259,8 +268,8 @@ class ProbeConfig:
             raise TypeError(f"site must be a string such as 'model.layers.3.output', got {site!r}")
         label = name or site
         if (task, head) not in _HEADS:
-            raise ValueError(f"probe {label!r}: head must be 'linear' or 'mlp' and task 'classification' or "
-                             f"'regression', got head={head!r}, task={task!r}")
+            raise ValueError(f"probe {label!r}: head must be 'linear', 'softmax' (classification) or 'mlp', and "
+                             f"task 'classification' or 'regression', got head={head!r}, task={task!r}")
         self.site, self.head, self.task = site, head, task
         self.label_names = None if label_names is None else [str(n) for n in label_names]
         self.classes = _class_labels(classes, self.label_names, label)
@@ -387,7 +396,7 @@ class Probe(Consumer):
         self.classes_ = self._classes if self.is_classifier else None
         kwargs = dict(self.config.probe_kwargs)
         self._lbfgs = self.config.solver == "lbfgs"
-        sgd_linear = self.config.head == "linear" and not self._lbfgs
+        sgd_linear = self.config.head in _SGD_LINEAR and not self._lbfgs
         self._average = kwargs.pop("average", False) if sgd_linear else False
         if sgd_linear:
             kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS

@@ -90,7 +90,7 @@ def test_predict_before_fit_is_a_clear_error():
     [
         (dict(classes=[1]), ValueError, "at least two classes"),
         (dict(pool="avg"), ValueError, "unknown pool 'avg'"),
-        (dict(head="cnn"), ValueError, "head must be 'linear' or 'mlp'"),
+        (dict(head="cnn"), ValueError, r"head must be 'linear', 'softmax' \(classification\) or 'mlp'"),
         (dict(task="regression", classes=[0, 1]), ValueError, "regression probe has no classes"),
         (dict(task="regression", control=True), ValueError, "control tasks are defined for classification"),
         (dict(head="mlp", eta0=0.1), TypeError, r"unknown MLPClassifier arguments \['eta0'\]"),
