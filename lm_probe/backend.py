@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from .consumer import Consumer, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request
 from .probe import Probe, _labeled, asgd_weight
 
 __all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
@@ -377,8 +377,15 @@ class ProbeBank(Consumer):
             probe.finish()
 
     def compute(self) -> dict[str, Any]:
-        """Each probe's training summary, by name."""
-        return {p.name: p.compute() for p in self.probes if p.n_steps_}
+        """Each trained probe's training summary, by name.
+
+        Raises:
+            NotComputedError: no probe has trained yet.
+        """
+        trained = {p.name: p.compute() for p in self.probes if p.n_steps_}
+        if not trained:
+            raise NotComputedError("the probe bank has not trained yet: feed it batches (fit_probes does)")
+        return trained
 
     def __repr__(self) -> str:
         return f"ProbeBank({len(self.probes)} probes on {self.device})"

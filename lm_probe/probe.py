@@ -9,7 +9,9 @@ a :class:`~lm_probe.consumer.Consumer`: the runner feeds it pooled activations,
 it evaluates itself on a cached validation set every ``eval_every`` steps, asks its
 :class:`~lm_probe.early_stopping.EarlyStopping` whether to stop, and keeps the
 weights of its best validation loss. Learned state ends in ``_`` (scikit-learn's
-convention); predicting before any training raises :class:`NotFittedError`.
+convention); predicting or ``compute()`` before any training raises
+:class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
+scikit-learn's ``NotFittedError``).
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from .consumer import Consumer, PooledBatch, finite_rows
+from .consumer import Consumer, NotComputedError, PooledBatch, finite_rows
 from .dataset import format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
-           "PER_PROBE", "asgd_weight"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "ProbeNotFittedError", "IGNORE", "DEFAULT_PROBE_KWARGS",
+           "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -116,6 +118,12 @@ def _from_original(probe_kwargs: dict[str, Any]) -> dict[str, Any]:
         if argument == "model_kwargs":
             kwargs = {**dict(value or {}), **kwargs}
     return kwargs
+
+
+class ProbeNotFittedError(NotComputedError, NotFittedError):
+    """A probe was asked to predict or summarize before any training: the consumers'
+    :class:`NotComputedError`, and scikit-learn's ``NotFittedError`` for callers that
+    catch that."""
 
 
 def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
@@ -412,7 +420,7 @@ class Probe(Consumer):
 
     def _check_fitted(self) -> None:
         if self.n_steps_ == 0 and self._best is None:
-            raise NotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
+            raise ProbeNotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)

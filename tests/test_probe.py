@@ -3,7 +3,7 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier
 
-from lm_probe import LinearProbe, ProbeConfig
+from lm_probe import LinearProbe, NotComputedError, ProbeConfig
 from lm_probe.probe import DEFAULT_PROBE_KWARGS
 
 
@@ -80,6 +80,8 @@ def test_predict_before_fit_is_a_clear_error():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]))
     with pytest.raises(NotFittedError, match="not fitted yet"):
         probe.predict(np.zeros((1, 3)))
+    with pytest.raises(NotComputedError, match="not fitted yet"):  # the error of every consumer, too
+        probe.compute()
 
 
 @pytest.mark.parametrize(
