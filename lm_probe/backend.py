@@ -21,10 +21,10 @@ scikit-learn steps once per example; the bank steps once per batch with the summ
 gradient of its rows (each example still moves the weights by ``eta0`` times its own
 gradient, against the weights of the batch start). Weight decay is compounded over the
 batch's rows. Early stopping is unchanged: when a probe's evaluation is due, the bank
-copies its current weights into the probe's ``SGDClassifier`` (``coef_``,
-``intercept_``), so validation scoring, snapshots of the best weights, metrics,
-:meth:`~lm_probe.ProbeRunner.save` and prediction all go through scikit-learn as with
-the default backend.
+loads its current weights and moments into the probe (:meth:`Probe.load_weights`,
+:meth:`Probe.load_moments`: the bank uses the probes' public methods only), so validation
+scoring, snapshots of the best weights, metrics, :meth:`~lm_probe.ProbeRunner.save` and
+prediction all go through scikit-learn as with the default backend.
 
 The math is in the pure functions :func:`ovr_targets`, :func:`logistic_sgd_step` and
 :func:`masked_moments`; :class:`ProbeBank` only holds state.
@@ -346,26 +346,19 @@ class ProbeBank(Consumer):
 
         for j, k in enumerate(idx):
             probe = g.probes[k]
-            probe.n_steps_ += 1
-            if probe._eval_due():
+            if probe.note_step():  # its validation is scored now: on the bank's current weights
                 self._sync(g, int(k))
-            probe._after_step()
+            probe.after_step()
 
     def _sync(self, g: _Group, k: int) -> None:
-        """Copy probe ``k``'s current state into its scikit-learn estimator and moments."""
+        """Load probe ``k``'s current weights and moments into it."""
         probe = g.probes[k]
         averaged = g.average_from[k] > 0 and g.seen[k] >= g.average_from[k]
         W, b = (g.W_avg[k], g.b_avg[k]) if averaged else (g.W[k], g.b[k])
-        est = probe.estimator_
-        est.coef_ = W.detach().double().cpu().numpy()
-        est.intercept_ = b.detach().double().cpu().numpy()
-        est.classes_ = np.asarray(probe.classes_)
-        est.n_features_in_ = g.hidden
-        est.t_ = float(g.seen[k] + 1)
+        probe.load_weights(W.detach().double().cpu().numpy(), b.detach().double().cpu().numpy(),
+                           n_seen=int(g.seen[k]))
         if probe.config.standardize:
-            probe._n = int(g.n[k].item())
-            probe._mean = g.mean[k].cpu().numpy().copy()
-            probe._m2 = g.m2[k].cpu().numpy().copy()
+            probe.load_moments(int(g.n[k].item()), g.mean[k].cpu().numpy(), g.m2[k].cpu().numpy())
 
     def finish(self) -> None:
         """Copy every probe's final state into it, then let each probe finish (restore its best)."""

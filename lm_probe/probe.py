@@ -12,6 +12,10 @@ weights of its best validation loss. Learned state ends in ``_`` (scikit-learn's
 convention); predicting or ``compute()`` before any training raises
 :class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
 scikit-learn's ``NotFittedError``).
+
+The torch probe bank trains the weights of its probes outside ``partial_fit`` and meets
+them through public methods only (:meth:`Probe.note_step`, :meth:`Probe.after_step`,
+:meth:`Probe.load_weights`, :meth:`Probe.load_moments`).
 """
 
 from __future__ import annotations
@@ -418,6 +422,34 @@ class Probe(Consumer):
         self._check_fitted()
         return self.estimator_.intercept_
 
+    @property
+    def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """The standardization's running float64 moments ``(n, mean, m2)``: rows seen,
+        ``(hidden,)`` mean and sum of squared deviations (``scale_`` divides ``m2`` by n)."""
+        return int(self._n), np.atleast_1d(np.asarray(self._mean, np.float64)), \
+            np.atleast_1d(np.asarray(self._m2, np.float64))
+
+    def load_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Set the standardization's moments (as :attr:`moments` gives them), for a trainer
+        that keeps them outside :meth:`partial_fit` (the torch probe bank)."""
+        self._n, self._mean, self._m2 = int(n), np.array(mean, np.float64), np.array(m2, np.float64)
+
+    def load_weights(self, coef: np.ndarray, intercept: np.ndarray, *, n_seen: int) -> None:
+        """Set the linear head's weights on standardized features, for a trainer that
+        steps them outside :meth:`partial_fit` (the torch probe bank).
+
+        Args:
+            coef: ``(outputs, hidden)`` weights, scikit-learn's ``coef_`` layout.
+            intercept: ``(outputs,)`` intercepts.
+            n_seen: Training rows behind these weights (the schedule's count, ``t_ - 1``).
+        """
+        est = self.estimator_
+        est.coef_ = np.asarray(coef, np.float64)
+        est.intercept_ = np.asarray(intercept, np.float64)
+        est.classes_ = np.asarray(self.classes_)
+        est.n_features_in_ = est.coef_.shape[1]
+        est.t_ = float(n_seen + 1)
+
     def _check_fitted(self) -> None:
         if self.n_steps_ == 0 and self._best is None:
             raise ProbeNotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
@@ -541,7 +573,7 @@ class Probe(Consumer):
             self._collect(X, y, None if ids is None else np.stack([ids, positions], 1)[keep])
             return
         self.partial_fit(X, y)
-        self._after_step()
+        self.after_step()
 
     # ------------------------------------------------------------ solver="lbfgs"
     def _collect(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None) -> None:
@@ -627,7 +659,14 @@ class Probe(Consumer):
         """Whether the step just taken is one where the validation set is scored."""
         return bool(self._eval_every) and self.n_steps_ % self._eval_every == 0
 
-    def _after_step(self) -> None:
+    def note_step(self) -> bool:
+        """Count one training step taken outside :meth:`partial_fit` (by the torch probe
+        bank). Returns whether the validation set is scored after it: the trainer then
+        loads the current weights (:meth:`load_weights`) before :meth:`after_step`."""
+        self.n_steps_ += 1
+        return self._eval_due()
+
+    def after_step(self) -> None:
         """Bookkeeping after a training step: evaluate when due, stop at the step budget."""
         if self._eval_due():
             self._evaluate()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import lm_probe.backend as backend_module
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.backend import ProbeBank, logistic_sgd_step
 from lm_probe.consumer import HostArrays, PooledBatch
@@ -237,3 +241,10 @@ def test_host_arrays_convert_only_what_is_read():
     assert acts._arrays == {}
     np.testing.assert_array_equal(acts[("b", "mean")], np.zeros((2, 3), np.float32))
     assert list(acts._arrays) == [("b", "mean")] and list(acts) == list(tensors)
+
+
+def test_the_bank_uses_public_probe_methods_only():
+    """The bank meets its probes through their public methods (note_step, after_step,
+    load_weights, load_moments), never their private state."""
+    source = inspect.getsource(backend_module)
+    assert not re.findall(r"\b(?:probe|p|probes\[\w+\])\._\w+", source)
