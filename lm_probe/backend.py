@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from .consumer import Consumer, NotComputedError, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
 from .probe import Probe, _labeled, asgd_weight
 
 __all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
@@ -198,13 +198,14 @@ class _Group:
 class ProbeBank(Consumer):
     """The torch backend's consumer: the linear classifiers of a runner, trained together.
 
-    The runner feeds the bank instead of its probes; each probe keeps its own early
+    The runner feeds the bank instead of its probes, and starts it instead of them:
+    :meth:`start` starts each probe with the same context. Each probe keeps its own early
     stopping, validation history and best weights (see the module docstring).
 
     Args:
-        probes: Linear classification probes (see :func:`supports`), already ``start()``-ed
-            or to be started before :meth:`start`.
+        probes: Linear classification probes (see :func:`supports`).
         device: Where the weights live and the step runs (the model's device).
+        rows_per_step: Rows of a batch stepped together against the same weights.
     """
 
     def __init__(self, probes: Iterable[Probe], device: str | torch.device = "cpu", rows_per_step: int = 4) -> None:
@@ -230,14 +231,12 @@ class ProbeBank(Consumer):
     def site_specs(self) -> list[str]:
         return list(dict.fromkeys(p.config.site for p in self.probes))
 
-    def start(self, *, hidden: dict[Request, int] | None = None, **_: Any) -> None:
-        """Allocate the stacked weights; call after every probe's own ``start()``.
-
-        Args:
-            hidden: ``{request: hidden size}``; a request missing here gets its size from
-                the first batch (the bank then allocates lazily).
-        """
-        self._hidden = dict(hidden or {})
+    def start(self, context: RunContext) -> None:
+        """Start every probe with ``context`` (each reads its own ``context.training``
+        entry); the stacked weights are allocated at the first batch, which gives the
+        hidden sizes."""
+        for probe in self.probes:
+            probe.start(context)
         self.groups, self.n_steps_ = [], 0
 
     def _ensure_groups(self, batch: PooledBatch) -> None:
@@ -245,14 +244,15 @@ class ProbeBank(Consumer):
             return
         by_key: dict[tuple, list[Probe]] = defaultdict(list)
         for probe in self.probes:
-            request = probe.requests[0]
-            hidden = self._hidden.get(request) or int(batch.tensor(request).shape[1])
+            hidden = int(batch.tensor(probe.requests[0]).shape[1])
             outputs = 1 if len(probe.classes_) == 2 else len(probe.classes_)
             by_key[(probe.config.pool == "none", hidden, outputs)].append(probe)
         self.groups = [_Group(probes, key[1], self.device) for key, probes in by_key.items()]
 
     def reset(self) -> None:
-        """Forget the stacked state (each probe resets itself on ``start()``)."""
+        """Forget the stacked state and everything the probes learned (their settings stay)."""
+        for probe in self.probes:
+            probe.reset()
         self.groups, self.n_steps_ = [], 0
 
     def update(self, batch: PooledBatch) -> None:

@@ -13,15 +13,18 @@ convention); predicting or ``compute()`` before any training raises
 :class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
 scikit-learn's ``NotFittedError``).
 
-The torch probe bank trains the weights of its probes outside ``partial_fit`` and meets
-them through public methods only (:meth:`Probe.note_step`, :meth:`Probe.after_step`,
-:meth:`Probe.load_weights`, :meth:`Probe.load_moments`).
+``fit_probes`` gives each probe its settings for a pass as a :class:`Training` in
+``start(context)`` (``context.training[probe.name]``); the torch probe bank trains the
+weights of its probes outside ``partial_fit`` and meets them through public methods only
+(:meth:`Probe.note_step`, :meth:`Probe.after_step`, :meth:`Probe.load_weights`,
+:meth:`Probe.load_moments`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -30,15 +33,15 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from .consumer import Consumer, NotComputedError, PooledBatch, finite_rows
+from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from .dataset import format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "Probe", "LinearProbe", "ProbeNotFittedError", "IGNORE", "DEFAULT_PROBE_KWARGS",
-           "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "Training", "ProbeNotFittedError", "IGNORE",
+           "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -128,6 +131,38 @@ class ProbeNotFittedError(NotComputedError, NotFittedError):
     """A probe was asked to predict or summarize before any training: the consumers'
     :class:`NotComputedError`, and scikit-learn's ``NotFittedError`` for callers that
     catch that."""
+
+
+@dataclass(frozen=True, eq=False)
+class Training:
+    """One probe's settings for a training pass (``fit_probes`` decides them; the probe
+    reads its own from ``context.training[probe.name]`` in ``start``).
+
+    Args:
+        classes: The classes (classification); ``None``: the probe's own.
+        validation: Cached validation set ``(X, y)``, unlabeled rows already removed.
+        n_nonfinite: Validation rows already left out for non-finite activations.
+        early_stopping: The stopping rule, a template: the probe works on its own copy,
+            made fresh at ``start()`` and ``reset()``.
+        eval_every: Steps between validation evaluations.
+        max_steps: Steps at most.
+        decay: Step-size decay on validation plateaus (SGD linear heads), a template as
+            ``early_stopping``.
+        relabel: Targets to use instead of the batch's, indexed by dataset position
+            (an array for sequence tasks, a list of per-example token arrays for
+            token tasks): a control task.
+        max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
+    """
+
+    classes: tuple[int, ...] | None = None
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+    n_nonfinite: int = 0
+    early_stopping: EarlyStopping | None = None
+    eval_every: int = 10
+    max_steps: int | None = None
+    decay: DecayOnPlateau | None = None
+    relabel: Any = None
+    max_row_bytes: int | None = None
 
 
 def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
@@ -362,12 +397,13 @@ class Probe(Consumer):
         self._classes = np.asarray(config.classes if config.classes is not None else
                                    sorted(set(int(c) for c in classes or ())), dtype=np.int64)
         self.random_state = random_state
-        self._relabel: Any = None
+        self._training = Training()
         self.reset()
 
     # ------------------------------------------------------------ estimator API
     def reset(self) -> None:
-        """Forget everything learned."""
+        """Forget everything learned: back to the state right after :meth:`start` (the
+        pass's :class:`Training` settings stay, with fresh early stopping and decay)."""
         self.classes_ = self._classes if self.is_classifier else None
         kwargs = dict(self.config.probe_kwargs)
         self._lbfgs = self.config.solver == "lbfgs"
@@ -380,12 +416,11 @@ class Probe(Consumer):
         self._rows: list[np.ndarray] = []  # solver="lbfgs": the fit rows, until solved
         self._row_targets: list[np.ndarray] = []
         self._row_keys: list[np.ndarray] = []
-        self._row_bytes, self._max_row_bytes = 0, None
+        self._row_bytes = 0
         self.C_: float | None = None
         self.converged_: bool | None = None
         self.n_epochs_ = 0
         self.lr_scale_ = 1.0
-        self._decay: DecayOnPlateau | None = None
         self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
         self._avg: tuple[np.ndarray, np.ndarray] | None = None
         self._seen = 0
@@ -395,11 +430,14 @@ class Probe(Consumer):
         self.best_step_: int | None = None
         self.stopped_reason_ = StopReason.NONE
         self._best: tuple | None = None
-        self._val: tuple[np.ndarray, np.ndarray] | None = None
-        self._stopper: EarlyStopping | None = None
-        self._eval_every, self._max_steps = 0, None
         self.history_: list[tuple[int, float]] = []
-        self.n_nonfinite_ = 0
+        settings = self._training
+        self._val, self._relabel = settings.validation, settings.relabel
+        self._stopper = copy.deepcopy(settings.early_stopping)
+        self._decay = copy.deepcopy(settings.decay) if self._eta0 and not self._lbfgs else None
+        self._max_row_bytes = settings.max_row_bytes
+        self._eval_every, self._max_steps = settings.eval_every, settings.max_steps
+        self.n_nonfinite_ = int(settings.n_nonfinite)
 
     @property
     def mean_(self) -> np.ndarray:
@@ -515,34 +553,21 @@ class Probe(Consumer):
     def active(self) -> bool:
         return self.stopped_reason_ is StopReason.NONE
 
-    def start(self, *, classes: Iterable[int] | None = None,
-              validation: tuple[np.ndarray, np.ndarray] | None = None,
-              early_stopping: EarlyStopping | None = None, eval_every: int = 10,
-              max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0,
-              decay: DecayOnPlateau | None = None, max_row_bytes: int | None = None, **_: Any) -> None:
-        """Start a training pass.
+    def start(self, context: RunContext) -> None:
+        """Start a training pass with this probe's :class:`Training` settings,
+        ``context.training[self.name]`` (the defaults when the context has none for it).
 
-        Args:
-            classes: The classes (classification).
-            validation: Cached validation set ``(X, y)``, unlabeled rows already removed.
-            early_stopping: The stopping rule.
-            eval_every: Steps between validation evaluations.
-            max_steps: Steps at most.
-            relabel: Targets to use instead of the batch's, indexed by dataset position
-                (an array for sequence tasks, a list of per-example token arrays for
-                token tasks): a control task.
-            n_nonfinite: Validation rows already left out for non-finite activations.
-            decay: Step-size decay on validation plateaus (SGD linear heads).
-            max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
+        Raises:
+            TypeError: the context's entry for this probe is not a :class:`Training`.
         """
-        if classes is not None:
-            self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
+        settings = context.training.get(self.name, Training())
+        if not isinstance(settings, Training):
+            raise TypeError(f"probe {self.name!r}: context.training[{self.name!r}] must be an lm_probe.probe.Training, "
+                            f"got {type(settings).__name__}")
+        if settings.classes is not None:
+            self._classes = np.asarray(sorted(int(c) for c in settings.classes), dtype=np.int64)
+        self._training = settings
         self.reset()
-        self._val, self._stopper, self._relabel = validation, early_stopping, relabel
-        self.n_nonfinite_ = int(n_nonfinite)
-        self._decay = decay if self._eta0 and not self._lbfgs else None
-        self._max_row_bytes = max_row_bytes
-        self._eval_every, self._max_steps = eval_every, max_steps
 
     def targets(self, batch: PooledBatch) -> np.ndarray:
         """This probe's targets for a batch's rows (``IGNORE`` where unlabeled)."""

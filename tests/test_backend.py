@@ -13,8 +13,8 @@ import torch
 import lm_probe.backend as backend_module
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.backend import ProbeBank, logistic_sgd_step
-from lm_probe.consumer import HostArrays, PooledBatch
-from lm_probe.probe import Probe
+from lm_probe.consumer import HostArrays, PooledBatch, RunContext
+from lm_probe.probe import Probe, Training
 from lm_probe.testing import tiny_tokenizer
 
 from conftest import count_calls
@@ -44,9 +44,9 @@ def train_both(config, X, y, batch):
     """The same probe trained by scikit-learn (``Probe.partial_fit``) and by a bank."""
     classes = sorted(set(y.tolist()))
     ref, banked = Probe(config, random_state=0), Probe(config, random_state=0)
-    ref.start(classes=classes), banked.start(classes=classes)
+    context = RunContext(training={config.name: Training(classes=tuple(classes))})
     bank = ProbeBank([banked])
-    bank.start()
+    ref.start(context), bank.start(context)  # the bank starts its probes with the same context
     for i in range(0, len(y), batch):
         ref.partial_fit(X[i:i + batch], y[i:i + batch])
         bank.update(PooledBatch({("s", "mean"): X[i:i + batch]}, y[i:i + batch], index=np.arange(i, i + batch)))

@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 from lm_probe import Consumer, NotComputedError, ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe.consumer import RunContext
 from lm_probe.lens import LogitLens, find_blocks, find_final_norm, find_unembedding
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer
 
@@ -240,11 +241,10 @@ def test_conformance(gpt2):
 
     def make():
         lens = LogitLens(sites, top_k=5, token_pairs=PAIRS, targets=targets)
-        lens.start(model=gpt2)
+        lens.start(RunContext(model=gpt2))
         return lens
 
     runner = ProbeRunner(gpt2, progress=False)
-    make().start(model=gpt2, runner=runner)
     recorder = Recorder(make().requests)
     runner.collect(dataset(ids, "left"), [recorder], batch_size=4)
 
