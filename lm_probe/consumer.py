@@ -50,6 +50,9 @@ Two rules hold for every consumer:
   whatever reads it, and counted: :func:`finite_rows` is the test, and each consumer
   reports its count (``n_nonfinite_``) and warns with the site's name. A consumer that
   pairs rows across sites leaves a row out at every site.
+
+``tests/conformance.py`` holds the harness every consumer passes; ``tests/test_conformance.py``
+runs each one through it, against an independent reference.
 """
 
 from __future__ import annotations
