@@ -21,10 +21,10 @@ scikit-learn steps once per example; the bank steps once per batch with the summ
 gradient of its rows (each example still moves the weights by ``eta0`` times its own
 gradient, against the weights of the batch start). Weight decay is compounded over the
 batch's rows. Early stopping is unchanged: when a probe's evaluation is due, the bank
-copies its current weights into the probe's ``SGDClassifier`` (``coef_``,
-``intercept_``), so validation scoring, snapshots of the best weights, metrics,
-:meth:`~lm_probe.ProbeRunner.save` and prediction all go through scikit-learn as with
-the default backend.
+loads its current weights and moments into the probe (:meth:`Probe.load_weights`,
+:meth:`Probe.load_moments`: the bank uses the probes' public methods only), so validation
+scoring, snapshots of the best weights, metrics, :meth:`~lm_probe.ProbeRunner.save` and
+prediction all go through scikit-learn as with the default backend.
 
 The math is in the pure functions :func:`ovr_targets`, :func:`logistic_sgd_step` and
 :func:`masked_moments`; :class:`ProbeBank` only holds state.
@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from .consumer import Consumer, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
 from .probe import Probe, _labeled, asgd_weight
 
 __all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
@@ -199,13 +199,14 @@ class _Group:
 class ProbeBank(Consumer):
     """The torch backend's consumer: the linear classifiers of a runner, trained together.
 
-    The runner feeds the bank instead of its probes; each probe keeps its own early
+    The runner feeds the bank instead of its probes, and starts it instead of them:
+    :meth:`start` starts each probe with the same context. Each probe keeps its own early
     stopping, validation history and best weights (see the module docstring).
 
     Args:
-        probes: Linear classification probes (see :func:`supports`), already ``start()``-ed
-            or to be started before :meth:`start`.
+        probes: Linear classification probes (see :func:`supports`).
         device: Where the weights live and the step runs (the model's device).
+        rows_per_step: Rows of a batch stepped together against the same weights.
     """
 
     def __init__(self, probes: Iterable[Probe], device: str | torch.device = "cpu", rows_per_step: int = 4) -> None:
@@ -231,14 +232,12 @@ class ProbeBank(Consumer):
     def site_specs(self) -> list[str]:
         return list(dict.fromkeys(p.config.site for p in self.probes))
 
-    def start(self, *, hidden: dict[Request, int] | None = None, **_: Any) -> None:
-        """Allocate the stacked weights; call after every probe's own ``start()``.
-
-        Args:
-            hidden: ``{request: hidden size}``; a request missing here gets its size from
-                the first batch (the bank then allocates lazily).
-        """
-        self._hidden = dict(hidden or {})
+    def start(self, context: RunContext) -> None:
+        """Start every probe with ``context`` (each reads its own ``context.training``
+        entry); the stacked weights are allocated at the first batch, which gives the
+        hidden sizes."""
+        for probe in self.probes:
+            probe.start(context)
         self.groups, self.n_steps_ = [], 0
 
     def _ensure_groups(self, batch: PooledBatch) -> None:
@@ -246,14 +245,15 @@ class ProbeBank(Consumer):
             return
         by_key: dict[tuple, list[Probe]] = defaultdict(list)
         for probe in self.probes:
-            request = probe.requests[0]
-            hidden = self._hidden.get(request) or int(batch.tensor(request).shape[1])
+            hidden = int(batch.tensor(probe.requests[0]).shape[1])
             outputs = 1 if len(probe.classes_) == 2 else len(probe.classes_)
             by_key[(probe.config.pool == "none", hidden, outputs)].append(probe)
         self.groups = [_Group(probes, key[1], self.device) for key, probes in by_key.items()]
 
     def reset(self) -> None:
-        """Forget the stacked state (each probe resets itself on ``start()``)."""
+        """Forget the stacked state and everything the probes learned (their settings stay)."""
+        for probe in self.probes:
+            probe.reset()
         self.groups, self.n_steps_ = [], 0
 
     def update(self, batch: PooledBatch) -> None:
@@ -347,26 +347,19 @@ class ProbeBank(Consumer):
 
         for j, k in enumerate(idx):
             probe = g.probes[k]
-            probe.n_steps_ += 1
-            if probe._eval_due():
+            if probe.note_step():  # its validation is scored now: on the bank's current weights
                 self._sync(g, int(k))
-            probe._after_step()
+            probe.after_step()
 
     def _sync(self, g: _Group, k: int) -> None:
-        """Copy probe ``k``'s current state into its scikit-learn estimator and moments."""
+        """Load probe ``k``'s current weights and moments into it."""
         probe = g.probes[k]
         averaged = g.average_from[k] > 0 and g.seen[k] >= g.average_from[k]
         W, b = (g.W_avg[k], g.b_avg[k]) if averaged else (g.W[k], g.b[k])
-        est = probe.estimator_
-        est.coef_ = W.detach().double().cpu().numpy()
-        est.intercept_ = b.detach().double().cpu().numpy()
-        est.classes_ = np.asarray(probe.classes_)
-        est.n_features_in_ = g.hidden
-        est.t_ = float(g.seen[k] + 1)
+        probe.load_weights(W.detach().double().cpu().numpy(), b.detach().double().cpu().numpy(),
+                           n_seen=int(g.seen[k]))
         if probe.config.standardize:
-            probe._n = int(g.n[k].item())
-            probe._mean = g.mean[k].cpu().numpy().copy()
-            probe._m2 = g.m2[k].cpu().numpy().copy()
+            probe.load_moments(int(g.n[k].item()), g.mean[k].cpu().numpy(), g.m2[k].cpu().numpy())
 
     def finish(self) -> None:
         """Copy every probe's final state into it, then let each probe finish (restore its best)."""
@@ -378,8 +371,15 @@ class ProbeBank(Consumer):
             probe.finish()
 
     def compute(self) -> dict[str, Any]:
-        """Each probe's training summary, by name."""
-        return {p.name: p.compute() for p in self.probes if p.n_steps_}
+        """Each trained probe's training summary, by name.
+
+        Raises:
+            NotComputedError: no probe has trained yet.
+        """
+        trained = {p.name: p.compute() for p in self.probes if p.n_steps_}
+        if not trained:
+            raise NotComputedError("the probe bank has not trained yet: feed it batches (fit_probes does)")
+        return trained
 
     def __repr__(self) -> str:
         return f"ProbeBank({len(self.probes)} probes on {self.device})"

@@ -1,27 +1,43 @@
 """The consumer protocol: everything downstream of the one trace per batch.
 
 The runner traces the model once per batch, pools each requested site, and hands the
-result to every active consumer as a :class:`PooledBatch`. Probes, geometry
-accumulators, diffusion gauges and stores are all consumers, so adding one never
-changes the runner's loop. The protocol follows torchmetrics' ``Metric``:
+result to every active consumer as a :class:`PooledBatch`. Probes, the torch probe bank,
+geometry accumulators, logit lenses, diffusion gauges, stores and the replay cache are
+all consumers, met the same way, so adding one never changes the runner's loop. The
+protocol follows torchmetrics' ``Metric``:
 
+* ``start(context)``: called once before a pass with a :class:`RunContext`, the one
+  frozen description of the pass (model, resolved sites, data, batch size; for probes
+  also their training settings, ``context.training``). A consumer checks its own input
+  here, before any forward pass, and keeps only what it needs from it;
 * ``requests``: the ``(site spec, pooling)`` pairs the consumer reads; the runner
   reads the union of the active consumers' requests, each pair once per trace;
 * ``update(batch)``: fold in one batch;
 * ``compute()``: plain data (a dict or DataFrame); raises :class:`NotComputedError`
-  before any update;
+  before any data (every consumer, probes included);
 * ``merge(other)``: combine state from another instance fed disjoint data, where the
-  statistic allows it;
-* ``reset()``: back to the empty state;
+  statistic allows it; the others raise ``NotImplementedError`` ("cannot be merged");
+* ``reset()``: back to the empty state, as right after ``start()`` (``compute()`` raises
+  again; the settings of the pass are kept, so a second pass over the same data gives the
+  same result);
 * ``active``: ``False`` once the consumer needs no more batches (a stopped probe), so
   the runner stops reading its sites and can end the forward earlier;
 * ``finish()``: called once at the end of a pass;
 * ``on_event(event, step, epoch)``: the pass's clock, for consumers that act at
   moments rather than on every batch (``"start"``, ``"step"``, ``"validation"``,
   ``"epoch_end"``, ``"end"``; ``step`` counts completed training steps);
+* ``subset_due(event, step, epoch)`` and ``observe(acts, event, step, epoch)``: a
+  consumer that reads a fixed set of examples of its own at moments of the pass (the
+  diffusion gauge's probe subset) declares it as a :class:`SubsetRequest` when it is
+  due; the runner pools it (once per pass: the model is frozen while it runs) and hands
+  the rows in with ``observe``. No consumer calls back into the runner;
 * ``site_specs()``: every site the consumer may read, checked against the model when
   the runner is built, and again after ``start()``, where a consumer may add sites that
   depend on the model (by default the sites of ``requests``).
+
+Consumers written for the earlier keyword form, ``start(self, *, model=None, **_)``, still
+run: :func:`start_consumer` (what the runner calls) passes them the context's fields as
+keywords, as before, with a ``FutureWarning``.
 
 Two rules hold for every consumer:
 
@@ -34,24 +50,84 @@ Two rules hold for every consumer:
   whatever reads it, and counted: :func:`finite_rows` is the test, and each consumer
   reports its count (``n_nonfinite_``) and warns with the site's name. A consumer that
   pairs rows across sites leaves a row out at every site.
+
+``tests/conformance.py`` holds the harness every consumer passes; ``tests/test_conformance.py``
+runs each one through it, against an independent reference.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "HostArrays", "finite_rows"]
+if TYPE_CHECKING:
+    from .sites import Site
+
+__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "RunContext", "SubsetRequest", "HostArrays",
+           "finite_rows", "start_consumer"]
 
 Request = tuple[str, str]  #: (site spec as written, pooling name)
 
 
 class NotComputedError(RuntimeError):
-    """``compute()`` or a prediction was asked for before any data was seen."""
+    """``compute()`` or a prediction was asked for before any data was seen (a probe
+    raises its subclass :class:`~lm_probe.probe.ProbeNotFittedError`, also scikit-learn's
+    ``NotFittedError``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class RunContext:
+    """What the runner tells every consumer at ``start()``: one frozen value per pass.
+
+    Attributes:
+        model: The nnsight model (``None`` when activations come from a store or a source).
+        sites: ``{site spec: Site}``, a read-only view of the runner's resolved sites
+            (sites a consumer adds in ``start()`` are resolved right after it).
+        data: The examples of the pass (in ``fit_probes``: the fit split, without the
+            validation share).
+        batch_size: Examples per forward pass (``None``: not known; a consumer keeps its own).
+        training: ``{probe name: lm_probe.probe.Training}``, the settings ``fit_probes``
+            decided for each probe (classes, cached validation rows, early stopping...);
+            empty for other consumers and in ``collect``. A probe missing here trains
+            with the defaults of :class:`~lm_probe.probe.Training`.
+    """
+
+    model: Any = None
+    sites: Mapping[str, Site] = field(default_factory=dict)
+    data: Any = None
+    batch_size: int | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_keywords(self) -> dict[str, Any]:
+        """The keywords of the earlier ``start(**context)`` form (without ``runner``)."""
+        return {"model": self.model, "sites": dict(self.sites), "data": self.data, "batch_size": self.batch_size}
+
+
+@dataclass(frozen=True, eq=False)
+class SubsetRequest:
+    """A fixed set of examples whose pooled activations a consumer reads at moments of the
+    pass, not on every batch (a diffusion gauge's probe subset).
+
+    A consumer returns the same request from :meth:`Consumer.subset_due` whenever it is
+    due; the runner pools it at most once per pass (compared by identity: keep one
+    request per pass) and hands the rows in with :meth:`Consumer.observe`.
+
+    Attributes:
+        data: The examples (a :class:`~lm_probe.dataset.ProbeDataset`), pooled in order.
+        requests: ``(site spec, pooling)`` pairs to pool; their sites must be among the
+            consumer's ``site_specs()``.
+        batch_size: Examples per forward pass.
+    """
+
+    data: Any
+    requests: tuple[Request, ...]
+    batch_size: int = 16
 
 
 def finite_rows(X: Any) -> np.ndarray:
@@ -188,12 +264,46 @@ class Consumer:
     def finish(self) -> None:
         """Called once when a pass over the data ends."""
 
-    def start(self, **context: Any) -> None:
-        """Called once before a pass, with what the runner knows (model, sites, runner, data)."""
+    def start(self, context: RunContext) -> None:
+        """Called once before a pass with what the runner knows (see :class:`RunContext`)."""
 
     def on_event(self, event: str, step: int, epoch: int) -> None:
         """A moment of the pass: start, step, validation, epoch_end, end."""
 
+    def subset_due(self, event: str, step: int, epoch: int) -> SubsetRequest | None:
+        """The examples of its own this consumer needs pooled at this moment (default: none)."""
+        return None
+
+    def observe(self, acts: Mapping[Request, np.ndarray], event: str, step: int, epoch: int) -> None:
+        """The pooled rows of the :class:`SubsetRequest` that :meth:`subset_due` gave for
+        this moment: ``{request: (rows, hidden) float32 array}`` in the subset's order."""
+
     def site_specs(self) -> list[str]:
         """Sites to check against the model before any forward pass."""
         return [spec for spec, _ in self.requests]
+
+
+def _takes_context(start: Any) -> bool:
+    """Whether a bound ``start`` takes the context as its first positional argument."""
+    try:
+        parameters = inspect.signature(start).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume the current form
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def start_consumer(consumer: Consumer, context: RunContext, **legacy: Any) -> None:
+    """Start ``consumer`` for a pass: ``consumer.start(context)``.
+
+    A consumer whose ``start`` takes keywords only (the form before :class:`RunContext`,
+    ``start(self, *, model=None, data=None, **_)``) is called that way, with the
+    context's fields and ``legacy`` (the runner passes ``runner=``) as keywords, and a
+    ``FutureWarning`` naming its class.
+    """
+    if _takes_context(consumer.start):
+        consumer.start(context)
+        return
+    warnings.warn(f"{type(consumer).__name__}.start(**keywords) is the consumer protocol's earlier form; define "
+                  "start(self, context) and read context.model, context.sites, context.data, context.batch_size "
+                  "(lm_probe.consumer.RunContext)", FutureWarning, stacklevel=3)
+    consumer.start(**context.as_keywords(), **legacy)

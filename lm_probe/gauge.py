@@ -7,9 +7,13 @@ whenever its :class:`~lm_probe.trigger.Trigger` fires. The same examples are use
 every site and every step, so rows of :attr:`DiffusionGauge.trajectory` compare across
 layers (a frozen model) and across training steps (a model being trained).
 
-* Inside ``fit_probes`` / ``collect`` the model is frozen: the subset is pooled once, in
-  one trace per batch for all sites, when the gauge first fires; later firings reuse it.
-  The gauge reads nothing on training batches, so it never keeps the forward deeper.
+* Inside ``fit_probes`` / ``collect`` the model is frozen. The gauge reads nothing on
+  training batches (so it never keeps the forward deeper); it declares its subset as a
+  :class:`~lm_probe.consumer.SubsetRequest` whenever its trigger fires
+  (:meth:`DiffusionGauge.subset_due`), and the runner pools it, once per pass in one
+  trace per batch for all sites, and hands the rows in
+  (:meth:`DiffusionGauge.observe`). The operators are built at the first firing of a
+  pass; later firings record them again.
 * For a model being trained, :meth:`DiffusionGauge.measure` pools the subset on the
   model's current weights (``lm_probe.integrations.GaugeCallback`` calls it from a
   ``transformers.Trainer``).
@@ -27,7 +31,7 @@ import pandas as pd
 import torch
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, Request
+from .consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
 from .dataset import ProbeDataset, check_batch_size
 from .diffusion import DiffusionResult, diffuse
 from .pooling import check_pool
@@ -49,7 +53,8 @@ class DiffusionGauge(Consumer):
         pool: Pooling of each example's activations.
         data: The examples to draw the subset from (default: the data of the pass
             the gauge first runs in).
-        batch_size: Examples per forward pass when pooling the subset.
+        batch_size: Examples per forward pass when pooling the subset (in a runner's
+            pass: the pass's batch size).
         keep_operators: Keep each operator for :meth:`operator` / :meth:`get_trajectory`.
         extra_metrics: ``fn(result: DiffusionResult) -> dict`` of extra columns.
         wandb_run: A Weights & Biases run (``wandb.init(...)``, optional extra
@@ -83,11 +88,12 @@ class DiffusionGauge(Consumer):
 
     # ------------------------------------------------------------------ protocol
     def reset(self) -> None:
-        """Forget all measurements."""
+        """Forget all measurements and the subset (drawn again, the same, at the next start)."""
         self._rows: list[dict[str, Any]] = []
         self._operators: dict[tuple[str, int], Any] = {}
         self._measured_steps: set[int] = set()
-        self._runner: Any = None
+        self._request: SubsetRequest | None = None  # the subset of the pass under way
+        self._layers: dict[str, int | None] = {}
         self._frozen: dict[str, DiffusionResult] | None = None
         self._subset: ProbeDataset | None = None
 
@@ -101,22 +107,29 @@ class DiffusionGauge(Consumer):
     def update(self, batch: Any) -> None:
         """Unused: a gauge pools its own subset when it fires."""
 
-    def start(self, *, runner: Any = None, data: ProbeDataset | None = None, batch_size: int | None = None,
-              **_: Any) -> None:
-        """Bind to a runner's pass over a frozen model; choose the subset now (checks sizes)."""
-        self._runner, self._frozen = runner, None
+    def start(self, context: RunContext) -> None:
+        """Start a pass over a frozen model: choose the subset now (checks sizes, before any
+        forward pass) and declare it for :meth:`subset_due`."""
+        self._frozen = None
         if self._subset is None:
-            self._subset = self._choose(self.data if self.data is not None else data)
-        if batch_size is not None:
-            self.batch_size = check_batch_size(batch_size)
+            self._subset = self._choose(self.data if self.data is not None else context.data)
+        if context.batch_size is not None:
+            self.batch_size = check_batch_size(context.batch_size)
+        self._layers = {s: getattr(context.sites.get(s), "layer", None) for s in self.sites}
+        self._request = SubsetRequest(self._subset, tuple((s, self.pool) for s in self.sites), self.batch_size)
 
-    def on_event(self, event: str, step: int, epoch: int) -> None:
-        if self._runner is None or step in self._measured_steps or not self.trigger.fires(step, epoch, event):
-            return
-        if self._frozen is None:  # the model is frozen during a pass: pool and diffuse once
-            acts = self._runner.pooled(self._subset, [(s, self.pool) for s in self.sites], self.batch_size, "gauge")
+    def subset_due(self, event: str, step: int, epoch: int) -> SubsetRequest | None:
+        """The probe subset, when the trigger fires at a step not measured yet."""
+        if self._request is None or step in self._measured_steps or not self.trigger.fires(step, epoch, event):
+            return None
+        return self._request
+
+    def observe(self, acts: Any, event: str, step: int, epoch: int) -> None:
+        """Record a measurement from the subset's pooled rows (the model is frozen during a
+        pass: the operators are built at its first firing and recorded again after)."""
+        if self._frozen is None:
             self._frozen = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
-        self._record(step, epoch, event, self._frozen, self._runner.sites)
+        self._record(step, epoch, event, self._frozen, self._layers)
 
     def compute(self) -> pd.DataFrame:
         """The trajectory (see :attr:`trajectory`)."""
@@ -157,7 +170,7 @@ class DiffusionGauge(Consumer):
             module.train(was_training)
         results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
         start = len(self._rows)
-        self._record(step, epoch, event, results, runner.sites)
+        self._record(step, epoch, event, results, {s: runner.sites[s].layer for s in self.sites})
         return pd.DataFrame(self._rows[start:])
 
     def maybe_measure(self, model: Any, event: str, step: int, epoch: int) -> bool:
@@ -210,14 +223,13 @@ class DiffusionGauge(Consumer):
         return diffuse(np.asarray(X, np.float64), **self.operator_kwargs)
 
     def _record(self, step: int, epoch: int, event: str, results: dict[str, DiffusionResult],
-                sites: dict) -> None:
+                layers: dict[str, int | None]) -> None:
         self._measured_steps.add(step)
         for s in self.sites:
             result = results[s]
-            site = sites.get(s)
             self._rows.append({
                 "step": step, "epoch": epoch, "event": event, "site": s,
-                "layer": None if site is None else site.layer, "n_samples": self.n_samples,
+                "layer": layers.get(s), "n_samples": self.n_samples,
                 "spectral_gap": result.spectral_gap, "entropy": result.entropy,
                 "eigenvalues": np.asarray(result.eigenvalues), **self.extra_metrics(result),
             })

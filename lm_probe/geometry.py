@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, PooledBatch, finite_rows
+from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from .hashing import hash_uniform
 from .pooling import check_pool
 from .sketch import fd_eigh, fd_shrink
@@ -121,9 +121,9 @@ class Geometry(Consumer):
         self._started = time.perf_counter()
         self._runtime = 0.0
 
-    def start(self, *, model: Any = None, **_: Any) -> None:
+    def start(self, context: RunContext) -> None:
         """Record what the runner knows about the model for the metadata."""
-        config = getattr(getattr(model, "_module", None), "config", None)
+        config = getattr(getattr(context.model, "_module", None), "config", None)
         if config is not None:
             self.metadata["model"] = {
                 "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),

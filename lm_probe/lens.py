@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 
 from .architectures import _find_blocks, _is_norm
-from .consumer import Consumer, NotComputedError, PooledBatch, Request, finite_rows
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
 from .sites import resolve_sites
 
 __all__ = ["LogitLens", "find_blocks", "find_final_norm", "find_unembedding", "lens_logits"]
@@ -189,15 +189,20 @@ class LogitLens(Consumer):
         self._warned, self._epoch_over = False, False
         self._result: dict[str, pd.DataFrame] | None = None
 
-    def start(self, *, model: Any = None, runner: Any = None, data: Any = None, **_: Any) -> None:
-        """Find the final norm and unembedding of ``model`` and check every input against it.
+    def start(self, context: RunContext) -> None:
+        """Find the final norm and unembedding of ``context.model`` and check every input
+        against it.
 
         Raises:
+            TypeError: the context has no model.
             ValueError: a site is not a block output, a token id is outside the
-                vocabulary, ``top_k`` exceeds it, or ``targets`` does not match ``data``.
+                vocabulary, ``top_k`` exceeds it, or ``targets`` does not match
+                ``context.data``.
         """
+        model, data = context.model, context.data
         if model is None:
-            raise TypeError("LogitLens.start needs model=... (the nnsight model, or a Hugging Face model)")
+            raise TypeError("LogitLens.start needs a model: RunContext(model=...) (the nnsight model, or a Hugging "
+                            "Face model)")
         hf = getattr(model, "_module", model)
         blocks, head_path = find_blocks(hf), find_unembedding(hf)
         n_blocks = len(hf.get_submodule(blocks))
@@ -249,7 +254,7 @@ class LogitLens(Consumer):
 
     def update(self, batch: PooledBatch) -> None:
         if self._bound is None:
-            raise RuntimeError("LogitLens is not bound to a model: call start(model=...) "
+            raise RuntimeError("LogitLens is not bound to a model: call start(RunContext(model=...)) "
                                "(runner.collect(...) does) before update()")
         if batch.epoch > 0:
             return

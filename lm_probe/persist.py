@@ -102,14 +102,13 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     probes = []
     for k, (name, probe) in enumerate(runner.probes.items()):
         prefix = f"p{k}"
-        arrays[f"{prefix}/mean"] = np.atleast_1d(np.asarray(probe._mean, np.float64))
-        arrays[f"{prefix}/m2"] = np.atleast_1d(np.asarray(probe._m2, np.float64))
+        n, arrays[f"{prefix}/mean"], arrays[f"{prefix}/m2"] = probe.moments
         cfg = {f: getattr(probe.config, f) for f in _CONFIG_FIELDS}
         if getattr(probe.config, "label_names", None) is not None:  # only when set: older readers never see it
             cfg["label_names"] = probe.config.label_names
         probes.append({
             "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
-            "random_state": probe.random_state, "n": probe._n, "n_steps": probe.n_steps_,
+            "random_state": probe.random_state, "n": n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
             "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_,
@@ -180,7 +179,7 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
             if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
                 probe.n_rows_ = entry["n_rows"]
                 probe.reset_estimator_alpha()
-            probe._n, probe._mean, probe._m2 = entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"]
+            probe.load_moments(entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"])
             _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
             runner.probes[entry["name"]] = probe
     runner.metrics = _metrics(document.get("metrics"))

@@ -9,13 +9,22 @@ a :class:`~lm_probe.consumer.Consumer`: the runner feeds it pooled activations,
 it evaluates itself on a cached validation set every ``eval_every`` steps, asks its
 :class:`~lm_probe.early_stopping.EarlyStopping` whether to stop, and keeps the
 weights of its best validation loss. Learned state ends in ``_`` (scikit-learn's
-convention); predicting before any training raises :class:`NotFittedError`.
+convention); predicting or ``compute()`` before any training raises
+:class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
+scikit-learn's ``NotFittedError``).
+
+``fit_probes`` gives each probe its settings for a pass as a :class:`Training` in
+``start(context)`` (``context.training[probe.name]``); the torch probe bank trains the
+weights of its probes outside ``partial_fit`` and meets them through public methods only
+(:meth:`Probe.note_step`, :meth:`Probe.after_step`, :meth:`Probe.load_weights`,
+:meth:`Probe.load_moments`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +33,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from .consumer import Consumer, PooledBatch, finite_rows
+from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from .dataset import format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
@@ -32,8 +41,9 @@ from .pooling import check_pool
 from .softmax import SoftmaxSGDClassifier
 from .stats import welford_update
 
-__all__ = ["ProbeConfig", "Probe", "LinearProbe", "IGNORE", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS",
-           "PER_PROBE", "asgd_weight", "default_alpha", "DEFAULT_SGD_C"]
+__all__ = ["ProbeConfig", "Probe", "LinearProbe", "Training", "ProbeNotFittedError", "IGNORE",
+           "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight", "default_alpha",
+           "DEFAULT_SGD_C"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -149,6 +159,47 @@ def _from_original(probe_kwargs: dict[str, Any]) -> dict[str, Any]:
         if argument == "model_kwargs":
             kwargs = {**dict(value or {}), **kwargs}
     return kwargs
+
+
+class ProbeNotFittedError(NotComputedError, NotFittedError):
+    """A probe was asked to predict or summarize before any training: the consumers'
+    :class:`NotComputedError`, and scikit-learn's ``NotFittedError`` for callers that
+    catch that."""
+
+
+@dataclass(frozen=True, eq=False)
+class Training:
+    """One probe's settings for a training pass (``fit_probes`` decides them; the probe
+    reads its own from ``context.training[probe.name]`` in ``start``).
+
+    Args:
+        classes: The classes (classification); ``None``: the probe's own.
+        validation: Cached validation set ``(X, y)``, unlabeled rows already removed.
+        n_nonfinite: Validation rows already left out for non-finite activations.
+        early_stopping: The stopping rule, a template: the probe works on its own copy,
+            made fresh at ``start()`` and ``reset()``.
+        eval_every: Steps between validation evaluations.
+        max_steps: Steps at most.
+        decay: Step-size decay on validation plateaus (SGD linear heads), a template as
+            ``early_stopping``.
+        relabel: Targets to use instead of the batch's, indexed by dataset position
+            (an array for sequence tasks, a list of per-example token arrays for
+            token tasks): a control task.
+        max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
+        n_rows: The training rows this pass will show the probe (``alpha="auto"``
+            scales its L2 strength by them: :func:`default_alpha`).
+    """
+
+    classes: tuple[int, ...] | None = None
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+    n_nonfinite: int = 0
+    early_stopping: EarlyStopping | None = None
+    eval_every: int = 10
+    max_steps: int | None = None
+    decay: DecayOnPlateau | None = None
+    relabel: Any = None
+    max_row_bytes: int | None = None
+    n_rows: int | None = None
 
 
 def asgd_weight(seen: Any, rows: Any, average: Any) -> Any:
@@ -386,13 +437,14 @@ class Probe(Consumer):
         self._classes = np.asarray(config.classes if config.classes is not None else
                                    sorted(set(int(c) for c in classes or ())), dtype=np.int64)
         self.random_state = random_state
-        self._relabel: Any = None
+        self._training = Training()
         self.n_rows_: int | None = None  # training rows of the current fit (alpha="auto" scales by it)
         self.reset()
 
     # ------------------------------------------------------------ estimator API
     def reset(self) -> None:
-        """Forget everything learned."""
+        """Forget everything learned: back to the state right after :meth:`start` (the
+        pass's :class:`Training` settings stay, with fresh early stopping and decay)."""
         self.classes_ = self._classes if self.is_classifier else None
         kwargs = dict(self.config.probe_kwargs)
         self._lbfgs = self.config.solver == "lbfgs"
@@ -407,12 +459,11 @@ class Probe(Consumer):
         self._rows: list[np.ndarray] = []  # solver="lbfgs": the fit rows, until solved
         self._row_targets: list[np.ndarray] = []
         self._row_keys: list[np.ndarray] = []
-        self._row_bytes, self._max_row_bytes = 0, None
+        self._row_bytes = 0
         self.C_: float | None = None
         self.converged_: bool | None = None
         self.n_epochs_ = 0
         self.lr_scale_ = 1.0
-        self._decay: DecayOnPlateau | None = None
         self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
         self._avg: tuple[np.ndarray, np.ndarray] | None = None
         self._seen = 0
@@ -422,11 +473,14 @@ class Probe(Consumer):
         self.best_step_: int | None = None
         self.stopped_reason_ = StopReason.NONE
         self._best: tuple | None = None
-        self._val: tuple[np.ndarray, np.ndarray] | None = None
-        self._stopper: EarlyStopping | None = None
-        self._eval_every, self._max_steps = 0, None
         self.history_: list[tuple[int, float]] = []
-        self.n_nonfinite_ = 0
+        settings = self._training
+        self._val, self._relabel = settings.validation, settings.relabel
+        self._stopper = copy.deepcopy(settings.early_stopping)
+        self._decay = copy.deepcopy(settings.decay) if self._eta0 and not self._lbfgs else None
+        self._max_row_bytes = settings.max_row_bytes
+        self._eval_every, self._max_steps = settings.eval_every, settings.max_steps
+        self.n_nonfinite_ = int(settings.n_nonfinite)
 
     def reset_estimator_alpha(self) -> None:
         """Resolve ``alpha="auto"`` again for :attr:`n_rows_` (a probe loaded from disk)."""
@@ -454,9 +508,37 @@ class Probe(Consumer):
         self._check_fitted()
         return self.estimator_.intercept_
 
+    @property
+    def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """The standardization's running float64 moments ``(n, mean, m2)``: rows seen,
+        ``(hidden,)`` mean and sum of squared deviations (``scale_`` divides ``m2`` by n)."""
+        return int(self._n), np.atleast_1d(np.asarray(self._mean, np.float64)), \
+            np.atleast_1d(np.asarray(self._m2, np.float64))
+
+    def load_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Set the standardization's moments (as :attr:`moments` gives them), for a trainer
+        that keeps them outside :meth:`partial_fit` (the torch probe bank)."""
+        self._n, self._mean, self._m2 = int(n), np.array(mean, np.float64), np.array(m2, np.float64)
+
+    def load_weights(self, coef: np.ndarray, intercept: np.ndarray, *, n_seen: int) -> None:
+        """Set the linear head's weights on standardized features, for a trainer that
+        steps them outside :meth:`partial_fit` (the torch probe bank).
+
+        Args:
+            coef: ``(outputs, hidden)`` weights, scikit-learn's ``coef_`` layout.
+            intercept: ``(outputs,)`` intercepts.
+            n_seen: Training rows behind these weights (the schedule's count, ``t_ - 1``).
+        """
+        est = self.estimator_
+        est.coef_ = np.asarray(coef, np.float64)
+        est.intercept_ = np.asarray(intercept, np.float64)
+        est.classes_ = np.asarray(self.classes_)
+        est.n_features_in_ = est.coef_.shape[1]
+        est.t_ = float(n_seen + 1)
+
     def _check_fitted(self) -> None:
         if self.n_steps_ == 0 and self._best is None:
-            raise NotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
+            raise ProbeNotFittedError(f"probe {self.name!r} is not fitted yet: run fit_probes (or partial_fit) first")
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -519,38 +601,22 @@ class Probe(Consumer):
     def active(self) -> bool:
         return self.stopped_reason_ is StopReason.NONE
 
-    def start(self, *, classes: Iterable[int] | None = None,
-              validation: tuple[np.ndarray, np.ndarray] | None = None,
-              early_stopping: EarlyStopping | None = None, eval_every: int = 10,
-              max_steps: int | None = None, relabel: Any = None, n_nonfinite: int = 0,
-              decay: DecayOnPlateau | None = None, max_row_bytes: int | None = None,
-              n_rows: int | None = None, **_: Any) -> None:
-        """Start a training pass.
+    def start(self, context: RunContext) -> None:
+        """Start a training pass with this probe's :class:`Training` settings,
+        ``context.training[self.name]`` (the defaults when the context has none for it).
 
-        Args:
-            classes: The classes (classification).
-            validation: Cached validation set ``(X, y)``, unlabeled rows already removed.
-            early_stopping: The stopping rule.
-            eval_every: Steps between validation evaluations.
-            max_steps: Steps at most.
-            relabel: Targets to use instead of the batch's, indexed by dataset position
-                (an array for sequence tasks, a list of per-example token arrays for
-                token tasks): a control task.
-            n_nonfinite: Validation rows already left out for non-finite activations.
-            decay: Step-size decay on validation plateaus (SGD linear heads).
-            max_row_bytes: ``solver="lbfgs"``: most bytes of fit rows it may hold.
-            n_rows: The training rows this pass will show the probe (``alpha="auto"``
-                scales its L2 strength by them: :func:`default_alpha`).
+        Raises:
+            TypeError: the context's entry for this probe is not a :class:`Training`.
         """
-        self.n_rows_ = None if n_rows is None else int(n_rows)
-        if classes is not None:
-            self._classes = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
+        settings = context.training.get(self.name, Training())
+        if not isinstance(settings, Training):
+            raise TypeError(f"probe {self.name!r}: context.training[{self.name!r}] must be an lm_probe.probe.Training, "
+                            f"got {type(settings).__name__}")
+        if settings.classes is not None:
+            self._classes = np.asarray(sorted(int(c) for c in settings.classes), dtype=np.int64)
+        self._training = settings
+        self.n_rows_ = None if settings.n_rows is None else int(settings.n_rows)
         self.reset()
-        self._val, self._stopper, self._relabel = validation, early_stopping, relabel
-        self.n_nonfinite_ = int(n_nonfinite)
-        self._decay = decay if self._eta0 and not self._lbfgs else None
-        self._max_row_bytes = max_row_bytes
-        self._eval_every, self._max_steps = eval_every, max_steps
 
     def targets(self, batch: PooledBatch) -> np.ndarray:
         """This probe's targets for a batch's rows (``IGNORE`` where unlabeled)."""
@@ -581,7 +647,7 @@ class Probe(Consumer):
             self._collect(X, y, None if ids is None else np.stack([ids, positions], 1)[keep])
             return
         self.partial_fit(X, y)
-        self._after_step()
+        self.after_step()
 
     # ------------------------------------------------------------ solver="lbfgs"
     def _collect(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None) -> None:
@@ -667,7 +733,14 @@ class Probe(Consumer):
         """Whether the step just taken is one where the validation set is scored."""
         return bool(self._eval_every) and self.n_steps_ % self._eval_every == 0
 
-    def _after_step(self) -> None:
+    def note_step(self) -> bool:
+        """Count one training step taken outside :meth:`partial_fit` (by the torch probe
+        bank). Returns whether the validation set is scored after it: the trainer then
+        loads the current weights (:meth:`load_weights`) before :meth:`after_step`."""
+        self.n_steps_ += 1
+        return self._eval_due()
+
+    def after_step(self) -> None:
         """Bookkeeping after a training step: evaluate when due, stop at the step budget."""
         if self._eval_due():
             self._evaluate()

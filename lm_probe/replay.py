@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from loguru import logger
 
-from .consumer import Consumer, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request
 from .dataset import Batch, ProbeDataset
 from .sites import Site
 
@@ -88,6 +88,7 @@ class ReplayCache(Consumer):
         self._token_offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._rows: dict[Request, np.ndarray] = {}
         self._filled: dict[Request, int] = {}
+        self._n_batches = 0
         self._n_files = 0
         self.nbytes_in_memory = self.nbytes_spilled = 0
         self._folder: Path | None = None
@@ -143,6 +144,7 @@ class ReplayCache(Consumer):
                 self._filled[request] = 0
             self._rows[request][self._rows_of(request, batch.index)] = value
             self._filled[request] += value.shape[0]
+        self._n_batches += 1
 
     def _drop(self, request: Request) -> None:
         array = self._rows.pop(request)
@@ -152,14 +154,21 @@ class ReplayCache(Consumer):
             self.nbytes_in_memory -= array.nbytes
 
     def compute(self) -> dict[str, Any]:
-        """What the cache holds: requests, rows, bytes in memory and spilled."""
+        """What the cache holds: requests, rows, bytes in memory and spilled.
+
+        Raises:
+            NotComputedError: no batch was recorded yet.
+        """
+        if not self._n_batches:
+            raise NotComputedError("the replay cache has recorded no batch yet")
         return {"requests": list(self._rows), "examples": len(self.data),
                 "nbytes_in_memory": self.nbytes_in_memory, "nbytes_spilled": self.nbytes_spilled,
                 "spill_folder": None if self._folder is None else str(self._folder)}
 
     def reset(self) -> None:
+        """Back to the empty state: no rows, no spill folder."""
         self.close()
-        self._rows, self._filled = {}, {}
+        self._rows, self._filled, self._n_batches = {}, {}, 0
         self.nbytes_in_memory = self.nbytes_spilled = 0
 
     def close(self) -> None:

@@ -15,12 +15,20 @@ the later epochs replay the cached pooled rows to the probes alone
 early; when a probe stops its site is no longer read and its rows are no longer
 replayed. Test activations are pooled the same way, one trace per batch for all probes,
 to fill :attr:`metrics`.
+
+Every consumer is met the same way (:mod:`lm_probe.consumer`): one
+:class:`~lm_probe.consumer.RunContext` per pass given to ``start``, batches to
+``update``, the pass's events to ``on_event``, and the rows of a
+:class:`~lm_probe.consumer.SubsetRequest` a consumer declares when it is due, pooled by
+the runner and handed in with ``observe``.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -30,13 +38,13 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from .backend import ProbeBank, check_backend, supports
-from .consumer import Consumer, PooledBatch, Request, finite_rows
+from .consumer import Consumer, PooledBatch, Request, RunContext, SubsetRequest, finite_rows, start_consumer
 from .control import ControlTask
 from .dataset import ProbeDataset, check_batch_size, format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .model import ensure_dispatched
-from .probe import Probe, ProbeConfig, _labeled
+from .probe import Probe, ProbeConfig, Training, _labeled
 from .replay import Cache, ReplayCache
 from .sites import Site
 from .sources import Source, StoreSource, TraceSource
@@ -200,16 +208,17 @@ class ProbeRunner:
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
-        for consumer in self.consumers:  # first: consumers check their own input before any forward
-            consumer.start(model=self.model, sites=self.sites, runner=self, data=fit, batch_size=batch_size)
-        self._resolve([s for c in self.consumers for s in c.site_specs()])
+        context = self._context(fit, batch_size)
+        self._start(self.consumers, context)  # first: consumers check their own input before any forward
         budget = (cache or Cache()).memory_budget
         self._check_solver_memory(fit, budget)
-        decay = (lambda: DecayOnPlateau(lr_decay, decay_patience)) if lr_decay else (lambda: None)
-        self._start_probes(train, fit, val, batch_size, eval_every=eval_every, decay=decay, max_row_bytes=budget,
-                           stopping=dict(patience=patience, min_delta=min_delta, warmup_steps=warmup_steps,
-                                         max_steps=max_steps))
-        self._train(fit, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
+        decay = DecayOnPlateau(lr_decay, decay_patience) if lr_decay else None
+        training = self._training(train, fit, val, batch_size, eval_every=eval_every, decay=decay,
+                                  max_row_bytes=budget, stopping=dict(patience=patience, min_delta=min_delta,
+                                                                      warmup_steps=warmup_steps, max_steps=max_steps))
+        trainers = self._trainers()
+        self._start(trainers, replace(context, training=training))  # the same context, with the probes' settings
+        self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
@@ -232,18 +241,20 @@ class ProbeRunner:
                                   f"memory ({need / 2**20:.1f} MiB), over the cache budget of {budget / 2**20:.1f} "
                                   "MiB; raise it with fit_probes(cache=Cache(memory_budget=...)) or use solver='sgd'")
 
-    def _start_probes(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
-                      stopping: dict[str, Any], decay: Any, **settings: Any) -> None:
-        """Fresh state for every probe: classes, the control task of this fit, the pooled
-        validation rows (once, for all probes), early stopping and the step budget
-        (``stopping``, with a probe's own :data:`~lm_probe.probe.PER_PROBE` values in place)."""
+    def _training(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
+                  stopping: dict[str, Any], decay: DecayOnPlateau | None, **settings: Any) -> dict[str, Training]:
+        """Every probe's :class:`~lm_probe.probe.Training` for this fit: classes, the control
+        task of this fit, the pooled validation rows (once, for all probes), early stopping
+        and the step budget (``stopping``, with a probe's own
+        :data:`~lm_probe.probe.PER_PROBE` values in place)."""
         has_twin = any(_is_control(name) for name in self.probes)
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
         control_fit = self.control.labels(fit) if self.control is not None else None
         n_rows = {False: int(_labeled(fit.labels).sum()),  # training rows per pooling, for alpha="auto"
                   True: int(_labeled(fit.flat_token_labels()).sum()) if fit.token_labels is not None else None}
-        for probe in self.probes.values():
+        training = {}
+        for name, probe in self.probes.items():
             classes = probe.config.classes or tuple(train.classes.tolist())
             validation, n_bad = None, 0
             if val is not None:
@@ -251,30 +262,33 @@ class ProbeRunner:
                 validation = (X, y)
             own = probe.config.training(**stopping)
             max_steps = own.pop("max_steps")
-            probe.start(classes=classes if probe.is_classifier else None, validation=validation, n_rows=n_rows[
-                            probe.config.pool == "none"],
-                        early_stopping=EarlyStopping(**own), max_steps=max_steps, decay=decay(), n_nonfinite=n_bad,
-                        relabel=control_fit if _is_control(probe.name) else None, **settings)
+            training[name] = Training(classes=tuple(classes) if probe.is_classifier else None, validation=validation,
+                                      n_nonfinite=n_bad, early_stopping=EarlyStopping(**own), max_steps=max_steps,
+                                      decay=decay, n_rows=n_rows[probe.config.pool == "none"],
+                                      relabel=control_fit if _is_control(name) else None, **settings)
+        return training
 
-    def _train(self, fit: ProbeDataset, num_epochs: int, cache: Cache | None, **schedule: Any) -> None:
+    def _train(self, fit: ProbeDataset, trainers: list[Consumer], num_epochs: int, cache: Cache | None,
+               **schedule: Any) -> None:
         """The training passes: the first epoch from the source, for every consumer (and
-        the replay cache); the later epochs for the probes alone, from the cache."""
-        trainers = self._trainers()
+        the replay cache); the later epochs for the trainers alone, from the cache."""
         recorder = ReplayCache(fit, trainers, cache) if (
             num_epochs > 1 and cache is not None and not self.source.replayable) else None
+        clock = _Clock(self.pooled)
         try:
-            _emit([*trainers, *self.consumers], "start", 0, 0)
+            clock.emit([*trainers, *self.consumers], "start", 0, 0)
             first = [*trainers, *self.consumers, *([recorder] if recorder else [])]
-            step = self._pass(fit, first, self.source, range(1), **schedule)
-            _end(self.consumers, step, 1)  # the consumers' one pass is over
+            step = self._pass(fit, first, self.source, range(1), clock, **schedule)
+            clock.end(self.consumers, step, 1)  # the consumers' one pass is over
             if num_epochs > 1:
                 if recorder is not None:
                     self.cache_info_ = recorder.compute()
                     logger.info("replay cache: {} requests, {:.1f} MiB in memory, {:.1f} MiB spilled",
                                 len(self.cache_info_["requests"]), recorder.nbytes_in_memory / 2**20,
                                 recorder.nbytes_spilled / 2**20)
-                step = self._pass(fit, trainers, recorder or self.source, range(1, num_epochs), step=step, **schedule)
-            _end(trainers, step, num_epochs)
+                step = self._pass(fit, trainers, recorder or self.source, range(1, num_epochs), clock, step=step,
+                                  **schedule)
+            clock.end(trainers, step, num_epochs)
         finally:
             if recorder is not None:
                 recorder.close()
@@ -284,9 +298,18 @@ class ProbeRunner:
         probes, and the other probes."""
         if self.bank is None:
             return list(self.probes.values())
-        self.bank.start()
         banked = {id(p) for p in self.bank.probes}
         return [self.bank, *(p for p in self.probes.values() if id(p) not in banked)]
+
+    def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
+        """The pass's :class:`~lm_probe.consumer.RunContext` (the sites as a read-only view)."""
+        return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size)
+
+    def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
+        """Start each consumer with ``context``, then check the sites ``start()`` added."""
+        for consumer in consumers:
+            start_consumer(consumer, context, runner=self)  # runner=: only for the earlier keyword form
+        self._resolve([s for c in consumers for s in c.site_specs()])
 
     def collect(self, dataset: ProbeDataset, consumers: Sequence[Consumer] | None = None,
                 *, batch_size: int = 16, max_tokens: int | None = None) -> "ProbeRunner":
@@ -304,18 +327,17 @@ class ProbeRunner:
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
         self._resolve([s for c in consumers for s in c.site_specs()])
-        for consumer in consumers:
-            consumer.start(model=self.model, sites=self.sites, runner=self, data=dataset, batch_size=batch_size)
-        self._resolve([s for c in consumers for s in c.site_specs()])  # start() may add model-dependent sites
-        _emit(consumers, "start", 0, 0)
-        step = self._pass(dataset, consumers, self.source, range(1), batch_size=batch_size, shuffle=False,
+        self._start(consumers, self._context(dataset, batch_size))  # start() may add model-dependent sites
+        clock = _Clock(self.pooled)
+        clock.emit(consumers, "start", 0, 0)
+        step = self._pass(dataset, consumers, self.source, range(1), clock, batch_size=batch_size, shuffle=False,
                           by_length=False, max_tokens=max_tokens)
-        _end(consumers, step, 1 if step else 0)
+        clock.end(consumers, step, 1 if step else 0)
         return self
 
-    def _pass(self, data: ProbeDataset, consumers: list[Consumer], source: Source, epochs: range, *,
-              batch_size: int, shuffle: bool, by_length: bool, step: int = 0, max_tokens: int | None = None,
-              validate_every: int | None = None) -> int:
+    def _pass(self, data: ProbeDataset, consumers: list[Consumer], source: Source, epochs: range,
+              clock: "_Clock", *, batch_size: int, shuffle: bool, by_length: bool, step: int = 0,
+              max_tokens: int | None = None, validate_every: int | None = None) -> int:
         """The main loop: each batch read once from ``source``, fanned out to the active
         consumers. Returns the number of training steps taken so far."""
         per_epoch = -(-len(data) // batch_size)
@@ -338,11 +360,11 @@ class ProbeRunner:
                 tokens += int(pooled.n_tokens.sum())
                 step += 1
                 bar.update(1)
-                _emit(consumers, "step", step, epoch)
+                clock.emit(consumers, "step", step, epoch)
                 if validate_every and step % validate_every == 0:
-                    _emit(consumers, "validation", step, epoch)
+                    clock.emit(consumers, "validation", step, epoch)
                 if last_of_epoch:
-                    _emit(consumers, "epoch_end", step, epoch + 1)
+                    clock.emit(consumers, "epoch_end", step, epoch + 1)
                 if max_tokens is not None and tokens >= max_tokens:
                     break
         logger.info("pass done: {} batches from the {} ({} tokens), epochs {}..{}", step - first,
@@ -676,17 +698,35 @@ def _bank_for(probes: dict[str, Probe], backend: str, device: torch.device) -> P
     return ProbeBank(banked, device) if banked else None
 
 
-def _emit(consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:
-    for consumer in consumers:
-        consumer.on_event(event, step, epoch)
+class _Clock:
+    """The events of one ``fit_probes`` or ``collect`` call, told to its consumers.
 
+    A consumer that declares a :class:`~lm_probe.consumer.SubsetRequest` at an event gets
+    its rows with ``observe``; each request is pooled once per pass (the model is frozen
+    while it runs) by ``pooled``, the runner's reader, and its rows are let go at the end.
+    """
 
-def _end(consumers: Iterable[Consumer], step: int, epoch: int) -> None:
-    """The end of a consumer's pass: ``finish()``, then the ``"end"`` event."""
-    consumers = list(consumers)
-    for consumer in consumers:
-        consumer.finish()
-    _emit(consumers, "end", step, epoch)
+    def __init__(self, pooled: Any) -> None:
+        self.pooled = pooled
+        self.rows: dict[SubsetRequest, dict[Request, np.ndarray]] = {}  # by identity: one request per pass
+
+    def emit(self, consumers: Iterable[Consumer], event: str, step: int, epoch: int) -> None:
+        for consumer in consumers:
+            consumer.on_event(event, step, epoch)
+            wanted = consumer.subset_due(event, step, epoch)
+            if wanted is None:
+                continue
+            if wanted not in self.rows:
+                self.rows[wanted] = self.pooled(wanted.data, list(wanted.requests), wanted.batch_size, "subset")
+            consumer.observe(self.rows[wanted], event, step, epoch)
+
+    def end(self, consumers: Iterable[Consumer], step: int, epoch: int) -> None:
+        """The end of a consumer's pass: ``finish()``, then the ``"end"`` event."""
+        consumers = list(consumers)
+        for consumer in consumers:
+            consumer.finish()
+        self.emit(consumers, "end", step, epoch)
+        self.rows.clear()
 
 
 class _NoSource:

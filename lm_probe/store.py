@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
 from .pooling import check_pool
 from .sites import Site
 
@@ -89,8 +89,9 @@ class ActivationStore(Consumer):
         self._data: Any = None
         self._written = False
 
-    def start(self, *, model: Any = None, sites: dict[str, Site] | None = None, data: Any = None, **_: Any) -> None:
+    def start(self, context: RunContext) -> None:
         """Check the run folder (before any forward pass) and record the metadata."""
+        model, sites, data = context.model, context.sites, context.data
         target = self.run_path
         if target.exists() and any(target.iterdir()):
             if not self.overwrite:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import lm_probe.backend as backend_module
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.backend import ProbeBank, logistic_sgd_step
-from lm_probe.consumer import HostArrays, PooledBatch
-from lm_probe.probe import Probe
+from lm_probe.consumer import HostArrays, PooledBatch, RunContext
+from lm_probe.probe import Probe, Training
 from lm_probe.testing import tiny_tokenizer
 
 from conftest import count_calls
@@ -40,9 +44,9 @@ def train_both(config, X, y, batch):
     """The same probe trained by scikit-learn (``Probe.partial_fit``) and by a bank."""
     classes = sorted(set(y.tolist()))
     ref, banked = Probe(config, random_state=0), Probe(config, random_state=0)
-    ref.start(classes=classes), banked.start(classes=classes)
+    context = RunContext(training={config.name: Training(classes=tuple(classes))})
     bank = ProbeBank([banked])
-    bank.start()
+    ref.start(context), bank.start(context)  # the bank starts its probes with the same context
     for i in range(0, len(y), batch):
         ref.partial_fit(X[i:i + batch], y[i:i + batch])
         bank.update(PooledBatch({("s", "mean"): X[i:i + batch]}, y[i:i + batch], index=np.arange(i, i + batch)))
@@ -237,3 +241,10 @@ def test_host_arrays_convert_only_what_is_read():
     assert acts._arrays == {}
     np.testing.assert_array_equal(acts[("b", "mean")], np.zeros((2, 3), np.float32))
     assert list(acts._arrays) == [("b", "mean")] and list(acts) == list(tensors)
+
+
+def test_the_bank_uses_public_probe_methods_only():
+    """The bank meets its probes through their public methods (note_step, after_step,
+    load_weights, load_moments), never their private state."""
+    source = inspect.getsource(backend_module)
+    assert not re.findall(r"\b(?:probe|p|probes\[\w+\])\._\w+", source)

@@ -12,7 +12,6 @@ from sklearn.metrics.pairwise import cosine_similarity
 from lm_probe import Geometry, PooledBatch, ProbeConfig, ProbeRunner
 from lm_probe.spectra import SAMPLE_KEYS, SPECTRUM_KEYS, spectrum_metrics
 
-from conformance import check_consumer
 from conftest import count_calls
 
 SITES = ["a.output", "b.output", "c.output"]
@@ -79,26 +78,6 @@ def same_results(x, y, rtol=1e-10):
         np.testing.assert_allclose(x.novelty[col].to_numpy(float), y.novelty[col].to_numpy(float), rtol=rtol)
     for site in x.eigenvalues:
         np.testing.assert_allclose(x.eigenvalues[site], y.eigenvalues[site], rtol=rtol, atol=1e-12 * x.eigenvalues[site][0])
-
-
-def test_geometry_conformance_and_reference():
-    full, batches = synthetic()
-
-    def reference(result):
-        for s, X in full.items():
-            row = result.metrics.loc[s]
-            for key, value in {**ref_spectrum(X), **ref_sample(X)}.items():
-                assert row[key] == pytest.approx(value, rel=1e-8, abs=1e-12, nan_ok=True), (s, key)
-            np.testing.assert_allclose(result.eigenvalues[s],
-                                       np.sort(np.clip(np.linalg.eigvalsh(np.cov(X.T)), 0, None))[::-1],
-                                       rtol=1e-8, atol=1e-10)
-        for _, pair in result.novelty.iterrows():
-            expected = ref_pair(full[pair["site_a"]], full[pair["site_b"]], k=4)
-            for key, value in expected.items():
-                assert pair[key] == pytest.approx(value, rel=1e-8), key
-        assert list(result.metrics["n_rows"]) == [300] * 3 and result.metadata["n_examples"] == 300
-
-    check_consumer(lambda: Geometry(SITES, sample_limit=400, novelty_k=4), batches, same_results, reference)
 
 
 def test_merge_with_reservoir_smaller_than_data_is_exact_for_moments():

@@ -12,7 +12,6 @@ from lm_probe import Consumer, NotComputedError, ProbeConfig, ProbeDataset, Prob
 from lm_probe.lens import LogitLens, find_blocks, find_final_norm, find_unembedding
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer
 
-from conformance import check_consumer
 from conftest import count_calls
 
 VOCAB = len(WORDS) + 3
@@ -232,28 +231,7 @@ class Recorder(Consumer):
         self.batches.append(batch)
 
 
-def test_conformance(gpt2):
-    ids = examples(14, seed=2)
-    lens_ref, final = reference(gpt2, "gpt2", ids)
-    targets = lens_ref[:, 2].argmax(1)
-    sites = sites_of("gpt2")[1:]  # the last block is read even when not asked for
-
-    def make():
-        lens = LogitLens(sites, top_k=5, token_pairs=PAIRS, targets=targets)
-        lens.start(model=gpt2)
-        return lens
-
-    runner = ProbeRunner(gpt2, progress=False)
-    make().start(model=gpt2, runner=runner)
-    recorder = Recorder(make().requests)
-    runner.collect(dataset(ids, "left"), [recorder], batch_size=4)
-
-    def same(a, b):
-        for key in a:
-            pd.testing.assert_frame_equal(a[key], b[key])
-
-    check_consumer(make, recorder.batches, same,
-                   lambda result: check_tables(result, lens_ref[:, 1:], final, sites, [1, 2, 3], targets))
+# test_conformance.py runs the lens through the conformance harness (with check_tables and Recorder)
 
 
 # ---------------------------------------------------------------- with probes, and a head the lens misses

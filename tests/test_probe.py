@@ -3,8 +3,9 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier
 
-from lm_probe import LinearProbe, ProbeConfig
-from lm_probe.probe import DEFAULT_PROBE_KWARGS, default_alpha
+from lm_probe import LinearProbe, NotComputedError, ProbeConfig
+from lm_probe.consumer import RunContext
+from lm_probe.probe import DEFAULT_PROBE_KWARGS, Training, default_alpha
 
 #: The defaults as scikit-learn takes them for a probe stepped by hand (no row count: alpha 1e-4).
 BY_HAND = {**DEFAULT_PROBE_KWARGS, "alpha": 1e-4}  # as alpha="auto" gives a probe stepped by hand
@@ -83,6 +84,8 @@ def test_predict_before_fit_is_a_clear_error():
     probe = LinearProbe(ProbeConfig("x.output", classes=[0, 1]))
     with pytest.raises(NotFittedError, match="not fitted yet"):
         probe.predict(np.zeros((1, 3)))
+    with pytest.raises(NotComputedError, match="not fitted yet"):  # the error of every consumer, too
+        probe.compute()
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,7 @@ def test_auto_alpha_is_logistic_regressions_C_in_sgd_units():
 
     probe = LinearProbe(ProbeConfig("a.output", classes=[0, 1], alpha="auto"))
     assert probe.estimator_.alpha == 1e-4  # stepped by hand: no row count to scale by
-    probe.start(classes=[0, 1], n_rows=400)
+    probe.start(RunContext(training={probe.name: Training(classes=(0, 1), n_rows=400)}))
     assert probe.estimator_.alpha == pytest.approx(1 / (0.005 * 400)) == default_alpha(400)
     assert LinearProbe(ProbeConfig("a.output", classes=[0, 1], alpha=0.02)).estimator_.alpha == 0.02
     rng = np.random.default_rng(0)
