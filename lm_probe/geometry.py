@@ -36,6 +36,7 @@ from loguru import logger
 
 from .consumer import Consumer, NotComputedError, PooledBatch, finite_rows
 from .hashing import hash_uniform
+from .model import model_metadata
 from .pooling import check_pool
 from .sketch import fd_eigh, fd_shrink
 from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
@@ -123,14 +124,9 @@ class Geometry(Consumer):
 
     def start(self, *, model: Any = None, **_: Any) -> None:
         """Record what the runner knows about the model for the metadata."""
-        config = getattr(getattr(model, "_module", None), "config", None)
-        if config is not None:
-            self.metadata["model"] = {
-                "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
-                "model_type": getattr(config, "model_type", None),
-                "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-                "hidden_size": getattr(config, "hidden_size", None),
-            }
+        described = model_metadata(model)
+        if described is not None:
+            self.metadata["model"] = described
         self._started = time.perf_counter()
 
     def update(self, batch: PooledBatch) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .control import ControlTask
 from .early_stopping import StopReason
+from .model import model_metadata
 from .probe import PER_PROBE, Probe, ProbeConfig
 
 __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
@@ -97,7 +98,6 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the saved probes")
     path.mkdir(parents=True, exist_ok=True)
-    config = getattr(getattr(getattr(runner, "model", None), "_module", None), "config", None)
     arrays: dict[str, np.ndarray] = {}
     probes = []
     for k, (name, probe) in enumerate(runner.probes.items()):
@@ -122,10 +122,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     versions["scikit-learn"] = sklearn.__version__
     document = {
         "schema_version": SCHEMA_VERSION, "versions": versions, "seed": runner.seed,
-        "model": None if config is None else {
-            "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
-            "model_type": getattr(config, "model_type", None), "hidden_size": getattr(config, "hidden_size", None),
-            "num_hidden_layers": getattr(config, "num_hidden_layers", None)},
+        "model": model_metadata(getattr(runner, "model", None)),
         "probes": probes,
         "control": None if runner.control is None else runner.control.to_dict(),
         "metrics": None if runner.metrics is None else json.loads(runner.metrics.to_json(orient="split")),

@@ -26,6 +26,7 @@ import pandas as pd
 from loguru import logger
 
 from .consumer import Consumer, NotComputedError, PooledBatch, Request
+from .model import model_metadata
 from .pooling import check_pool
 from .sites import Site
 
@@ -102,13 +103,10 @@ class ActivationStore(Consumer):
         self._data = data
         import lm_probe
 
-        config = getattr(getattr(model, "_module", None), "config", None)
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,
-            "model": {"name": getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None),
-                      "model_type": getattr(config, "model_type", None), "config_hash": _config_hash(model),
-                      "hidden_size": getattr(config, "hidden_size", None)},
+            "model": {**(model_metadata(model) or {}), "config_hash": _config_hash(model)},
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "sites": [{"spec": s, "name": sites[s].name if sites else s, "layer": sites[s].layer if sites else None}
                       for s in self.sites],

@@ -339,6 +339,8 @@ def test_full_run_writes_every_output(full_run):
         assert (out / name).is_file(), name
     meta = json.loads((out / "run.json").read_text())
     assert meta["consumers"] == ["probes", "geometry", "gauges"]
+    assert meta["model"] == {"name": "tiny", "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 32,
+                             "class": "LlamaForCausalLM"}
     assert meta["data"]["n_train"] + meta["data"]["n_test"] == 120
     assert meta["site_layers"]["model.layers.2.output"] == 2
     config = json.loads((out / "config.json").read_text())
