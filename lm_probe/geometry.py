@@ -42,6 +42,7 @@ from .sketch import fd_eigh, fd_shrink
 from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
                       spectrum_metrics, subspace_novelty)
 from .stats import comoment_batch, comoment_merge
+from .versions import check_schema_version
 
 __all__ = ["Geometry", "GeometryResults", "SCHEMA_VERSION"]
 
@@ -365,9 +366,7 @@ class Geometry(Consumer):
         """
         path = Path(path)
         metadata = json.loads((path / "metadata.json").read_text())
-        if metadata.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ValueError(f"{path} was written with geometry schema {metadata['schema_version']}; this "
-                             f"lm_probe reads up to {SCHEMA_VERSION}: upgrade lm_probe")
+        check_schema_version(metadata, SCHEMA_VERSION, "geometry", path)
         with np.load(path / "eigenvalues.npz") as npz:
             eigen = {metadata["sites"][int(k[1:])]: npz[k] for k in npz.files}
         return GeometryResults(

@@ -22,6 +22,7 @@ from .control import ControlTask
 from .early_stopping import StopReason
 from .model import model_metadata
 from .probe import PER_PROBE, Probe, ProbeConfig
+from .versions import check_schema_version
 
 __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
 
@@ -147,9 +148,7 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
 
     path = Path(path)
     document = json.loads((path / "probes.json").read_text())
-    if document.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{path} was saved with probe schema {document['schema_version']}; this lm_probe reads up "
-                         f"to {SCHEMA_VERSION}: upgrade lm_probe to load it")
+    check_schema_version(document, SCHEMA_VERSION, "probe", path)
     saved_hidden = (document.get("model") or {}).get("hidden_size")
     if model is not None:
         hidden = getattr(model._module.config, "hidden_size", None)

@@ -29,6 +29,7 @@ from .consumer import Consumer, NotComputedError, PooledBatch, Request
 from .model import model_metadata
 from .pooling import check_pool
 from .sites import Site
+from .versions import check_schema_version
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "ChunkedArray", "SCHEMA_VERSION"]
 
@@ -201,8 +202,7 @@ class StoredRun:
         if not meta_file.exists():
             raise FileNotFoundError(f"{self.path} has no metadata.json: the pass that wrote it did not finish")
         self.metadata = json.loads(meta_file.read_text())
-        if self.metadata.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ValueError(f"{self.path} uses store schema {self.metadata['schema_version']}; upgrade lm_probe")
+        check_schema_version(self.metadata, SCHEMA_VERSION, "store", self.path)
         self.bad_chunks: dict[str, str] = {}
         self._good = []
         for chunk in self.metadata["chunks"]:
