@@ -33,7 +33,10 @@ from .diffusion import DiffusionResult, diffuse
 from .pooling import check_pool
 from .trigger import Trigger
 
-__all__ = ["DiffusionGauge"]
+__all__ = ["DiffusionGauge", "N_SAMPLES"]
+
+#: Examples in a gauge's probe subset unless told otherwise (the API's and the experiment file's default).
+N_SAMPLES = 512
 
 
 class DiffusionGauge(Consumer):
@@ -57,7 +60,7 @@ class DiffusionGauge(Consumer):
             ``gauge/{site}/spectral_gap``, ``.../entropy`` and ``.../eig_{i}`` at its step.
     """
 
-    def __init__(self, sites: Sequence[str], *, n_samples: int = 512, seed: int = 0, knn: int = 15,
+    def __init__(self, sites: Sequence[str], *, n_samples: int = N_SAMPLES, seed: int = 0, knn: int = 15,
                  alpha: float = 0.0, normalization: str = "markov", n_eigs: int = 32,
                  trigger: Trigger | None = None, pool: str = "mean", bandwidth: str | float = "adaptive",
                  sparse: bool = True, self_loops: bool = True, n_pca: int | None = None, t: int = 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_probe import Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe import DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.experiment import ExperimentError, expand_braces, load_experiment, parse_experiment, parse_layers
 from lm_probe.outputs import cka_matrix, run_plan
 from lm_probe.plan import plan_experiment
@@ -184,6 +185,15 @@ def test_error_messages_name_the_file(tmp_path):
         load_experiment(write(tmp_path, experiment_text(top="sed = 1")))
     with pytest.raises(ExperimentError, match="does not exist"):
         load_experiment(tmp_path / "nope.toml")
+
+
+def test_a_gauges_table_defaults_to_the_api_defaults(workdir):
+    """A key left out of [gauges] means what leaving it out of DiffusionGauge(...) means."""
+    gauges = parse_experiment(experiment_text(gauges="knn = 5"), base=workdir).gauges
+    api = inspect.signature(DiffusionGauge).parameters
+    assert gauges.n_samples == api["n_samples"].default == 512
+    for key in ("pool", "alpha", "normalization", "n_eigs", "bandwidth", "sparse", "self_loops", "n_pca", "t"):
+        assert getattr(gauges, key) == api[key].default, key
 
 
 # ---------------------------------------------------------------- data
