@@ -20,7 +20,7 @@ or passing ``extra_metrics=fn`` (``fn(result) -> dict``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,11 @@ from loguru import logger
 
 from .consumer import Consumer, NotComputedError, Request
 from .dataset import ProbeDataset, check_batch_size
-from .diffusion import DiffusionResult, diffuse
 from .pooling import check_pool
 from .trigger import Trigger
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionResult
 
 __all__ = ["DiffusionGauge", "N_SAMPLES"]
 
@@ -210,6 +212,8 @@ class DiffusionGauge(Consumer):
         if bad.any():
             raise ValueError(f"gauge: {int(bad.sum())} of {len(X)} probe-subset rows at site {site!r} have "
                              "non-finite activations; a diffusion operator needs finite points")
+        from .diffusion import diffuse  # scipy and scikit-learn's neighbours load with the first measurement
+
         return diffuse(np.asarray(X, np.float64), **self.operator_kwargs)
 
     def _record(self, step: int, epoch: int, event: str, results: dict[str, DiffusionResult],
