@@ -33,6 +33,13 @@ def test_import_lm_probe_loads_no_heavy_module():
     assert loaded == []
 
 
+def test_reading_experiment_files_loads_no_diffusion_code():
+    """The CLI builds its help from lm_probe.experiment: no k-NN graph code for that."""
+    loaded = fresh("import json, sys, lm_probe.experiment; print(json.dumps([m for m in ('lm_probe.diffusion', "
+                   "'sklearn.neighbors', 'sklearn.decomposition') if m in sys.modules]))")
+    assert loaded == []
+
+
 def test_the_public_names_and_submodules_resolve_after_a_plain_import():
     """Everything in __all__ (runner, probes, gauges...) loads without transformers.Trainer, and
     the submodules are attributes of the package, as when the package imported them itself."""
