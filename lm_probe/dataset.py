@@ -18,7 +18,9 @@ from loguru import logger
 __all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "check_batch_size", "encode_labels", "format_labels",
            "IGNORE"]
 
-IGNORE = -100  #: token label of positions no probe trains or is scored on
+#: Label of positions that no probe trains or is scored on (padding, continuation
+#: subwords, special tokens), as in Hugging Face token classification.
+IGNORE = -100
 
 
 @dataclass

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .gauge import N_SAMPLES
 from .probe import _HEADS, ProbeConfig
 
 __all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
@@ -248,7 +249,7 @@ class GaugesSection:
     sites: tuple[str, ...] | None = _key(None, types=(list, str), items=str,
                                          help="sites (default: those of [sites]); braces expand")
     pool: str = _key("mean", types=(str,), choices=("mean", "last", "first", "max"), help="pooling per example")
-    n_samples: int = _key(256, types=(int,), minimum=2, help="examples in the seeded subset")
+    n_samples: int = _key(N_SAMPLES, types=(int,), minimum=2, help="examples in the seeded subset")
     knn: int = _key(15, types=(int,), minimum=1, help="neighbours of the k-NN graph")
     alpha: float = _key(0.0, types=(float, int), help="anisotropy (0: none, 1: Laplace-Beltrami)")
     normalization: str = _key("markov", types=(str,), choices=("markov", "symmetric"),

@@ -24,7 +24,7 @@ or passing ``extra_metrics=fn`` (``fn(result) -> dict``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,11 +33,16 @@ from loguru import logger
 
 from .consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
 from .dataset import ProbeDataset, check_batch_size
-from .diffusion import DiffusionResult, diffuse
 from .pooling import check_pool
 from .trigger import Trigger
 
-__all__ = ["DiffusionGauge"]
+if TYPE_CHECKING:
+    from .diffusion import DiffusionResult
+
+__all__ = ["DiffusionGauge", "N_SAMPLES"]
+
+#: Examples in a gauge's probe subset unless told otherwise (the API's and the experiment file's default).
+N_SAMPLES = 512
 
 
 class DiffusionGauge(Consumer):
@@ -62,7 +67,7 @@ class DiffusionGauge(Consumer):
             ``gauge/{site}/spectral_gap``, ``.../entropy`` and ``.../eig_{i}`` at its step.
     """
 
-    def __init__(self, sites: Sequence[str], *, n_samples: int = 512, seed: int = 0, knn: int = 15,
+    def __init__(self, sites: Sequence[str], *, n_samples: int = N_SAMPLES, seed: int = 0, knn: int = 15,
                  alpha: float = 0.0, normalization: str = "markov", n_eigs: int = 32,
                  trigger: Trigger | None = None, pool: str = "mean", bandwidth: str | float = "adaptive",
                  sparse: bool = True, self_loops: bool = True, n_pca: int | None = None, t: int = 1,
@@ -220,6 +225,8 @@ class DiffusionGauge(Consumer):
         if bad.any():
             raise ValueError(f"gauge: {int(bad.sum())} of {len(X)} probe-subset rows at site {site!r} have "
                              "non-finite activations; a diffusion operator needs finite points")
+        from .diffusion import diffuse  # scipy and scikit-learn's neighbours load with the first measurement
+
         return diffuse(np.asarray(X, np.float64), **self.operator_kwargs)
 
     def _record(self, step: int, epoch: int, event: str, results: dict[str, DiffusionResult],

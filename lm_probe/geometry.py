@@ -36,11 +36,13 @@ from loguru import logger
 
 from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from .hashing import hash_uniform
+from .model import model_metadata
 from .pooling import check_pool
 from .sketch import fd_eigh, fd_shrink
 from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
                       spectrum_metrics, subspace_novelty)
 from .stats import comoment_batch, comoment_merge
+from .versions import check_schema_version
 
 __all__ = ["Geometry", "GeometryResults", "SCHEMA_VERSION"]
 
@@ -123,14 +125,9 @@ class Geometry(Consumer):
 
     def start(self, context: RunContext) -> None:
         """Record what the runner knows about the model for the metadata."""
-        config = getattr(getattr(context.model, "_module", None), "config", None)
-        if config is not None:
-            self.metadata["model"] = {
-                "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
-                "model_type": getattr(config, "model_type", None),
-                "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-                "hidden_size": getattr(config, "hidden_size", None),
-            }
+        described = model_metadata(context.model)
+        if described is not None:
+            self.metadata["model"] = described
         self._started = time.perf_counter()
 
     def update(self, batch: PooledBatch) -> None:
@@ -369,9 +366,7 @@ class Geometry(Consumer):
         """
         path = Path(path)
         metadata = json.loads((path / "metadata.json").read_text())
-        if metadata.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ValueError(f"{path} was written with geometry schema {metadata['schema_version']}; this "
-                             f"lm_probe reads up to {SCHEMA_VERSION}: upgrade lm_probe")
+        check_schema_version(metadata, SCHEMA_VERSION, "geometry", path)
         with np.load(path / "eigenvalues.npz") as npz:
             eigen = {metadata["sites"][int(k[1:])]: npz[k] for k in npz.files}
         return GeometryResults(

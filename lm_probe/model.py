@@ -27,7 +27,7 @@ from loguru import logger
 from .dataset import ensure_pad_token
 from .embedded import EMBEDDED_MODELS, embedded_model_path
 
-__all__ = ["load_model", "ensure_dispatched", "ModelNotFoundError"]
+__all__ = ["load_model", "ensure_dispatched", "model_metadata", "ModelNotFoundError"]
 
 #: Seconds the reachability check of the Hugging Face hub waits for an answer.
 HUB_CHECK_TIMEOUT = 5.0
@@ -176,6 +176,26 @@ def ensure_dispatched(model: Any) -> Any:
             "or model.dispatch(); for NDIF use remote=True"
         )
     return model
+
+
+def model_metadata(model: Any) -> dict[str, Any] | None:
+    """What saved results record about the model they came from, read from its config.
+
+    Args:
+        model: An nnsight model (or anything with ``_module.config``).
+
+    Returns:
+        ``{"name", "model_type", "num_hidden_layers", "hidden_size"}``: ``name`` is the
+        config's ``name_or_path`` (``None`` for a model built from a config alone), and a
+        field the config lacks is ``None``; ``None`` for a model without a config.
+    """
+    config = getattr(getattr(model, "_module", None), "config", None)
+    if config is None:
+        return None
+    return {"name": getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None,
+            "model_type": getattr(config, "model_type", None),
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None)}
 
 
 def _module_task(module: torch.nn.Module) -> str:

@@ -35,6 +35,7 @@ import pandas as pd
 from loguru import logger
 
 from .experiment import SECTIONS
+from .model import model_metadata
 from .plan import RUN_FILES, Plan, SeedRun, replay_cache
 from .tables import class_counts
 
@@ -178,13 +179,11 @@ def _versions() -> dict[str, str]:
 
 def _metadata(plan: Plan, seeds: list[int], started: datetime, seconds: float, consumers: list[str],
               chance: float | None) -> dict[str, Any]:
-    exp, config = plan.experiment, plan.model._module.config
+    exp = plan.experiment
     return {
         "name": exp.name, "experiment": str(exp.source) if exp.source else None, "seeds": seeds,
         "started": started.isoformat(timespec="seconds"), "duration_s": round(seconds, 1),
-        "model": {"name": exp.model.name, "class": type(plan.model._module).__name__,
-                  "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-                  "hidden_size": getattr(config, "hidden_size", None)},
+        "model": {**model_metadata(plan.model), "name": exp.model.name, "class": type(plan.model._module).__name__},
         "data": {"source": plan.table.description, "text_column": exp.data.text_column,
                  "label_column": exp.data.label_column, "max_length": exp.data.max_length,
                  "batch_size": exp.data.batch_size, "label_names": plan.table.label_names},

@@ -20,7 +20,9 @@ import pandas as pd
 
 from .control import ControlTask
 from .early_stopping import StopReason
+from .model import model_metadata
 from .probe import PER_PROBE, Probe, ProbeConfig
+from .versions import check_schema_version
 
 __all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
 
@@ -97,7 +99,6 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the saved probes")
     path.mkdir(parents=True, exist_ok=True)
-    config = getattr(getattr(getattr(runner, "model", None), "_module", None), "config", None)
     arrays: dict[str, np.ndarray] = {}
     probes = []
     for k, (name, probe) in enumerate(runner.probes.items()):
@@ -121,10 +122,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     versions["scikit-learn"] = sklearn.__version__
     document = {
         "schema_version": SCHEMA_VERSION, "versions": versions, "seed": runner.seed,
-        "model": None if config is None else {
-            "name": getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""),
-            "model_type": getattr(config, "model_type", None), "hidden_size": getattr(config, "hidden_size", None),
-            "num_hidden_layers": getattr(config, "num_hidden_layers", None)},
+        "model": model_metadata(getattr(runner, "model", None)),
         "probes": probes,
         "control": None if runner.control is None else runner.control.to_dict(),
         "metrics": None if runner.metrics is None else json.loads(runner.metrics.to_json(orient="split")),
@@ -149,9 +147,7 @@ def load_probes(path: str | Path, model: Any = None) -> Any:
 
     path = Path(path)
     document = json.loads((path / "probes.json").read_text())
-    if document.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{path} was saved with probe schema {document['schema_version']}; this lm_probe reads up "
-                         f"to {SCHEMA_VERSION}: upgrade lm_probe to load it")
+    check_schema_version(document, SCHEMA_VERSION, "probe", path)
     saved_hidden = (document.get("model") or {}).get("hidden_size")
     if model is not None:
         hidden = getattr(model._module.config, "hidden_size", None)

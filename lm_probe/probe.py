@@ -34,7 +34,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDCl
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
-from .dataset import format_labels
+from .dataset import IGNORE, format_labels
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
 from .metrics import classification_metrics, regression_metrics
 from .pooling import check_pool
@@ -44,10 +44,6 @@ from .stats import welford_update
 __all__ = ["ProbeConfig", "Probe", "LinearProbe", "Training", "ProbeNotFittedError", "IGNORE",
            "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight", "default_alpha",
            "DEFAULT_SGD_C"]
-
-#: Label of positions that no probe trains or is scored on (padding, continuation
-#: subwords, special tokens), as in Hugging Face token classification.
-IGNORE = -100
 
 _HEADS: dict[tuple[str, str], type] = {
     ("classification", "linear"): SGDClassifier,

@@ -26,8 +26,10 @@ import pandas as pd
 from loguru import logger
 
 from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
+from .model import model_metadata
 from .pooling import check_pool
 from .sites import Site
+from .versions import check_schema_version
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "ChunkedArray", "SCHEMA_VERSION"]
 
@@ -103,13 +105,10 @@ class ActivationStore(Consumer):
         self._data = data
         import lm_probe
 
-        config = getattr(getattr(model, "_module", None), "config", None)
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,
-            "model": {"name": getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None),
-                      "model_type": getattr(config, "model_type", None), "config_hash": _config_hash(model),
-                      "hidden_size": getattr(config, "hidden_size", None)},
+            "model": {**(model_metadata(model) or {}), "config_hash": _config_hash(model)},
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "sites": [{"spec": s, "name": sites[s].name if sites else s, "layer": sites[s].layer if sites else None}
                       for s in self.sites],
@@ -204,8 +203,7 @@ class StoredRun:
         if not meta_file.exists():
             raise FileNotFoundError(f"{self.path} has no metadata.json: the pass that wrote it did not finish")
         self.metadata = json.loads(meta_file.read_text())
-        if self.metadata.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ValueError(f"{self.path} uses store schema {self.metadata['schema_version']}; upgrade lm_probe")
+        check_schema_version(self.metadata, SCHEMA_VERSION, "store", self.path)
         self.bad_chunks: dict[str, str] = {}
         self._good = []
         for chunk in self.metadata["chunks"]:

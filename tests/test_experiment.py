@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_probe import Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe import DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.experiment import ExperimentError, expand_braces, load_experiment, parse_experiment, parse_layers
 from lm_probe.outputs import cka_matrix, run_plan
 from lm_probe.plan import plan_experiment
@@ -186,6 +187,15 @@ def test_error_messages_name_the_file(tmp_path):
         load_experiment(tmp_path / "nope.toml")
 
 
+def test_a_gauges_table_defaults_to_the_api_defaults(workdir):
+    """A key left out of [gauges] means what leaving it out of DiffusionGauge(...) means."""
+    gauges = parse_experiment(experiment_text(gauges="knn = 5"), base=workdir).gauges
+    api = inspect.signature(DiffusionGauge).parameters
+    assert gauges.n_samples == api["n_samples"].default == 512
+    for key in ("pool", "alpha", "normalization", "n_eigs", "bandwidth", "sparse", "self_loops", "n_pca", "t"):
+        assert getattr(gauges, key) == api[key].default, key
+
+
 # ---------------------------------------------------------------- data
 def test_csv_jsonl_and_saved_dataset_read_the_same_rows(workdir):
     exp = parse_experiment(experiment_text(), base=workdir)
@@ -339,6 +349,8 @@ def test_full_run_writes_every_output(full_run):
         assert (out / name).is_file(), name
     meta = json.loads((out / "run.json").read_text())
     assert meta["consumers"] == ["probes", "geometry", "gauges"]
+    assert meta["model"] == {"name": "tiny", "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 32,
+                             "class": "LlamaForCausalLM"}
     assert meta["data"]["n_train"] + meta["data"]["n_test"] == 120
     assert meta["site_layers"]["model.layers.2.output"] == 2
     config = json.loads((out / "config.json").read_text())

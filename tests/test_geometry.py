@@ -252,6 +252,8 @@ def test_token_geometry_matches_hf_hidden_states(llama, toy):
     X = {i: hf_token_rows(llama, data, i) for i in (0, 1, 2)}
     n_tokens = sum(len(r) for r in data.ids)
     assert geo.metrics["n_rows"].tolist() == [n_tokens] * 3
+    assert geo.compute().metadata["model"] == {"name": None, "model_type": "llama", "num_hidden_layers": 4,
+                                               "hidden_size": 32}
     for i in (0, 1, 2):
         row = geo.metrics.loc[f"model.layers.{i}.output"]
         for key, value in ref_spectrum(X[i]).items():

@@ -10,6 +10,7 @@ import torch
 from nnsight import TransformersModel
 
 from lm_probe import ProbeConfig, ProbeRunner, load_model
+from lm_probe.model import model_metadata
 from lm_probe.testing import tiny_model, tiny_tokenizer
 
 
@@ -34,6 +35,17 @@ def test_hf_model_with_tokenizer_and_nnsight_model_pass_through():
     model = load_model(hf, tokenizer=tiny_tokenizer())
     assert not hf.training and model.tokenizer.pad_token == "<eos>"
     assert load_model(model) is model
+
+
+def test_model_metadata_reads_the_config(tmp_path):
+    """What saved results record about a model: its config's fields, the folder it came from."""
+    tiny_model("llama", layers=3, hidden=16).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert model_metadata(load_model(str(tmp_path / "m"))) == {
+        "name": str(tmp_path / "m"), "model_type": "llama", "num_hidden_layers": 3, "hidden_size": 16}
+    built = model_metadata(load_model(tiny_model("gpt2", layers=2, hidden=8), tokenizer=tiny_tokenizer()))
+    assert built == {"name": None, "model_type": "gpt2", "num_hidden_layers": 2, "hidden_size": 8}
+    assert model_metadata(None) is None and model_metadata(torch.nn.Linear(2, 2)) is None
 
 
 def test_unsupported_input():

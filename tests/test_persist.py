@@ -67,6 +67,7 @@ def test_refusals(trained, tmp_path):
         runner.save(tmp_path / "run")
     runner.save(tmp_path / "run", overwrite=True)
     doc = json.loads((tmp_path / "run" / "probes.json").read_text())
+    assert doc["model"] == {"name": None, "model_type": "gpt2", "num_hidden_layers": 4, "hidden_size": 32}
     other = load_model(tiny_model("gpt2", hidden=64), tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="hidden size 32 .* this model has hidden size 64"):
         ProbeRunner.load(tmp_path / "run", model=other)

@@ -35,6 +35,7 @@ def test_rows_equal_the_live_pooled_activations_memory_mapped(stored, llama):
     assert len(meta["chunks"]) == -(-len(data) // 50) and meta["n_examples"] == len(data)
     assert meta["sites"][1] == {"spec": "model.layers[-1].output", "name": "model.layers.3.output", "layer": 3}
     assert meta["model"]["model_type"] == "llama" and len(meta["model"]["config_hash"]) == 16
+    assert (meta["model"]["num_hidden_layers"], meta["model"]["hidden_size"]) == (4, 32)
     assert meta["tags"] == {"task": "sentiment"} and meta["dataset_fingerprint"] and meta["lm_probe"]
 
 
