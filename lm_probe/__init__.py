@@ -33,7 +33,7 @@ _EXPORTS = {
     "Probe": "probes.probe",
     "NotComputedError": "core.consumer",
     "PooledBatch": "core.consumer",
-    "ProbeConfig": "probes.probe",
+    "ProbeConfig": "probes.config",
     "ProbeDataset": "core.dataset",
     "ProbeRunner": "runner",
     "Site": "core.sites",
@@ -58,8 +58,9 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .core.replay import Cache
     from .core.sites import Site, SiteError
     from .core.trigger import Trigger
+    from .probes.config import ProbeConfig
     from .probes.early_stopping import EarlyStopping, StopReason
-    from .probes.probe import LinearProbe, Probe, ProbeConfig
+    from .probes.probe import LinearProbe, Probe
     from .runner import ProbeRunner
 
 

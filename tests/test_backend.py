@@ -12,9 +12,11 @@ import torch
 
 import lm_probe.probes.backend as backend_module
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.probes.backend import ProbeBank, logistic_sgd_step
 from lm_probe.core.consumer import HostArrays, PooledBatch, RunContext
-from lm_probe.probes.probe import Probe, Training
+from lm_probe.functional.sgd import logistic_sgd_step
+from lm_probe.probes.backend import ProbeBank
+from lm_probe.probes.probe import Probe
+from lm_probe.probes.training import Training
 from lm_probe.testing import tiny_tokenizer
 
 from conftest import count_calls

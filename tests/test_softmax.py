@@ -9,10 +9,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.probes.probe import default_alpha
 from lm_probe.core.sites import Site
-from lm_probe.probes.softmax import SoftmaxSGDClassifier, softmax_sgd_step
 from lm_probe.core.sources import ArraySource
+from lm_probe.functional.sgd import softmax_sgd_step
+from lm_probe.probes.config import default_alpha
+from lm_probe.probes.softmax import SoftmaxSGDClassifier
 
 SITE = "x.output"
 

@@ -10,10 +10,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from lm_probe import Cache, ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.probes.early_stopping import DecayOnPlateau
-from lm_probe.probes.probe import DEFAULT_CS, DEFAULT_PROBE_KWARGS
 from lm_probe.core.sites import Site
 from lm_probe.core.sources import ArraySource
+from lm_probe.probes.config import DEFAULT_CS, DEFAULT_PROBE_KWARGS
+from lm_probe.probes.early_stopping import DecayOnPlateau
 
 from conftest import count_calls
 

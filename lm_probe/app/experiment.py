@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..consumers.gauge import N_SAMPLES
-from ..probes.probe import _HEADS, ProbeConfig
+from ..probes.config import _HEADS, ProbeConfig
 
 __all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
            "parse_experiment", "expand_braces", "parse_layers", "schema_help"]

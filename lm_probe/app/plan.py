@@ -33,7 +33,7 @@ from ..consumers.geometry import Geometry
 from ..core.dataset import ProbeDataset, format_labels
 from ..core.replay import Cache
 from ..core.trigger import Trigger
-from ..probes.probe import ProbeConfig
+from ..probes.config import ProbeConfig
 from ..runner import ProbeRunner
 from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, Problems, \
     ProbesSection, SitesSection, expand_braces, parse_layers

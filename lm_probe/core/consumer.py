@@ -61,7 +61,7 @@ import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from .sites import Site
 
 __all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "RunContext", "SubsetRequest", "HostArrays",
-           "finite_rows", "start_consumer"]
+           "finite_rows", "requests_of", "start_consumer"]
 
 Request = tuple[str, str]  #: (site spec as written, pooling name)
 
@@ -92,10 +92,10 @@ class RunContext:
         data: The examples of the pass (in ``fit_probes``: the fit split, without the
             validation share).
         batch_size: Examples per forward pass (``None``: not known; a consumer keeps its own).
-        training: ``{probe name: lm_probe.probes.probe.Training}``, the settings ``fit_probes``
+        training: ``{probe name: lm_probe.probes.training.Training}``, the settings ``fit_probes``
             decided for each probe (classes, cached validation rows, early stopping...);
             empty for other consumers and in ``collect``. A probe missing here trains
-            with the defaults of :class:`~lm_probe.probes.probe.Training`.
+            with the defaults of :class:`~lm_probe.probes.training.Training`.
     """
 
     model: Any = None
@@ -281,6 +281,11 @@ class Consumer:
     def site_specs(self) -> list[str]:
         """Sites to check against the model before any forward pass."""
         return [spec for spec, _ in self.requests]
+
+
+def requests_of(consumers: Iterable[Consumer]) -> list[Request]:
+    """The distinct requests of ``consumers``, in order (each pair read once per trace)."""
+    return list(dict.fromkeys(r for c in consumers for r in c.requests))
 
 
 def _takes_context(start: Any) -> bool:

@@ -16,11 +16,20 @@ import torch
 from loguru import logger
 
 __all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "check_batch_size", "encode_labels", "format_labels",
-           "IGNORE"]
+           "IGNORE", "labeled"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
 IGNORE = -100
+
+
+def labeled(y: np.ndarray) -> np.ndarray:
+    """``(rows,)`` bool: the entries of ``y`` that carry a label (not :data:`IGNORE`; for
+    float regression targets, the finite ones)."""
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.floating):
+        return np.isfinite(y)
+    return y != IGNORE
 
 
 @dataclass

@@ -27,7 +27,7 @@ from loguru import logger
 from .dataset import ensure_pad_token
 from .embedded import EMBEDDED_MODELS, embedded_model_path
 
-__all__ = ["load_model", "ensure_dispatched", "model_metadata", "ModelNotFoundError"]
+__all__ = ["load_model", "ensure_dispatched", "model_metadata", "tokenizer_padding", "ModelNotFoundError"]
 
 #: Seconds the reachability check of the Hugging Face hub waits for an answer.
 HUB_CHECK_TIMEOUT = 5.0
@@ -176,6 +176,13 @@ def ensure_dispatched(model: Any) -> Any:
             "or model.dispatch(); for NDIF use remote=True"
         )
     return model
+
+
+def tokenizer_padding(model: Any) -> tuple[int, str]:
+    """The pad id and padding side of a model's tokenizer (``0`` and ``"right"`` without one)."""
+    tok = getattr(model, "tokenizer", None)
+    pad_id = int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+    return pad_id, getattr(tok, "padding_side", "right") if tok is not None else "right"
 
 
 def model_metadata(model: Any) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from .dataset import Batch, ProbeDataset, check_batch_size
 from .sites import Site, resolve_sites
 from .trace import read_pooled
 
-__all__ = ["Source", "TraceSource", "StoreSource", "ArraySource", "read_dataset"]
+__all__ = ["Source", "TraceSource", "StoreSource", "ArraySource", "NoSource", "read_dataset"]
 
 
 class Source(Protocol):
@@ -127,6 +127,19 @@ class ArraySource:
         if unknown:
             raise ValueError(f"sites {unknown} are not in this ArraySource; it has {sorted(self.sites)}")
         return {s: self.sites[s] for s in specs}
+
+
+class NoSource:
+    """The source of a runner without a model or store: reading is an error that says why."""
+
+    replayable = True
+
+    def read(self, batch: Any, data: ProbeDataset, requests: Sequence[Request]) -> Mapping[Request, np.ndarray]:
+        raise RuntimeError("this runner has no model to trace: load it with ProbeRunner.load(path, model=...), "
+                           "or predict from features with runner[name].predict(X)")
+
+    def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
+        return {}
 
 
 def read_dataset(source: Source, dataset: ProbeDataset, requests: Sequence[Request], batch_size: int = 16, *,

@@ -19,7 +19,7 @@ import torch
 from .pooling import pool
 from .sites import Site
 
-__all__ = ["read_pooled", "model_inputs", "model_device"]
+__all__ = ["read_pooled", "model_inputs", "model_device", "ship_pooling"]
 
 
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -135,3 +135,13 @@ def model_device(model: Any, remote: Any = False) -> torch.device:
         return next(model._module.parameters()).device
     except StopIteration:  # a parameterless module: keep inputs where they are
         return torch.device("cpu")
+
+
+def ship_pooling() -> None:
+    """For remote execution (NDIF): the trace body pools with :mod:`lm_probe.core.pooling`,
+    so ship its source with each request, since the server does not have lm_probe installed."""
+    import nnsight
+
+    from . import pooling
+
+    nnsight.register(pooling)

@@ -12,7 +12,7 @@ trace left them (no copy to the host). What is learned is the same model as
 * L2 penalty ``alpha`` applied as weight decay, intercept not penalized;
 * ``learning_rate="constant"`` (``eta0``) or ``"invscaling"``; averaged weights
   (``average``): the mean of the iterates, each training row counted once, as the
-  scikit-learn backend keeps it (:func:`lm_probe.probes.probe.asgd_weight`);
+  scikit-learn backend keeps it (:func:`lm_probe.functional.sgd.asgd_weight`);
 * standardization with running float64 moments of the probe's own training rows,
   updated with each batch before the step;
 * ``class_weight`` as a dict.
@@ -26,8 +26,8 @@ loads its current weights and moments into the probe (:meth:`Probe.load_weights`
 scoring, snapshots of the best weights, metrics, :meth:`~lm_probe.ProbeRunner.save` and
 prediction all go through scikit-learn as with the default backend.
 
-The math is in the pure functions :func:`ovr_targets`, :func:`logistic_sgd_step` and
-:func:`masked_moments`; :class:`ProbeBank` only holds state.
+The math is in the pure functions of :mod:`lm_probe.functional.sgd` (``ovr_targets``,
+``logistic_sgd_step``, ``masked_moments``); :class:`ProbeBank` only holds state.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
-from .probe import Probe, _labeled, asgd_weight
+from ..core.dataset import labeled
+from ..functional.sgd import asgd_weight, logistic_sgd_step, masked_moments, ovr_targets
+from .probe import Probe
 
-__all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",
-           "masked_moments"]
+__all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "bank_for", "trainers_of"]
 
 BACKENDS = ("sklearn", "torch")
 
@@ -84,58 +85,6 @@ def _check_kwargs(probe: Probe) -> dict[str, Any]:
         raise ValueError(f"probe {probe.name!r}: backend='torch' does not implement {', '.join(problems)}; "
                          "use backend='sklearn' for this probe's settings")
     return kw
-
-
-def ovr_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """One-vs-rest targets ``(rows, outputs)`` float32: one output (``y == classes[1]``)
-    for two classes, one per class otherwise (scikit-learn's layout of ``coef_``)."""
-    y, classes = np.asarray(y), np.asarray(classes)
-    if len(classes) == 2:
-        return (y == classes[1]).astype(np.float32)[:, None]
-    return (y[:, None] == classes[None, :]).astype(np.float32)
-
-
-def masked_moments(X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Count, mean and sum of squared deviations of the rows of ``X (rows, hidden)``
-    where ``mask (rows,)`` is true, in float64: ``((), (hidden,), (hidden,))``."""
-    rows = X[mask].double()
-    n = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=X.device)
-    if rows.shape[0] == 0:
-        zeros = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-        return n, zeros, zeros.clone()
-    mean = rows.mean(0)
-    return n, mean, ((rows - mean) ** 2).sum(0)
-
-
-def logistic_sgd_step(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, T: torch.Tensor, weight: torch.Tensor,
-                      eta: torch.Tensor, alpha: torch.Tensor, fit_intercept: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of one-vs-rest logistic regression for many probes at once.
-
-    Each row moves the weights by its own step size times its own log-loss gradient
-    (evaluated at the batch's starting weights, summed over the batch); L2 decay
-    ``(1 - eta * alpha)`` is compounded once per row, as scikit-learn applies it once per
-    example. With one row per batch this is scikit-learn's update exactly.
-
-    Args:
-        W: ``(probes, outputs, hidden)`` weights.
-        b: ``(probes, outputs)`` intercepts.
-        X: ``(probes, rows, hidden)`` standardized features.
-        T: ``(probes, rows, outputs)`` 0/1 targets.
-        weight: ``(probes, rows, outputs)`` per-row weights (class weights; 0 for rows a probe skips).
-        eta: ``(probes, rows)`` step size of each row (0 for rows a probe skips).
-        alpha: ``(probes,)`` L2 strengths (0 for no penalty).
-        fit_intercept: ``(probes,)`` 1.0 to learn the intercept, 0.0 to keep it at 0.
-
-    Returns:
-        The new ``(W, b)``.
-    """
-    Z = torch.einsum("prd,pkd->prk", X, W) + b[:, None, :]
-    G = (torch.sigmoid(Z) - T) * weight * eta[:, :, None]
-    decay = torch.clamp(1 - eta * alpha[:, None], min=0).prod(1)
-    W = W * decay[:, None, None] - torch.einsum("prk,prd->pkd", G, X)
-    b = b - fit_intercept[:, None] * G.sum(1)
-    return W, b
 
 
 @contextmanager
@@ -273,7 +222,7 @@ class ProbeBank(Consumer):
         if len(idx) == 0:
             return
         targets = [g.probes[k].targets(batch) for k in idx]
-        masks = np.stack([_labeled(y) for y in targets])  # (P, rows)
+        masks = np.stack([labeled(y) for y in targets])  # (P, rows)
         requests = list(dict.fromkeys(g.probes[k].requests[0] for k in idx))
         slot = np.array([requests.index(g.probes[k].requests[0]) for k in idx])
         which = torch.as_tensor(slot, device=self.device)
@@ -383,3 +332,23 @@ class ProbeBank(Consumer):
 
     def __repr__(self) -> str:
         return f"ProbeBank({len(self.probes)} probes on {self.device})"
+
+
+def bank_for(probes: dict[str, Probe], backend: str, device: str | torch.device) -> ProbeBank | None:
+    """The torch backend's bank of linear classifiers (``None`` for scikit-learn, or no such probe)."""
+    if check_backend(backend) == "sklearn":
+        return None
+    banked = [p for p in probes.values() if supports(p)]
+    others = [p.name for p in probes.values() if not supports(p)]
+    if others:
+        logger.info("backend='torch' trains linear classifiers; {} stay on scikit-learn: {}", len(others), others)
+    return ProbeBank(banked, device) if banked else None
+
+
+def trainers_of(probes: dict[str, Probe], bank: ProbeBank | None) -> list[Consumer]:
+    """What trains the probes: the probe bank (torch backend) in place of its probes, and
+    the other probes."""
+    if bank is None:
+        return list(probes.values())
+    banked = {id(p) for p in bank.probes}
+    return [bank, *(p for p in probes.values() if id(p) not in banked)]

@@ -15,20 +15,40 @@ distribution and gives the control labels of any split (fit, validation, test):
   same control label in every split, batch order and run.
 
 The labels are functions of the seed and the key (word type or example id) alone: there
-is no cache, so no split can receive another split's labels.
+is no cache, so no split can receive another split's labels. A probe's twin is a probe of
+the same config named ``"<name> [control]"`` (:func:`probes_for`), trained on them.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from ..core.dataset import IGNORE, ProbeDataset
 from ..functional.hashing import hash_uniform
+from .config import ProbeConfig
+from .probe import Probe
 
-__all__ = ["ControlTask", "control_sequence_labels", "control_token_labels", "label_distribution"]
+__all__ = ["ControlTask", "control_sequence_labels", "control_token_labels", "label_distribution",
+           "CONTROL_SUFFIX", "is_control", "probes_for"]
+
+CONTROL_SUFFIX = " [control]"  #: name suffix of a probe's control-task twin
+
+
+def is_control(name: str) -> bool:
+    """Whether ``name`` is a control twin's."""
+    return name.endswith(CONTROL_SUFFIX)
+
+
+def probes_for(configs: Iterable[ProbeConfig], seed: int) -> dict[str, Probe]:
+    """One probe per config, plus its control twin where asked; seeds depend on the name only."""
+    probes = {}
+    for c in configs:
+        for name in [c.name] + ([c.name + CONTROL_SUFFIX] if c.control else []):
+            probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+    return probes
 
 
 def label_distribution(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

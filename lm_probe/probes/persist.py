@@ -20,9 +20,10 @@ import pandas as pd
 
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
+from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
-from .probe import PER_PROBE, Probe, ProbeConfig
+from .probe import Probe
 
 __all__ = ["save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
@@ -163,6 +164,13 @@ class SavedProbes:
             self._states.append((config, entry))
         self.configs = list(configs.values())  #: one per probe name (a control twin shares its probe's)
         self.seed: int = document["seed"]
+
+    def restore(self, runner: Any) -> Any:
+        """Put the saved probes, metrics and control task into ``runner`` (built from
+        :attr:`configs` and :attr:`seed`); returns it."""
+        runner.probes.update(self.probes())
+        runner.metrics, runner.control = self.metrics(), self.control()
+        return runner
 
     def probes(self) -> dict[str, Probe]:
         """Every saved probe, its estimator and moments restored (from ``arrays.npz``)."""

@@ -14,7 +14,7 @@ family, ``mean(cross-entropy) + alpha / 2 * |W|^2`` (intercepts not penalized): 
 step with the summed gradient of its rows against the weights of the batch start, each
 row moving the weights by ``eta`` times its own gradient, and the L2 shrinkage compounded
 once per row, as the torch probe backend steps ``SGDClassifier``'s model. The math is the
-pure function :func:`softmax_sgd_step`; the class holds state and speaks scikit-learn's
+pure function :func:`lm_probe.functional.sgd.softmax_sgd_step`; the class holds state and speaks scikit-learn's
 estimator API (``partial_fit``, ``predict_proba``, ``coef_`` ``(K, hidden)``), so the probe
 averages, snapshots, scores and saves it like any other head. Two classes are a softmax
 over two outputs (the same model as the binary logistic regression, parametrized twice).
@@ -27,37 +27,9 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-__all__ = ["SoftmaxSGDClassifier", "softmax_sgd_step", "softmax"]
+from ..functional.sgd import softmax, softmax_sgd_step
 
-
-def softmax(Z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of scores ``Z (rows, K)``, stable for large scores."""
-    Z = Z - Z.max(axis=1, keepdims=True)
-    E = np.exp(Z)
-    return E / E.sum(axis=1, keepdims=True)
-
-
-def softmax_sgd_step(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, weight: np.ndarray,
-                     eta: float, alpha: float, fit_intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One SGD step of multinomial logistic regression on a batch.
-
-    Args:
-        W: ``(K, hidden)`` weights; b: ``(K,)`` intercepts.
-        X: ``(rows, hidden)`` features; Y: ``(rows, K)`` one-hot targets.
-        weight: ``(rows,)`` per-row weights (class weights).
-        eta: Step size per row.
-        alpha: L2 strength (shrinkage ``(1 - eta * alpha)`` compounded once per row).
-        fit_intercept: Whether ``b`` is learned.
-
-    Returns:
-        The new ``(W, b)``.
-    """
-    G = (softmax(X @ W.T + b) - Y) * weight[:, None]  # (rows, K): d cross-entropy / d scores
-    decay = max(1.0 - eta * alpha, 0.0) ** len(X)
-    W = W * decay - eta * (G.T @ X)
-    if fit_intercept:
-        b = b - eta * G.sum(axis=0)
-    return W, b
+__all__ = ["SoftmaxSGDClassifier"]
 
 
 class SoftmaxSGDClassifier(ClassifierMixin, BaseEstimator):

@@ -1,0 +1,345 @@
+"""What a probe is: :class:`ProbeConfig`, its heads and lm_probe's defaults for them.
+
+A config names a site and a pooling, the head (``"linear"``, ``"softmax"``, ``"mlp"``)
+and task (classification or regression) that choose the scikit-learn estimator, the
+solver (``"sgd"`` online, or ``"lbfgs"`` full-batch, see :data:`SOLVERS`), and the
+estimator's arguments on top of lm_probe's defaults (:data:`DEFAULT_PROBE_KWARGS`;
+``alpha="auto"``: :func:`default_alpha`). Every argument is checked when the config is
+built, before any model runs; the original lm_probe's arguments are accepted with a
+warning (:data:`ORIGINAL_ARGUMENTS`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, SGDClassifier, SGDRegressor
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+
+from ..core.dataset import format_labels
+from ..core.pooling import check_pool
+from .softmax import SoftmaxSGDClassifier
+
+__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SOLVERS", "PER_PROBE",
+           "ORIGINAL_ARGUMENTS", "default_alpha"]
+
+_HEADS: dict[tuple[str, str], type] = {
+    ("classification", "linear"): SGDClassifier,
+    ("classification", "softmax"): SoftmaxSGDClassifier,
+    ("classification", "mlp"): MLPClassifier,
+    ("regression", "linear"): SGDRegressor,
+    ("regression", "mlp"): MLPRegressor,
+}
+_PARAMS = {cls: frozenset(cls().get_params()) for cls in (*_HEADS.values(), LogisticRegression)}
+#: Heads trained by SGD steps on a linear model: the probe averages their iterates and
+#: decays their step (``"softmax"``: multinomial, see :mod:`lm_probe.probes.softmax`).
+_SGD_LINEAR = ("linear", "softmax")
+
+#: ``"sgd"``: the online head (SGD, or the MLP's own optimizer) trained batch by batch.
+#: ``"lbfgs"``: a full-batch L2 logistic regression on all the fit rows, at the end of the
+#: first epoch, with ``C`` chosen on the validation split.
+SOLVERS = ("sgd", "lbfgs")
+#: The grid of inverse regularization strengths ``C`` searched by ``solver="lbfgs"``
+#: (the same grid as scikit-learn's ``LogisticRegressionCV(Cs=10)``).
+DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
+_LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
+
+#: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
+#: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
+#: makes online probes far too confident on real activations (test log-loss near 10
+#: on the demo data at 85% of the accuracy), which defeats early stopping on
+#: validation log-loss; a small constant step is calibrated (log-loss about 0.5).
+#: Averaging the iterates (ASGD) then takes the gap to an offline cross-validated
+#: logistic regression on the same activations from 0.028 to 0.005 on average over
+#: 11 layers of the demo model (benchmarks/overhead.py measures it).
+#:
+#: ``alpha="auto"`` (opt-in) is the L2 strength of ``LogisticRegression(C=DEFAULT_SGD_C)``
+#: on the probe's training rows, ``alpha = 1 / (DEFAULT_SGD_C * rows)``
+#: (:func:`default_alpha`): regularization that weakens as the data grows, as a
+#: cross-validated ``C`` does. On benchmarks/quality.py's real activations (675 training
+#: rows) ``LogisticRegressionCV`` chose ``C`` near 0.006 for most probes, where
+#: scikit-learn's ``alpha=1e-4`` is ``C`` near 15, and only early stopping regularizes.
+#:
+#: ``average`` is implemented by the probe, not by scikit-learn: with ``partial_fit``,
+#: scikit-learn 1.x restarts the running intercept of an averaged SGD from a stale value
+#: on every call (binary: ``_standard_intercept`` is only stored before averaging
+#: starts; multi-class: the averaged intercept is overwritten by the running one), so
+#: its averaged intercept is shrunk towards 0 (0.22 instead of 1.75 on a 3:1 toy set).
+#: The probe trains a plain SGD (``average=False``) and keeps the average of its
+#: iterates after each batch, weighted by the batch's rows (:func:`asgd_weight`).
+DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003, "average": True}
+#: ``alpha="auto"``'s regularization in LogisticRegression's units (see :func:`default_alpha`).
+#: An SGD probe's ``alpha`` may be ``"auto"`` (``ProbeConfig(site, alpha="auto")``).
+DEFAULT_SGD_C = 0.005
+#: ``alpha="auto"`` for a probe stepped by hand (``partial_fit`` without ``start``): no
+#: row count to scale by, so scikit-learn's default.
+_UNSCALED_ALPHA = 1e-4
+
+
+def default_alpha(n_rows: int | None, C: float = DEFAULT_SGD_C) -> float:
+    """The SGD L2 strength equal to ``LogisticRegression(C=C)`` on ``n_rows`` rows.
+
+    scikit-learn's SGD minimizes ``mean(loss) + alpha / 2 * |w|^2``, its logistic
+    regression ``C * sum(loss) + 1 / 2 * |w|^2``: the same minimizer when
+    ``alpha = 1 / (C * n_rows)``. ``None`` (rows unknown) gives scikit-learn's 1e-4.
+    """
+    if not n_rows:
+        return _UNSCALED_ALPHA
+    return 1.0 / (C * int(n_rows))
+
+
+_DEFAULTS: dict[type, dict[str, Any]] = {
+    SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
+    SoftmaxSGDClassifier: dict(DEFAULT_PROBE_KWARGS),
+    SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
+    MLPClassifier: {},
+    MLPRegressor: {},
+}
+
+
+#: ``fit_probes`` settings that a :class:`ProbeConfig` may set for its own probe, as the
+#: original lm_probe's ProbeConfig did (``None``: the value given to ``fit_probes``).
+PER_PROBE = ("patience", "warmup_steps", "max_steps")
+
+#: Arguments of the original lm_probe's ProbeConfig (t-shoemaker/lm_probe) with no
+#: per-probe meaning here, and where their setting lives now. Each is accepted with one
+#: FutureWarning per process and argument; ``model_kwargs`` is still passed on.
+ORIGINAL_ARGUMENTS: dict[str, str] = {
+    "test_size": "is ignored: the validation rows for early stopping are one split of the training set, "
+                 "shared by all probes (the original held out a share of each batch); set its share with "
+                 "fit_probes(val_size=...)",
+    "threshold": "is ignored: an improvement of validation log-loss counts when it is at least "
+                 "fit_probes(min_delta=...) (absolute, where the original's threshold was relative)",
+    "null_label": "is ignored: token-level probes are ProbeConfig(site, pool='none') on "
+                  "ProbeDataset.from_tagged(...) data, whose unlabeled tokens are lm_probe.IGNORE",
+    "model_kwargs": "is passed on, but give the estimator's arguments directly: ProbeConfig(site, classes, "
+                    "alpha=...)",
+}
+_warned: set[str] = set()
+
+
+def _from_original(probe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``probe_kwargs`` without the original lm_probe's :data:`ORIGINAL_ARGUMENTS` (its
+    ``model_kwargs`` merged in), warning once per process about each one given."""
+    kwargs = dict(probe_kwargs)
+    for argument, where in ORIGINAL_ARGUMENTS.items():
+        if argument not in kwargs:
+            continue
+        value = kwargs.pop(argument)
+        if argument not in _warned:
+            _warned.add(argument)
+            warnings.warn(f"ProbeConfig({argument}=...) of the original lm_probe {where}", FutureWarning,
+                          stacklevel=3)
+        if argument == "model_kwargs":
+            kwargs = {**dict(value or {}), **kwargs}
+    return kwargs
+
+
+
+def _class_labels(classes: Any, names: list[str] | None, probe: str) -> tuple[int, ...] | None:
+    """A probe's classes as sorted integer labels; class names go through ``names``."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        raise TypeError(f"probe {probe!r}: classes must be a collection of labels, got the string {classes!r}")
+    classes = set(classes)
+    named = {c for c in classes if isinstance(c, str)}
+    if not named:
+        return tuple(sorted(int(c) for c in classes))
+    if named != classes:
+        raise ValueError(f"probe {probe!r}: classes {classes} mix class names and integer labels; use one or the other")
+    if names is None:
+        raise ValueError(f"probe {probe!r}: classes {sorted(named)} are class names, but nothing maps them to "
+                         "integer labels; pass label_names=[...] too (label_names[i] names label i, e.g. "
+                         "label_names=train.label_names), or give the integer labels")
+    unknown = sorted(named - set(names))
+    if unknown:
+        raise ValueError(f"probe {probe!r}: classes {unknown} are not among label_names {names}")
+    return tuple(sorted(names.index(c) for c in named))
+
+
+class ProbeConfig:
+    """What to probe and how.
+
+    Args:
+        site: Module path plus ``.output`` / ``.input`` (``"model.layers.3.output"``,
+            ``"model.layers[-1].mlp.output"``).
+        classes: The labels this probe predicts: any integers, or class names given
+            with ``label_names``. ``None``: the distinct labels of the training set.
+        label_names: The name of each integer label (``label_names[i]`` names label
+            ``i``, as :attr:`ProbeDataset.label_names`): ``classes`` may then be names,
+            and messages name the classes.
+        pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"max"``, or ``"none"``
+            for token-level probes (one row per labeled token; needs token labels,
+            see :meth:`ProbeDataset.from_tagged`).
+        name: Unique probe name (default: the site string).
+        standardize: Standardize features with running moments before the estimator.
+        head: ``"linear"`` (SGD; more than two classes one-vs-rest, as ``SGDClassifier``),
+            ``"softmax"`` (SGD on one multinomial logistic regression, as an offline
+            ``LogisticRegression``: :mod:`lm_probe.probes.softmax`) or ``"mlp"`` (scikit-learn's
+            MLP, ``hidden_size`` units).
+        task: ``"classification"`` or ``"regression"`` (continuous targets; metrics
+            ``r2``, ``mse``, ``pearson``).
+        hidden_size: Hidden units of the ``mlp`` head.
+        control: Also train a control-task twin on the same activations in the same
+            pass (Hewitt and Liang, 2019); metrics gain ``control_accuracy`` and
+            ``selectivity``.
+        solver: ``"sgd"`` (default: online, batch by batch) or ``"lbfgs"`` (linear
+            classifiers: scikit-learn's ``LogisticRegression`` fit on all the fit rows at
+            the end of the first epoch, ``C`` chosen from ``Cs``); see :data:`SOLVERS`.
+        Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`).
+        cv: How ``solver="lbfgs"`` chooses ``C``: by the mean log-loss of a ``cv``-fold
+            stratified cross-validation over the fit and validation rows together (default
+            5, as ``LogisticRegressionCV``), or, with ``cv="validation"``, by the log-loss
+            on the validation split alone (5 folds when there is none). Either way the
+            probe is then refit with that ``C`` on the fit and validation rows.
+        patience, warmup_steps, max_steps: This probe's own early stopping and step
+            budget, in place of the values given to ``fit_probes`` (``None``: those; see
+            :data:`PER_PROBE`). Patience counts validation evaluations, one every
+            ``fit_probes(eval_every=...)`` steps.
+        **probe_kwargs: Passed to the estimator (for the linear classifier: ``alpha``,
+            ``penalty``, ``learning_rate``, ``eta0``, ``class_weight`` as a dict...), on
+            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier. The original
+            lm_probe's ``test_size``, ``threshold``, ``null_label`` and ``model_kwargs``
+            are accepted with a warning (:data:`ORIGINAL_ARGUMENTS`).
+    """
+
+    def __init__(
+        self,
+        site: str,
+        classes: Iterable[int] | Iterable[str] | None = None,
+        *,
+        label_names: Sequence[str] | None = None,
+        pool: str = "mean",
+        name: str | None = None,
+        standardize: bool = True,
+        head: str = "linear",
+        task: str = "classification",
+        hidden_size: int = 64,
+        control: bool = False,
+        solver: str = "sgd",
+        Cs: Iterable[float] | None = None,
+        cv: int | str | None = None,
+        patience: int | None = None,
+        warmup_steps: int | None = None,
+        max_steps: int | None = None,
+        **probe_kwargs: Any,
+    ) -> None:
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a string such as 'model.layers.3.output', got {site!r}")
+        label = name or site
+        if (task, head) not in _HEADS:
+            raise ValueError(f"probe {label!r}: head must be 'linear', 'softmax' (classification) or 'mlp', and "
+                             f"task 'classification' or 'regression', got head={head!r}, task={task!r}")
+        self.site, self.head, self.task = site, head, task
+        self.label_names = None if label_names is None else [str(n) for n in label_names]
+        self.classes = _class_labels(classes, self.label_names, label)
+        if task == "regression" and classes is not None:
+            raise ValueError(f"probe {label!r}: a regression probe has no classes")
+        if self.classes is not None and len(self.classes) < 2:
+            raise ValueError(f"probe {label!r}: classes={format_labels(self.classes, self.label_names)} needs at "
+                             "least two classes")
+        if control and task != "classification":
+            raise ValueError(f"probe {label!r}: control tasks are defined for classification probes")
+        self.pool = check_pool(pool)
+        self.name = label
+        self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
+        self._set_solver(solver, Cs, cv, probe_kwargs)
+        self._set_own(patience=patience, warmup_steps=warmup_steps, max_steps=max_steps)
+        self.probe_kwargs: dict[str, Any] = self._estimator_kwargs(_from_original(probe_kwargs))
+
+    def _set_solver(self, solver: str, Cs: Iterable[float] | None, cv: int | str | None,
+                    probe_kwargs: dict[str, Any]) -> None:
+        """Check and set ``solver``, ``Cs`` (its C grid) and ``cv`` (how it chooses C)."""
+        label, head, task = self.name, self.head, self.task
+        if solver not in SOLVERS:
+            raise ValueError(f"probe {label!r}: solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "lbfgs" and (head, task) != ("linear", "classification"):
+            raise ValueError(f"probe {label!r}: solver='lbfgs' fits linear classifiers; got head={head!r}, "
+                             f"task={task!r} (use solver='sgd')")
+        if Cs is not None and solver != "lbfgs":
+            raise ValueError(f"probe {label!r}: Cs is the C grid of solver='lbfgs'; the SGD head takes alpha")
+        self.solver = solver
+        self.Cs = None if solver != "lbfgs" else tuple(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
+        if self.Cs is not None and (not self.Cs or min(self.Cs) <= 0):
+            raise ValueError(f"probe {label!r}: Cs must be positive values of C, got {Cs!r}")
+        if cv is not None and solver != "lbfgs":
+            raise ValueError(f"probe {label!r}: cv is how solver='lbfgs' chooses C; the SGD head stops early on "
+                             "the validation split instead (remove cv, or add solver='lbfgs')")
+        if cv is not None and cv != "validation" and (not isinstance(cv, (int, np.integer)) or cv < 2):
+            raise ValueError(f"probe {label!r}: cv is the number of cross-validation folds of solver='lbfgs' "
+                             f"(at least 2), or 'validation' to choose C on the validation split; got {cv!r}")
+        self.cv = None if solver != "lbfgs" else cv if cv == "validation" else int(cv or 5)
+        if solver == "lbfgs" and "C" in probe_kwargs:
+            raise ValueError(f"probe {label!r}: solver='lbfgs' chooses C from Cs; give Cs=[{probe_kwargs['C']}] "
+                             "to fix it")
+
+    def _set_own(self, **own: int | None) -> None:
+        """Check and set this probe's own :data:`PER_PROBE` settings (``None``: fit_probes')."""
+        for key, least in (("patience", 1), ("warmup_steps", 0), ("max_steps", 1)):
+            value = own[key]
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < least):
+                raise ValueError(f"probe {self.name!r}: {key} must be an integer of at least {least} (or None: "
+                                 f"fit_probes' value), got {value!r}")
+            setattr(self, key, None if value is None else int(value))
+
+    def _estimator_kwargs(self, probe_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The estimator's arguments: lm_probe's defaults for it, then ``probe_kwargs``, checked."""
+        estimator = self.estimator
+        unknown = sorted(set(probe_kwargs) - _PARAMS[estimator])
+        if unknown:
+            raise TypeError(
+                f"probe {self.name!r}: unknown {estimator.__name__} arguments {unknown}; "
+                f"valid ones are {sorted(_PARAMS[estimator] - {'loss'})}"
+            )
+        if estimator is SGDClassifier and probe_kwargs.get("loss", "log_loss") != "log_loss":
+            raise ValueError(f"probe {self.name!r}: only loss='log_loss' gives probabilities; remove 'loss'")
+        if probe_kwargs.get("class_weight") == "balanced":
+            raise ValueError(
+                f"probe {self.name!r}: class_weight='balanced' cannot be used with partial_fit; "
+                "pass a dict such as {0: 1.0, 1: 3.0}"
+            )
+        defaults = dict(_DEFAULTS[estimator]) if self.solver == "sgd" else dict(_LBFGS_DEFAULTS)
+        if self.head == "mlp":
+            defaults["hidden_layer_sizes"] = (self.hidden_size,)
+        return {**defaults, **probe_kwargs}
+
+    @property
+    def estimator(self) -> type:
+        """The scikit-learn estimator class of this probe."""
+        return LogisticRegression if getattr(self, "solver", "sgd") == "lbfgs" else _HEADS[(self.task, self.head)]
+
+    def build_estimator(self, random_state: int | None, n_rows: int | None = None) -> tuple[Any, bool | int]:
+        """A fresh estimator for this probe, and the ``average`` the probe keeps itself.
+
+        An SGD linear head's ``average`` is taken out of the estimator's arguments (the
+        probe averages the iterates: see :data:`DEFAULT_PROBE_KWARGS`); ``alpha="auto"`` is
+        resolved for ``n_rows`` training rows (:func:`default_alpha`).
+        """
+        kwargs = dict(self.probe_kwargs)
+        sgd_linear = self.head in _SGD_LINEAR and self.solver != "lbfgs"
+        average = kwargs.pop("average", False) if sgd_linear else False
+        if sgd_linear:
+            kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS
+        if kwargs.get("alpha") == "auto":
+            kwargs["alpha"] = default_alpha(n_rows)
+        return self.estimator(random_state=random_state, **kwargs), average
+
+    def training(self, **defaults: Any) -> dict[str, Any]:
+        """``fit_probes``' training settings, with this probe's own :data:`PER_PROBE`
+        values in place of the ones it sets (``config.training(patience=5, min_delta=1e-4)``)."""
+        own = {key: getattr(self, key, None) for key in PER_PROBE}  # None also in configs pickled before them
+        return {key: value if own.get(key) is None else own[key] for key, value in defaults.items()}
+
+    def __repr__(self) -> str:
+        own = {k: getattr(self, k, None) for k in PER_PROBE if getattr(self, k, None) is not None}
+        extra = "".join(f", {k}={v!r}" for k, v in {**own, **self.probe_kwargs}.items())
+        solver = "" if self.solver == "sgd" else f", solver={self.solver!r}"
+        names = "" if getattr(self, "label_names", None) is None else f", label_names={self.label_names!r}"
+        return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
+                f"task={self.task!r}, name={self.name!r}{names}{solver}{extra})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProbeConfig) and vars(self) == vars(other)
