@@ -14,18 +14,9 @@ the later epochs replay the cached pooled rows to the probes alone
 (:mod:`lm_probe.core.replay`), so the model runs once per example. Probes stop themselves
 early; when a probe stops its site is no longer read and its rows are no longer
 replayed. Test activations are pooled the same way, one trace per batch for all probes,
-to fill :attr:`metrics`.
-
-Every consumer is met the same way (:mod:`lm_probe.core.consumer`): one
-:class:`~lm_probe.core.consumer.RunContext` per pass given to ``start``, batches to
-``update``, the pass's events to ``on_event`` (:class:`~lm_probe.core.clock.Clock`), and
-the rows of a :class:`~lm_probe.core.consumer.SubsetRequest` a consumer declares when it
-is due, pooled by the runner and handed in with ``observe``.
-
-The runner is the loop and what joins it: the checks before a fit
-(:mod:`lm_probe.probes.checks`), each probe's settings (:mod:`lm_probe.probes.fitting`),
-scoring (:mod:`lm_probe.probes.scoring`), the sources (:mod:`lm_probe.core.sources`) and
-saving (:mod:`lm_probe.probes.persist`) live in their own modules.
+to fill :attr:`metrics`. The runner is the loop and what joins it: every consumer is met
+through one protocol (:mod:`lm_probe.core.consumer`); the checks before a fit, each
+probe's settings, scoring and saving live in :mod:`lm_probe.probes`.
 """
 
 from __future__ import annotations
@@ -52,12 +43,11 @@ from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.checks import check_fit, check_names, check_solver_memory
 from .probes.config import ProbeConfig
-from .probes.control import ControlTask, is_control, probes_for
+from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
-from .probes.fitting import fit_settings
+from .probes.fitting import control_task, fit_settings
 from .probes.probe import Probe
 from .probes.scoring import metrics_table
-from .probes.training import Training
 
 __all__ = ["ProbeRunner"]
 
@@ -124,11 +114,8 @@ class ProbeRunner:
         return [*self.probes.values(), *self.consumers]
 
     def __getitem__(self, name: str) -> Probe:
-        """The probe named ``name`` (its site, unless its config names it).
-
-        Raises:
-            KeyError: no probe has that name (the message lists the names).
-        """
+        """The probe named ``name`` (its site, unless its config names it); a ``KeyError``
+        that lists the names if there is none."""
         if name not in self.probes:
             raise KeyError(f"no probe named {name!r}; probes are {list(self.probes)}")
         return self.probes[name]
@@ -142,7 +129,8 @@ class ProbeRunner:
                    min_delta: float = 1e-4, warmup_steps: int = 0, max_steps: int | None = None,
                    cache: Cache | None = Cache(), lr_decay: float | None = None,
                    decay_patience: int = 2) -> "ProbeRunner":
-        """Train every probe online, with early stopping, then score them on ``test``.
+        """Train every probe online, with early stopping, then score them on ``test``
+        (:attr:`metrics`); returns ``self``.
 
         The first epoch traces each training batch once for every consumer; epochs 2..n
         replay the pooled rows to the probes (:mod:`lm_probe.core.replay`), in a new seeded
@@ -151,17 +139,16 @@ class ProbeRunner:
         ``patience``, ``warmup_steps`` or ``max_steps`` replace the values given here.
 
         Args:
-            train: Training examples; a stratified ``val_size`` share is held out once
-                for early stopping.
+            train: Training examples; a stratified ``val_size`` share is held out once.
             test: Examples for :attr:`metrics` (``None`` leaves :attr:`metrics` ``None``).
             batch_size: Examples per forward pass (and per probe step).
             num_epochs: Passes of the probes over the training examples at most (replayed
                 epochs cost no forward; with ``cache=None`` every epoch traces again).
             val_size: Validation share (0 disables validation and early stopping).
             eval_every: Training steps between validation evaluations.
-            patience: Evaluations without an improvement of ``min_delta`` in validation
-                log-loss before a probe stops.
-            min_delta: Smallest improvement that counts.
+            patience: Evaluations without a ``min_delta`` (smallest improvement that counts)
+                improvement in validation log-loss before a probe stops.
+            min_delta: See ``patience``.
             warmup_steps: No early stop before this many steps.
             max_steps: Steps per probe at most.
             cache: The replay cache's memory budget and spill folder (rows x hidden x 4 bytes
@@ -171,9 +158,6 @@ class ProbeRunner:
                 validations in a row without improvement (so that the averaged SGD converges:
                 :class:`~lm_probe.probes.early_stopping.DecayOnPlateau`); ``None``: constant.
             decay_patience: Validations without improvement before each decay.
-
-        Returns:
-            ``self``, with :attr:`metrics` filled when ``test`` is given.
         """
         batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size,
                                num_epochs=num_epochs, eval_every=eval_every, cache=cache)
@@ -186,9 +170,12 @@ class ProbeRunner:
         budget = (cache or Cache()).memory_budget
         check_solver_memory(self.probes.values(), fit, self.model, budget)
         decay = DecayOnPlateau(lr_decay, decay_patience) if lr_decay else None
-        training = self._training(train, fit, val, batch_size, eval_every=eval_every, decay=decay,
-                                  max_row_bytes=budget, stopping=dict(patience=patience, min_delta=min_delta,
-                                                                      warmup_steps=warmup_steps, max_steps=max_steps))
+        self.control = control_task(self.probes, fit, self.seed)
+        val_acts = self.pooled(val, requests_of(self.probes.values()), batch_size, "validation") if val else {}
+        training = fit_settings(self.probes, train, fit, val, val_acts, self.control, eval_every=eval_every,
+                                decay=decay, max_row_bytes=budget, stopping=dict(
+                                    patience=patience, min_delta=min_delta, warmup_steps=warmup_steps,
+                                    max_steps=max_steps))
         trainers = trainers_of(self.probes, self.bank)
         self._start(trainers, replace(context, training=training))  # the same context, with the probes' settings
         self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
@@ -196,16 +183,6 @@ class ProbeRunner:
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
-
-    def _training(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
-                  **settings: Any) -> dict[str, Training]:
-        """Every probe's :class:`~lm_probe.probes.training.Training` for this fit
-        (:func:`~lm_probe.probes.fitting.fit_settings`), with the fit's control task and the
-        validation rows pooled once, for all probes."""
-        has_twin = any(is_control(name) for name in self.probes)
-        self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
-        val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
-        return fit_settings(self.probes, train, fit, val, val_acts, self.control, **settings)
 
     def _train(self, fit: ProbeDataset, trainers: list[Consumer], num_epochs: int, cache: Cache | None,
                **schedule: Any) -> None:
@@ -314,7 +291,7 @@ class ProbeRunner:
             (:func:`~lm_probe.core.sources.read_dataset`).
         """
         batch_size = check_batch_size(batch_size)
-        requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
+        requests = list(dict.fromkeys(requests if requests is not None else requests_of(self.probes.values())))
         self._resolve([spec for spec, _ in requests])
         return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
 
@@ -324,18 +301,14 @@ class ProbeRunner:
         """Each probe's pooled input features for a padded batch (as the original lm_probe's).
 
         Args:
-            input_ids: ``(n, tokens)`` ids.
-            attention_mask: ``(n, tokens)`` mask.
-            subset: Names of the probes to compute (default, or empty: all). A probe's name
-                is its site unless its config names it.
+            input_ids, attention_mask: ``(n, tokens)`` ids and their mask.
+            subset: Names of the probes to compute (default, or empty: all; a ``KeyError``
+                for a name that is no probe's). A probe's name is its site unless its
+                config names it.
             batch_size: Trace in chunks of this many rows (default: all at once).
 
         Returns:
-            ``{probe name: (n, hidden) float32 array}``, the rows ``runner[name].predict``
-            takes.
-
-        Raises:
-            KeyError: a name in ``subset`` is no probe's.
+            ``{probe name: (n, hidden) float32 array}``, the rows ``runner[name].predict`` takes.
         """
         probes = {name: self[name] for name in subset} if subset else self.probes
         batch_size = len(input_ids) if batch_size is None else batch_size  # pooled checks it
@@ -351,9 +324,9 @@ class ProbeRunner:
                    device: str | torch.device | None = None) -> "ProbeRunner":
         """A runner that reads pooled activations from a stored run instead of a model.
 
-        ``fit_probes`` / ``evaluate`` then work as with the live model (same seed, same
-        splits, same batches), on the datasets the run was collected from (or their
-        ``tt_split`` parts: rows are matched by ``example_ids``).
+        ``fit_probes`` / ``evaluate`` then work as with the live model (same seed, splits and
+        batches) on the datasets the run was collected from, or their ``tt_split`` parts (rows
+        are matched by ``example_ids``).
 
         Args:
             run: A :class:`~lm_probe.consumers.store.StoredRun` (``ActivationStore.open(path).run(name)``).
@@ -370,30 +343,19 @@ class ProbeRunner:
                     consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
                     device: str | torch.device | None = None) -> "ProbeRunner":
         """A runner that reads pooled activations from any :class:`~lm_probe.core.sources.Source`
-        (a :class:`~lm_probe.core.sources.ArraySource` of rows pooled once, say) instead of a
-        model; its sites are checked now. The arguments are as for :meth:`from_store`."""
-        runner = cls._without_model(configs, seed=seed, consumers=consumers, progress=progress, source=source,
-                                    backend=backend, device=device)
-        runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
-        return runner
-
-    @classmethod
-    def _without_model(cls, configs: Iterable[ProbeConfig], *, seed: int, consumers: Iterable[Consumer] = (),
-                       progress: bool = False, source: Source | None = None, backend: str = "sklearn",
-                       device: str | torch.device | None = None) -> "ProbeRunner":
-        """A runner with probes but no model (activations come from a store, or none are read)."""
+        instead of a model (an ``ArraySource`` of rows pooled once, say; ``NoSource``: none);
+        its sites are checked now. The arguments are as for :meth:`from_store`."""
         runner = cls.__new__(cls)
-        runner.source = source if source is not None else NoSource()
+        runner.source = source
         runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {})
+        runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Save the probes, their configurations and the metrics (JSON + npz, no pickle).
-
-        Raises:
-            FileExistsError: ``path`` is not empty and ``overwrite`` is False.
-        """
+        """Save the probes, their configurations and the metrics (JSON + npz, no pickle;
+        :mod:`lm_probe.probes.persist`); a ``FileExistsError`` if ``path`` is not empty and
+        ``overwrite`` is False."""
         from .probes.persist import save_probes
 
         return save_probes(self, path, overwrite=overwrite)
@@ -401,19 +363,14 @@ class ProbeRunner:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "ProbeRunner":
         """Load probes saved with :meth:`save`; give ``model`` to trace again, or use
-        ``runner[name].predict(features)`` without one.
-
-        Raises:
-            ValueError: a newer schema, or a model of another hidden size.
-        """
+        ``runner[name].predict(features)`` without one. A ``ValueError`` for a newer schema,
+        or a model of another hidden size."""
         from .probes.persist import SavedProbes
 
         saved = SavedProbes(path, model)
         if model is not None:
-            runner = cls(model, saved.configs, seed=saved.seed, progress=False)
-        else:
-            runner = cls._without_model(saved.configs, seed=saved.seed)
-        return saved.restore(runner)
+            return saved.restore(cls(model, saved.configs, seed=saved.seed, progress=False))
+        return saved.restore(cls.from_source(NoSource(), saved.configs, seed=saved.seed, progress=False))
 
     # ------------------------------------------------------------------ results
     def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
@@ -424,16 +381,15 @@ class ProbeRunner:
         ``score_error`` (with a warning), so one bad probe never costs the others' scores.
 
         Returns:
-            DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``,
-            ``recall``, ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``,
-            ``n_steps``, ``stopped_early``, ``stop_reason``, ``n_scored``,
-            ``n_nonfinite`` (rows of ``dataset`` left out), ``n_nonfinite_fit``
-            (training and validation rows left out), the solver that produced the
-            weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``: see
-            :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for
-            probes with a control twin.
+            DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``, ``recall``,
+            ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``, ``n_steps``,
+            ``stopped_early``, ``stop_reason``, ``n_scored``, ``n_nonfinite`` (rows of ``dataset``
+            left out), ``n_nonfinite_fit`` (training and validation rows left out), the solver
+            that produced the weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``:
+            :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for probes
+            with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
         """
-        acts = self.pooled(dataset, self._probe_requests(), batch_size, "test")  # pooled checks batch_size
+        acts = self.pooled(dataset, requests_of(self.probes.values()), batch_size, "test")  # checks batch_size
         return metrics_table(self.probes, acts, dataset, self.sites, self.control)
 
     def _resolve(self, specs: Iterable[str]) -> None:
@@ -441,6 +397,3 @@ class ProbeRunner:
         missing = [s for s in dict.fromkeys(specs) if s not in self.sites]
         if missing:
             self.sites.update(self.source.resolve(missing))
-
-    def _probe_requests(self) -> list[Request]:
-        return requests_of(self.probes.values())

@@ -22,7 +22,13 @@ from .probe import Probe
 from .scoring import scored_rows
 from .training import Training
 
-__all__ = ["fit_settings"]
+__all__ = ["fit_settings", "control_task"]
+
+
+def control_task(probes: Mapping[str, Probe], fit: ProbeDataset, seed: int) -> ControlTask | None:
+    """The fit's control task when a probe has a control twin (classification), else ``None``."""
+    has_twin = any(is_control(name) for name in probes)
+    return ControlTask.for_fit(fit, seed) if has_twin and not fit.is_regression else None
 
 
 def fit_settings(probes: Mapping[str, Probe], train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None,
