@@ -26,7 +26,7 @@ _EXPORTS = {
     "EarlyStopping": "probes.early_stopping",
     "Geometry": "consumers.geometry",
     "GeometryResults": "consumers.geometry",
-    "IGNORE": "core.dataset",
+    "IGNORE": "core.labels",
     "LinearProbe": "probes.probe",
     "LogitLens": "consumers.lens",
     "ModelNotFoundError": "core.model",
@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .consumers.store import ActivationStore
     from .core.architectures import Architecture, describe
     from .core.consumer import Consumer, NotComputedError, PooledBatch
-    from .core.dataset import IGNORE, ProbeDataset
+    from .core.dataset import ProbeDataset
+    from .core.labels import IGNORE
     from .core.model import ModelNotFoundError, load_model
     from .core.replay import Cache
     from .core.sites import Site, SiteError

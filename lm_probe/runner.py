@@ -32,9 +32,10 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from .core.batching import check_batch_size
 from .core.clock import Clock
 from .core.consumer import Consumer, PooledBatch, Request, RunContext, requests_of, start_consumer
-from .core.dataset import ProbeDataset, check_batch_size
+from .core.dataset import ProbeDataset
 from .core.model import ensure_dispatched, tokenizer_padding
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site

@@ -18,7 +18,7 @@ from transformers.pipelines.base import PipelineException
 
 from lm_probe import ProbeConfig, ProbeRunner, load_model
 from lm_probe.core.architectures import KINDS, Architecture, describe, sites
-from lm_probe.core.dataset import ensure_pad_token
+from lm_probe.core.model import ensure_pad_token
 from lm_probe.core.sites import resolve_sites
 from lm_probe.core.trace import model_inputs, read_pooled
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer

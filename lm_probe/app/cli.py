@@ -38,7 +38,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 def _batch_size(text: str) -> int:
     """``--batch-size``: refused by argparse (exit 2) before anything loads."""
-    from ..core.dataset import check_batch_size
+    from ..core.batching import check_batch_size
 
     try:
         return check_batch_size(int(text), "--batch-size")
@@ -79,7 +79,7 @@ def run_demo(
     import numpy as np
 
     from .. import ProbeConfig, ProbeDataset, ProbeRunner, load_model
-    from ..core.dataset import check_batch_size
+    from ..core.batching import check_batch_size
 
     batch_size = check_batch_size(batch_size)
     from ..core.embedded import rotten_tomatoes

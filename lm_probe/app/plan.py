@@ -30,7 +30,8 @@ import numpy as np
 
 from ..consumers.gauge import DiffusionGauge
 from ..consumers.geometry import Geometry
-from ..core.dataset import ProbeDataset, format_labels
+from ..core.dataset import ProbeDataset
+from ..core.labels import format_labels
 from ..core.replay import Cache
 from ..core.trigger import Trigger
 from ..probes.config import ProbeConfig

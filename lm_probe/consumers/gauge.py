@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 from loguru import logger
 
+from ..core.batching import check_batch_size
 from ..core.consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
-from ..core.dataset import ProbeDataset, check_batch_size
+from ..core.dataset import ProbeDataset
 from ..core.model import ensure_dispatched
 from ..core.pooling import check_pool
 from ..core.sites import Site

@@ -1,159 +1,25 @@
 """ProbeDataset: labeled token sequences, split and batched for the runner.
 
-Examples are stored unpadded (one id array each) and padded per batch to that batch's
-longest example, on the tokenizer's padding side, so no batch carries more padding
-than it needs. Every check a dataset can make about itself (lengths, empty input,
-labels, truncation) happens here, when it is built, before any model runs.
+Examples are stored unpadded and padded per batch to that batch's longest example, on
+the tokenizer's side (:mod:`~lm_probe.core.batching`), so no batch carries more padding
+than it needs. Every check a dataset can make about itself (lengths, empty input, labels
+(:mod:`~lm_probe.core.labels`), truncation) happens when it is built, before any model runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from loguru import logger
 
-__all__ = ["ProbeDataset", "Batch", "ensure_pad_token", "check_batch_size", "encode_labels", "format_labels",
-           "IGNORE", "labeled"]
+from .batching import Batch, batch_order, check_batch_size, pad, unpad
+from .labels import IGNORE, encode_labels, format_labels
+from .model import ensure_pad_token
+from .tagging import tag_tokens
 
-#: Label of positions that no probe trains or is scored on (padding, continuation
-#: subwords, special tokens), as in Hugging Face token classification.
-IGNORE = -100
-
-
-def labeled(y: np.ndarray) -> np.ndarray:
-    """``(rows,)`` bool: the entries of ``y`` that carry a label (not :data:`IGNORE`; for
-    float regression targets, the finite ones)."""
-    y = np.asarray(y)
-    if np.issubdtype(y.dtype, np.floating):
-        return np.isfinite(y)
-    return y != IGNORE
-
-
-@dataclass
-class Batch:
-    """One padded batch.
-
-    Attributes:
-        input_ids: ``(batch, tokens)`` int64.
-        attention_mask: ``(batch, tokens)`` int64, 1 for real tokens.
-        labels: ``(batch,)`` labels (int64, or float64 regression targets).
-        index: ``(batch,)`` positions in the dataset.
-        token_labels: Token tasks: the labels of every real token, example by example,
-            left to right (the row order of ``pool="none"``), ``IGNORE`` where unlabeled.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: np.ndarray
-    index: np.ndarray
-    token_labels: np.ndarray | None = None
-
-
-def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
-    """Check a number of examples per batch before any batch is made.
-
-    Every public function that takes a batch size calls this first, so ``0``, a negative
-    number or a float fails with one message that names the argument, instead of a
-    ``ZeroDivisionError`` from deep inside a pass.
-
-    Args:
-        batch_size: The value given.
-        name: The argument's name, for the message (``"--batch-size"`` on the command line).
-
-    Returns:
-        ``batch_size`` as an int.
-
-    Raises:
-        ValueError: ``batch_size`` is not a whole number of at least 1.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"{name} must be a whole number of examples per batch, at least 1; got {batch_size!r}")
-    return int(batch_size)
-
-
-def encode_labels(labels: Any, label_names: Sequence[str] | None = None,
-                  what: str = "labels") -> tuple[np.ndarray, list[str] | None]:
-    """Class names to integer labels, through a given mapping or in sorted order.
-
-    Integer (or float) labels pass through unchanged; ``label_names`` then only names them
-    (``label_names[i]`` names label ``i``), and each label must have a name. String labels
-    are mapped through ``label_names`` when it is given, else in sorted order (logged).
-
-    Args:
-        labels: One label per example: integers, floats (regression targets) or strings.
-        label_names: The name of each integer label, in order.
-        what: What the labels are, for messages.
-
-    Returns:
-        ``(labels, label_names)``: an int64 (or float64) array and the names (``None``
-        when there are none).
-
-    Raises:
-        ValueError: a mix of names and numbers, a name missing from ``label_names``, an
-            integer label without a name, or names given for regression targets.
-    """
-    values = list(labels) if not isinstance(labels, np.ndarray) else labels.tolist()
-    names = None if label_names is None else [str(n) for n in label_names]
-    if names is not None and len(set(names)) != len(names):
-        raise ValueError(f"label_names {names} lists a name twice; give each class one name")
-    strings = [isinstance(v, str) for v in values]
-    if any(strings) and not all(strings):
-        row = strings.index(False) if strings[0] else strings.index(True)
-        raise ValueError(f"{what} mix class names and numbers (index {row} is {values[row]!r}); use one or the other")
-    if values and all(strings):
-        if names is None:
-            names = sorted(set(values))
-            logger.info("{} are class names; mapped in sorted order: {}", what, dict(zip(names, range(len(names)))))
-        code = {n: k for k, n in enumerate(names)}
-        unknown = sorted(set(values) - set(code))
-        if unknown:
-            raise ValueError(f"{what} {unknown} are not among label_names {names}; add them to label_names")
-        return np.asarray([code[v] for v in values], np.int64), names
-    array = np.asarray(labels)
-    if names is not None:
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"label_names names integer class labels, but the {what} are {array.dtype} values")
-        outside = sorted(set(array.tolist()) - set(range(len(names))))
-        if outside:
-            raise ValueError(f"{what} {outside} have no name in label_names {names} (label i is named by "
-                             f"label_names[i], i = 0..{len(names) - 1})")
-    return array, names
-
-
-def format_labels(labels: Any, names: Sequence[str] | None = None) -> str:
-    """Labels for a message, each with its name when names are known: ``"[0 (neg), 1 (pos)]"``."""
-    def one(label: Any) -> str:
-        k = int(label)
-        return f"{k} ({names[k]})" if names is not None and 0 <= k < len(names) else str(k)
-
-    return "[" + ", ".join(one(v) for v in labels) + "]"
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Give a tokenizer without a pad token one (its EOS, else UNK token) and say so.
-
-    Raises:
-        ValueError: the tokenizer has no pad, EOS or UNK token to reuse.
-    """
-    if tokenizer.pad_token is not None:
-        return
-    for candidate in ("eos_token", "unk_token"):
-        token = getattr(tokenizer, candidate, None)
-        if token is not None:
-            tokenizer.pad_token = token
-            logger.warning(
-                "the tokenizer had no pad token; using its {} {!r} for padding "
-                "(padding is masked out, so this does not change any activation)",
-                candidate.replace("_token", ""), token,
-            )
-            return
-    raise ValueError(
-        "the tokenizer has no pad token and no EOS/UNK token to reuse; "
-        "set one first, e.g. tokenizer.pad_token = tokenizer.eos_token"
-    )
+__all__ = ["ProbeDataset"]
 
 
 class ProbeDataset:
@@ -203,7 +69,7 @@ class ProbeDataset:
     ) -> None:
         width = None
         if tensor_labels is not None:  # the original lm_probe's (input_ids, attention_mask, labels)
-            ids, found_pad, found_side = _unpad(ids, labels, len(tensor_labels))
+            ids, found_pad, found_side = unpad(ids, labels, len(tensor_labels))
             width, labels = np.shape(labels)[1], tensor_labels
             pad_token_id = found_pad if pad_token_id is None else pad_token_id
             padding_side = found_side if padding_side is None else padding_side
@@ -212,35 +78,7 @@ class ProbeDataset:
                              "third, ProbeDataset(input_ids, attention_mask, labels)")
         pad_token_id = 0 if pad_token_id is None else pad_token_id
         padding_side = "right" if padding_side is None else padding_side
-        if len(ids) == 0:
-            raise ValueError("the dataset is empty: give at least one example")
-        if labels is None:
-            if token_labels is None:
-                raise ValueError("give labels (one per example) or token_labels (one per token)")
-            labels = np.full(len(ids), IGNORE, dtype=np.int64)
-        labels = np.asarray(labels)
-        if len(ids) != len(labels):
-            raise ValueError(f"got {len(ids)} examples but {len(labels)} labels; they must match")
-        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
-            raise ValueError(
-                f"labels must be a flat sequence of integers (classes) or floats (regression targets), got "
-                f"dtype {labels.dtype} and shape {labels.shape}; map class names to integers first"
-            )
-        if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():
-            bad = np.flatnonzero(~np.isfinite(labels))
-            raise ValueError(f"{len(bad)} regression targets are NaN or infinite (first at index {bad[0]}); "
-                             "drop those examples or fill them")
-        if texts is not None and len(texts) != len(ids):
-            raise ValueError(f"got {len(texts)} texts for {len(ids)} examples")
-        empty = [i for i, row in enumerate(ids) if len(row) == 0]
-        if empty:
-            raise ValueError(f"{len(empty)} examples have no tokens (first at index {empty[0]})")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if token_labels is not None:
-            bad = [i for i, (row, tl) in enumerate(zip(ids, token_labels)) if len(row) != len(tl)]
-            if len(token_labels) != len(ids) or bad:
-                raise ValueError(f"token_labels must give one label per token of each example (example {bad[:1]})")
+        labels = _checked(ids, labels, texts, token_labels, padding_side)
         self.ids = [np.asarray(row, dtype=np.int64) for row in ids]
         self.labels = labels if np.issubdtype(labels.dtype, np.floating) else labels.astype(np.int64)
         self.pad_token_id = int(pad_token_id)
@@ -357,9 +195,10 @@ class ProbeDataset:
         Each sentence's words are joined with single spaces and tokenized once; each
         token is aligned to the word whose characters it covers, through the fast
         tokenizer's offsets (so leading-space markers such as GPT-2's ``Ġ`` stay on
-        their tokens). A word's tag goes to its first token (or to all of its tokens
-        with ``label_first_subword_only=False``); every other position (special tokens,
-        continuation subwords, padding) is ``IGNORE`` and is never trained or scored.
+        their tokens; :mod:`lm_probe.core.tagging`). A word's tag goes to its first token
+        (or to all of its tokens with ``label_first_subword_only=False``); every other
+        position (special tokens, continuation subwords, padding) is ``IGNORE`` and is
+        never trained or scored.
 
         Args:
             words_per_sentence: Words of each sentence.
@@ -379,45 +218,12 @@ class ProbeDataset:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("from_tagged needs a fast tokenizer (offsets): load it with use_fast=True")
         ensure_pad_token(tokenizer)
-        flat = sorted({t for tags in tags_per_sentence for t in tags}, key=str)
-        as_ints = all(isinstance(t, (int, np.integer)) for t in flat)
-        names = None if as_ints else [str(t) for t in flat]
-        code = {t: (int(t) if as_ints else k) for k, t in enumerate(flat)}
-        ids, token_labels, token_words, cut, cut_sentences = [], [], [], 0, 0
-        for words, tags in zip(words_per_sentence, tags_per_sentence):
-            text, spans, pos = "", [], 0
-            for w in words:
-                if text:
-                    text += " "
-                spans.append((len(text), len(text) + len(w)))
-                text += w
-            enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
-            row, offsets = enc["input_ids"], enc["offset_mapping"]
-            labels = np.full(len(row), IGNORE, dtype=np.int64)
-            owner: list[str | None] = [None] * len(row)
-            seen: set[int] = set()
-            for t, (a, b) in enumerate(offsets):
-                if b <= a:
-                    continue  # special tokens have empty spans
-                w = next((k for k, (s0, s1) in enumerate(spans) if a < s1 and b > s0), None)
-                if w is None:
-                    continue  # a token of the separating space alone
-                owner[t] = words[w]
-                if w not in seen or not label_first_subword_only:
-                    labels[t] = code[tags[w]]
-                seen.add(w)
-            if len(row) > max_length:
-                lost = int(np.sum(labels[max_length:] != IGNORE))
-                cut += lost
-                cut_sentences += lost > 0
-            ids.append(np.asarray(row[:max_length], np.int64))
-            token_labels.append(labels[:max_length])
-            token_words.append(owner[:max_length])
-        if cut:
-            logger.warning("{} word labels in {} sentences fell beyond max_length={} tokens and were cut; "
-                           "raise max_length to keep them", cut, cut_sentences, max_length)
-        return cls(ids, None, pad_token_id=tokenizer.pad_token_id, padding_side=getattr(tokenizer, "padding_side", "right"),
-                   token_labels=token_labels, token_words=token_words, label_names=names)
+        ids, token_labels, token_words, names = tag_tokens(words_per_sentence, tags_per_sentence, tokenizer,
+                                                           label_first_subword_only=label_first_subword_only,
+                                                           max_length=max_length)
+        return cls(ids, None, pad_token_id=tokenizer.pad_token_id,
+                   padding_side=getattr(tokenizer, "padding_side", "right"), token_labels=token_labels,
+                   token_words=token_words, label_names=names)
 
     @classmethod
     def from_tensors(
@@ -505,23 +311,19 @@ class ProbeDataset:
         """
         from sklearn.model_selection import train_test_split
 
-        if self.is_token_level or self.is_regression:  # split by example (sentence), never by token
-            try:
-                train, test = train_test_split(np.arange(len(self)), test_size=test_size, random_state=seed)
-            except ValueError as err:
-                raise ValueError(f"cannot split {len(self)} examples with test_size={test_size}: {err}") from None
-            return self.subset(np.sort(train)), self.subset(np.sort(test))
-        classes, counts = np.unique(self.labels, return_counts=True)
-        if counts.min() < 2:
-            rare = classes[counts < 2].tolist()
-            raise ValueError(
-                f"cannot make a stratified split: classes {format_labels(rare, self.label_names)} have a single "
-                "example; add examples or drop those classes"
-            )
+        stratify = None  # token tasks and regression: split by example (sentence), never by token
+        if not (self.is_token_level or self.is_regression):
+            classes, counts = np.unique(self.labels, return_counts=True)
+            if counts.min() < 2:
+                rare = classes[counts < 2].tolist()
+                raise ValueError(
+                    f"cannot make a stratified split: classes {format_labels(rare, self.label_names)} have a single "
+                    "example; add examples or drop those classes"
+                )
+            stratify = self.labels
         try:
-            train, test = train_test_split(
-                np.arange(len(self)), test_size=test_size, random_state=seed, stratify=self.labels
-            )
+            train, test = train_test_split(np.arange(len(self)), test_size=test_size, random_state=seed,
+                                           stratify=stratify)
         except ValueError as err:
             raise ValueError(f"cannot split {len(self)} examples with test_size={test_size}: {err}") from None
         return self.subset(np.sort(train)), self.subset(np.sort(test))
@@ -547,49 +349,49 @@ class ProbeDataset:
             bucket: Window size in batches for the bucketed shuffle.
         """
         batch_size = check_batch_size(batch_size)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         lengths = np.array([len(r) for r in self.ids])
-        if by_length and not shuffle:
-            order = np.argsort(lengths, kind="stable")
-        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        if by_length and shuffle:
-            window = batch_size * bucket
-            order = np.concatenate([w[np.argsort(lengths[w], kind="stable")]
-                                    for w in np.split(order, range(window, len(order), window))])
-            chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-        for index in chunks:
+        for index in batch_order(lengths, batch_size, shuffle=shuffle, seed=seed, by_length=by_length, bucket=bucket):
             yield self._pad(index)
 
     def _pad(self, index: np.ndarray, width: int | None = None) -> Batch:
-        rows = [self.ids[i] for i in index]
-        width = max([len(r) for r in rows] + [width or 0])
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for k, row in enumerate(rows):
-            span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
-            ids[k, span], mask[k, span] = row, 1
+        ids, mask = pad([self.ids[i] for i in index], self.pad_token_id, self.padding_side, width)
         tokens = None if self.token_labels is None else np.concatenate([self.token_labels[i] for i in index] or
                                                                         [np.zeros(0, np.int64)])
         return Batch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[index], index, tokens)
 
 
-def _unpad(input_ids: Any, attention_mask: Any, n_labels: int) -> tuple[list[np.ndarray], int | None, str | None]:
-    """Padded ``(n, tokens)`` ids and their mask -> the real tokens of each row, the pad id
-    (``None`` unless every padded position holds the same id) and the padding side
-    (``None`` unless every padded row is padded on the same side)."""
-    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-    if ids.ndim != 2 or ids.shape != mask.shape:
-        raise ValueError(f"input_ids has shape {ids.shape} but attention_mask has {mask.shape}; both must be "
-                         "(examples, tokens)")
-    if len(ids) != n_labels:
-        raise ValueError(f"got {len(ids)} rows of input_ids but {n_labels} labels")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (real tokens) only")
-    real = mask.astype(bool)
-    pads = np.unique(ids[~real])
-    padded = ~real.all(1)
-    left, right = padded & ~real[:, 0], padded & ~real[:, -1]
-    side = "left" if left.any() and not right.any() else "right" if right.any() and not left.any() else None
-    return [row[m] for row, m in zip(ids, real)], int(pads[0]) if len(pads) == 1 else None, side
+def _checked(ids: Sequence[Any], labels: Any, texts: Sequence[str] | None, token_labels: Sequence[Any] | None,
+             padding_side: str) -> np.ndarray:
+    """``labels`` as an array (``IGNORE`` for each example of a token task without them),
+    after every check a dataset makes of its examples: none empty, one label (a finite
+    integer or float) and text per example, one token label per token, a padding side."""
+    if len(ids) == 0:
+        raise ValueError("the dataset is empty: give at least one example")
+    if labels is None:
+        if token_labels is None:
+            raise ValueError("give labels (one per example) or token_labels (one per token)")
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+    labels = np.asarray(labels)
+    if len(ids) != len(labels):
+        raise ValueError(f"got {len(ids)} examples but {len(labels)} labels; they must match")
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise ValueError(
+            f"labels must be a flat sequence of integers (classes) or floats (regression targets), got "
+            f"dtype {labels.dtype} and shape {labels.shape}; map class names to integers first"
+        )
+    if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():
+        bad = np.flatnonzero(~np.isfinite(labels))
+        raise ValueError(f"{len(bad)} regression targets are NaN or infinite (first at index {bad[0]}); "
+                         "drop those examples or fill them")
+    if texts is not None and len(texts) != len(ids):
+        raise ValueError(f"got {len(texts)} texts for {len(ids)} examples")
+    empty = [i for i, row in enumerate(ids) if len(row) == 0]
+    if empty:
+        raise ValueError(f"{len(empty)} examples have no tokens (first at index {empty[0]})")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if token_labels is not None:
+        bad = [i for i, (row, tl) in enumerate(zip(ids, token_labels)) if len(row) != len(tl)]
+        if len(token_labels) != len(ids) or bad:
+            raise ValueError(f"token_labels must give one label per token of each example (example {bad[:1]})")
+    return labels

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from loguru import logger
 
-from .dataset import ensure_pad_token
 from .embedded import EMBEDDED_MODELS, embedded_model_path
 
-__all__ = ["load_model", "ensure_dispatched", "model_metadata", "tokenizer_padding", "ModelNotFoundError"]
+__all__ = ["load_model", "ensure_dispatched", "ensure_pad_token", "model_metadata", "tokenizer_padding",
+           "ModelNotFoundError"]
 
 #: Seconds the reachability check of the Hugging Face hub waits for an answer.
 HUB_CHECK_TIMEOUT = 5.0
@@ -142,6 +142,30 @@ def _hub_offline() -> str | None:
     except Exception as err:  # noqa: BLE001 (any transport failure means: no hub now)
         return f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({type(err).__name__}: {err})"
     return None
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one (its EOS, else UNK token) and say so.
+
+    Raises:
+        ValueError: the tokenizer has no pad, EOS or UNK token to reuse.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    for candidate in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, candidate, None)
+        if token is not None:
+            tokenizer.pad_token = token
+            logger.warning(
+                "the tokenizer had no pad token; using its {} {!r} for padding "
+                "(padding is masked out, so this does not change any activation)",
+                candidate.replace("_token", ""), token,
+            )
+            return
+    raise ValueError(
+        "the tokenizer has no pad token and no EOS/UNK token to reuse; "
+        "set one first, e.g. tokenizer.pad_token = tokenizer.eos_token"
+    )
 
 
 def ensure_dispatched(model: Any) -> Any:

@@ -30,8 +30,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from loguru import logger
 
+from .batching import Batch
 from .consumer import Consumer, NotComputedError, PooledBatch, Request
-from .dataset import Batch, ProbeDataset
+from .dataset import ProbeDataset
 from .sites import Site
 
 __all__ = ["Cache", "ReplayCache"]

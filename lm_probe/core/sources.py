@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .batching import Batch, check_batch_size
 from .consumer import HostArrays, Request
-from .dataset import Batch, ProbeDataset, check_batch_size
+from .dataset import ProbeDataset
 from .sites import Site, resolve_sites
 from .trace import read_pooled
 

@@ -42,7 +42,7 @@ from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
-from ..core.dataset import labeled
+from ..core.labels import labeled
 from ..functional.sgd import asgd_weight, logistic_sgd_step, masked_moments, ovr_targets
 from .probe import Probe
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from ..core.dataset import ProbeDataset, check_batch_size, format_labels
+from ..core.batching import check_batch_size
+
+from ..core.dataset import ProbeDataset
+
+from ..core.labels import format_labels
 from ..core.replay import Cache
 from .config import ProbeConfig
 from .probe import Probe

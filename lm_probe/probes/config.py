@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from ..core.dataset import format_labels
+from ..core.labels import format_labels
 from ..core.pooling import check_pool
 from .softmax import SoftmaxSGDClassifier
 

@@ -26,7 +26,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..core.dataset import IGNORE, ProbeDataset
+from ..core.dataset import ProbeDataset
+
+from ..core.labels import IGNORE
 from ..functional.hashing import hash_uniform
 from .config import ProbeConfig
 from .probe import Probe

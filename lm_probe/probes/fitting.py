@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..core.consumer import Request
-from ..core.dataset import ProbeDataset, labeled
+from ..core.dataset import ProbeDataset
+from ..core.labels import labeled
 from .control import ControlTask, is_control
 from .early_stopping import DecayOnPlateau, EarlyStopping
 from .probe import Probe

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
 from ..core.consumer import PooledBatch
-from ..core.dataset import format_labels
+from ..core.labels import format_labels
 
 __all__ = ["FitRows", "row_keys", "solve", "choose_C", "fit_logistic"]
 

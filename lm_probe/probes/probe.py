@@ -30,7 +30,7 @@ from loguru import logger
 from sklearn.exceptions import NotFittedError
 
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
-from ..core.dataset import labeled
+from ..core.labels import labeled
 from ..functional.metrics import classification_metrics, regression_metrics
 from ..functional.sgd import asgd_average
 from ..functional.stats import welford_update

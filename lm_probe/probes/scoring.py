@@ -18,7 +18,8 @@ import pandas as pd
 from loguru import logger
 
 from ..core.consumer import Request, finite_rows
-from ..core.dataset import ProbeDataset, format_labels, labeled
+from ..core.dataset import ProbeDataset
+from ..core.labels import format_labels, labeled
 from ..core.sites import Site
 from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .checks import class_names
