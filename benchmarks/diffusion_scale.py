@@ -9,7 +9,7 @@ the input exists; scikit-learn's compiled neighbour-search buffers are not trace
 the process peak resident set size, with its value right after the imports (torch,
 pulled in by the ``lm_probe`` package, is most of it) in parentheses.
 
-The kNN time is measured by wrapping ``lm_probe.functional.diffusion.knn_distances``; "kernel"
+The kNN time is measured by wrapping ``lm_probe.functional.kernel.knn_distances``; "kernel"
 is the rest of ``diffusion_kernel`` (bandwidths, weights, symmetrization). The
 neighbour search is scikit-learn's default: brute force for wide data, chunked and
 threaded over all cores. Usage:
@@ -32,10 +32,11 @@ import numpy as np
 def run_size(n: int, d: int, knn: int, n_eigs: int, seed: int = 0) -> dict[str, float]:
     """Run the sparse pipeline once on ``(n, d)`` Gaussian points; return seconds and MiB."""
     import lm_probe.functional.diffusion as diffusion  # imports the lm_probe package (torch, ...) too
+    import lm_probe.functional.kernel as kernel
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     X = np.random.default_rng(seed).normal(size=(n, d))
-    search = diffusion.knn_distances
+    search = kernel.knn_distances
     knn_seconds = []
 
     def timed_search(*args, **kwargs):
@@ -44,12 +45,12 @@ def run_size(n: int, d: int, knn: int, n_eigs: int, seed: int = 0) -> dict[str, 
         knn_seconds.append(time.perf_counter() - start)
         return out
 
-    diffusion.knn_distances = timed_search
+    kernel.knn_distances = timed_search
     tracemalloc.start()
     times = {}
     try:
         start = time.perf_counter()
-        K, sigma = diffusion.diffusion_kernel(X, knn=knn, sparse=True)
+        K, sigma = kernel.diffusion_kernel(X, knn=knn, sparse=True)
         times["kernel"] = time.perf_counter() - start - knn_seconds[0]
         times["knn"] = knn_seconds[0]
         start = time.perf_counter()
@@ -61,7 +62,7 @@ def run_size(n: int, d: int, knn: int, n_eigs: int, seed: int = 0) -> dict[str, 
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        diffusion.knn_distances = search
+        kernel.knn_distances = search
     maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
         "n": n, **times, "total": sum(times.values()), "nnz": operator.nnz,

@@ -25,7 +25,7 @@ _EXPORTS = {
     "DiffusionGauge": "consumers.gauge",
     "EarlyStopping": "probes.early_stopping",
     "Geometry": "consumers.geometry",
-    "GeometryResults": "consumers.geometry",
+    "GeometryResults": "consumers.geometry_results",
     "IGNORE": "core.labels",
     "LinearProbe": "probes.probe",
     "LogitLens": "consumers.lens",
@@ -48,7 +48,8 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .consumers.gauge import DiffusionGauge
-    from .consumers.geometry import Geometry, GeometryResults
+    from .consumers.geometry import Geometry
+    from .consumers.geometry_results import GeometryResults
     from .consumers.lens import LogitLens
     from .consumers.store import ActivationStore
     from .core.architectures import Architecture, describe

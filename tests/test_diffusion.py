@@ -11,9 +11,9 @@ from sklearn.decomposition import PCA
 
 import lm_probe.functional.diffusion as diffusion
 from lm_probe.functional.diffusion import (
-    DiffusionResult, diffuse, diffusion_eigenvalues, diffusion_kernel, diffusion_operator, knn_distances,
-    spectral_entropy,
+    DiffusionResult, diffuse, diffusion_eigenvalues, diffusion_operator, spectral_entropy,
 )
+from lm_probe.functional.kernel import diffusion_kernel, knn_distances
 
 
 def points(n=120, d=5, seed=0):

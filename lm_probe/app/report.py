@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..consumers.geometry import Geometry, GeometryResults
+from ..consumers.geometry import Geometry
+from ..consumers.geometry_results import GeometryResults
 
 __all__ = ["RunRecord", "load_run", "render_report", "write_report"]
 

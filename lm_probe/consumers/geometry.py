@@ -23,10 +23,8 @@ fed disjoint data merge into exactly the sample of one pass.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,39 +35,17 @@ from loguru import logger
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from ..core.model import model_metadata
 from ..core.pooling import check_pool
-from ..core.versions import __version__, check_schema_version
+from ..core.versions import __version__
 from ..functional.hashing import hash_uniform
 from ..functional.sketch import fd_eigh, fd_shrink
 from ..functional.spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows,
                                   sample_metrics, spectrum_metrics, subspace_novelty)
 from ..functional.stats import comoment_batch, comoment_merge
+from .geometry_results import SCHEMA_VERSION, GeometryResults, load_results, save_results
 
-__all__ = ["Geometry", "GeometryResults", "SCHEMA_VERSION"]
+__all__ = ["Geometry"]
 
-SCHEMA_VERSION = 1
 NORMALIZATIONS = ("raw", "token_l2", "token_rms", "feature_standardized")
-
-
-@dataclass
-class GeometryResults:
-    """What :meth:`Geometry.compute` returns and :meth:`Geometry.load` reads back.
-
-    Attributes:
-        metrics: One row per site: rows seen, spectrum and sample metrics, ``reason``
-            (why values are NaN, empty otherwise).
-        novelty: One row per consecutive pair of sites: ``linear_cka``,
-            ``layer_cosine_sim``, ``feature_subspace_novelty``.
-        eigenvalues: ``{site: descending float64 covariance eigenvalues}``.
-        normalization_ablation: Spectrum metrics of each site's sample under each
-            normalization (``raw``, ``token_l2``, ``token_rms``, ``feature_standardized``).
-        metadata: Run description (schema version, model, sites, counts, seeds, versions).
-    """
-
-    metrics: pd.DataFrame
-    novelty: pd.DataFrame
-    eigenvalues: dict[str, np.ndarray]
-    normalization_ablation: pd.DataFrame
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class Geometry(Consumer):
@@ -357,47 +333,17 @@ class Geometry(Consumer):
 
     @staticmethod
     def load(path: str | Path) -> GeometryResults:
-        """Read a bundle written by :meth:`save`.
+        """Read a bundle written by :meth:`save` (:func:`~lm_probe.consumers.geometry_results.load_results`).
 
         Raises:
             ValueError: the bundle's schema version is newer than this lm_probe reads.
         """
-        path = Path(path)
-        metadata = json.loads((path / "metadata.json").read_text())
-        check_schema_version(metadata, SCHEMA_VERSION, "geometry", path)
-        with np.load(path / "eigenvalues.npz") as npz:
-            eigen = {metadata["sites"][int(k[1:])]: npz[k] for k in npz.files}
-        return GeometryResults(
-            metrics=_with_reasons(pd.read_csv(path / "metrics.csv", index_col="site")),
-            novelty=_with_reasons(pd.read_csv(path / "novelty.csv")),
-            eigenvalues=eigen,
-            normalization_ablation=pd.read_csv(path / "normalization_ablation.csv"),
-            metadata=metadata,
-        )
+        return load_results(path)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_result"] = None
         return state
-
-
-def save_results(results: GeometryResults, path: str | Path) -> Path:
-    """Write a :class:`GeometryResults` bundle (see :meth:`Geometry.save`)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    results.metrics.to_csv(path / "metrics.csv")
-    results.novelty.to_csv(path / "novelty.csv", index=False)
-    results.normalization_ablation.to_csv(path / "normalization_ablation.csv", index=False)
-    sites = results.metadata["sites"]
-    np.savez(path / "eigenvalues.npz", **{f"s{sites.index(s)}": v for s, v in results.eigenvalues.items()})
-    (path / "metadata.json").write_text(json.dumps(results.metadata, indent=2, default=str))
-    return path
-
-
-def _with_reasons(frame: pd.DataFrame) -> pd.DataFrame:
-    """CSV reads an empty ``reason`` back as NaN; restore the empty strings."""
-    frame["reason"] = ["" if pd.isna(v) else str(v) for v in frame["reason"]]
-    return frame
 
 
 def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:

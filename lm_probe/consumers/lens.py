@@ -8,7 +8,7 @@ logit lens applies those same two modules to the residual stream after *earlier*
 blocks, showing which tokens each layer already points at.
 
 :class:`LogitLens` is a consumer. Both modules are found from the model's structure,
-not from names: the unembedding is ``get_output_embeddings()``; the block stack is the
+not from names (:mod:`lm_probe.core.architectures`): the unembedding is ``get_output_embeddings()``; the block stack is the
 ``ModuleList`` with ``config.num_hidden_layers`` entries; the final norm is the first
 norm-like child (``LayerNorm``, ``RMSNorm``, any ``*Norm`` class) registered after that
 list in the same parent (or, failing that, the parent's only norm-like child, as in
@@ -40,65 +40,19 @@ import pandas as pd
 import torch
 from loguru import logger
 
-from ..core.architectures import _find_blocks, _is_norm
+from ..core.architectures import find_blocks, find_final_norm, find_unembedding
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
 from ..core.sites import resolve_sites
 
-__all__ = ["LogitLens", "find_blocks", "find_final_norm", "find_unembedding", "lens_logits"]
+__all__ = ["LogitLens", "lens_logits"]
 
 POSITIONS = ("last", "first")
 
 
-# ---------------------------------------------------------------------- structure
+# ---------------------------------------------------------------------- readout
 def _text_config(module: torch.nn.Module) -> Any:
     config = getattr(module, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def find_blocks(module: torch.nn.Module) -> str:
-    """Path of the block stack, by the same structural rule as :mod:`lm_probe.core.architectures`.
-
-    Raises:
-        ValueError: the model has no ``ModuleList`` of blocks.
-    """
-    return _find_blocks(module, type(module).__name__)[0]
-
-
-def find_final_norm(module: torch.nn.Module, blocks: str) -> str:
-    """Path of the normalization applied right after the block stack ``blocks``.
-
-    The first norm-like child of the blocks' parent registered after them (HF models
-    register modules in the order they run); else the parent's only norm-like child.
-
-    Raises:
-        ValueError: no such norm, or several candidates and none after the blocks.
-    """
-    parent_path, _, name = blocks.rpartition(".")
-    children = list(module.get_submodule(parent_path).named_children())
-    after = [n for n, m in children[[n for n, _ in children].index(name) + 1:] if _is_norm(m)]
-    norms = after[:1] or [n for n, m in children if _is_norm(m)]
-    if len(norms) != 1:
-        where = parent_path or type(module).__name__
-        raise ValueError(
-            f"cannot tell the final norm after the blocks '{blocks}': the norm-like children of "
-            f"'{where}' are {norms}; its children are {[n for n, _ in children]}"
-        )
-    return f"{parent_path}.{norms[0]}" if parent_path else norms[0]
-
-
-def find_unembedding(module: torch.nn.Module) -> str:
-    """Path of the unembedding (``module.get_output_embeddings()``).
-
-    Raises:
-        ValueError: the model has no output embedding (no language-model head).
-    """
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(
-            f"{type(module).__name__} has no output embedding (get_output_embeddings() is None); "
-            "the logit lens needs a model with a language-model head, e.g. AutoModelForCausalLM"
-        )
-    return next(name for name, m in module.named_modules() if m is head)
 
 
 def lens_logits(hidden: torch.Tensor, norm: torch.nn.Module, head: torch.nn.Module) -> torch.Tensor:

@@ -61,7 +61,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["Architecture", "KINDS", "describe", "sites"]
+__all__ = ["Architecture", "KINDS", "describe", "sites", "find_blocks", "find_final_norm", "find_unembedding"]
 
 #: The roles :func:`sites` understands, in execution order within a block.
 KINDS = ("embed", "resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -202,6 +202,52 @@ def sites(model: Any, kind: str, layers: Layers = "all") -> list[str]:
     if kind == "embed":
         return [arch.site("embed")]
     return [arch.site(kind, i) for i in _layer_indices(layers, arch)]
+
+
+def find_blocks(module: torch.nn.Module) -> str:
+    """Path of the block stack, by the structural rule of :func:`describe`.
+
+    Raises:
+        ValueError: the model has no ``ModuleList`` of blocks.
+    """
+    return _find_blocks(module, type(module).__name__)[0]
+
+
+def find_final_norm(module: torch.nn.Module, blocks: str) -> str:
+    """Path of the normalization applied right after the block stack ``blocks``.
+
+    The first norm-like child of the blocks' parent registered after them (HF models
+    register modules in the order they run); else the parent's only norm-like child.
+
+    Raises:
+        ValueError: no such norm, or several candidates and none after the blocks.
+    """
+    parent_path, _, name = blocks.rpartition(".")
+    children = list(module.get_submodule(parent_path).named_children())
+    after = [n for n, m in children[[n for n, _ in children].index(name) + 1:] if _is_norm(m)]
+    norms = after[:1] or [n for n, m in children if _is_norm(m)]
+    if len(norms) != 1:
+        where = parent_path or type(module).__name__
+        raise ValueError(
+            f"cannot tell the final norm after the blocks '{blocks}': the norm-like children of "
+            f"'{where}' are {norms}; its children are {[n for n, _ in children]}"
+        )
+    return f"{parent_path}.{norms[0]}" if parent_path else norms[0]
+
+
+def find_unembedding(module: torch.nn.Module) -> str:
+    """Path of the unembedding (``module.get_output_embeddings()``).
+
+    Raises:
+        ValueError: the model has no output embedding (no language-model head).
+    """
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(
+            f"{type(module).__name__} has no output embedding (get_output_embeddings() is None); "
+            "the logit lens needs a model with a language-model head, e.g. AutoModelForCausalLM"
+        )
+    return next(name for name, m in module.named_modules() if m is head)
 
 
 # --------------------------------------------------------------------- helpers
