@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lm_probe.app.cli import _parser, main, run_demo
-from lm_probe.app.experiment import SCHEMA, ExperimentError
+from lm_probe.app.problems import ExperimentError
+from lm_probe.app.schema import SCHEMA
 
 from conftest import tiny_experiment_folder
 

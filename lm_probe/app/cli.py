@@ -156,7 +156,7 @@ def _debug_flag(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .experiment import schema_help
+    from .schema import schema_help
 
     parser = argparse.ArgumentParser(
         prog="lm-probe", description="Train many probes on a language model's activations from one forward "
@@ -259,7 +259,7 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
 def _one_line(err: BaseException) -> str:
     """The error's message on one line (its type name when it has no message); an experiment
     with several problems gets a line per problem."""
-    from .experiment import ExperimentError
+    from .problems import ExperimentError
 
     if isinstance(err, ExperimentError) and len(err.problems) > 1:  # its own layout, each problem on one line
         return str(ExperimentError([" ".join(p.split()) for p in err.problems], err.where))

@@ -28,7 +28,7 @@ and goes through three stages, each in one function:
 
 1. :func:`load_experiment` parses the file into frozen dataclasses. Every key of every
    table is checked: an unknown key is an error naming it, its table and the closest
-   valid key; values are type-checked against the schema (:data:`SCHEMA`).
+   valid key; values are type-checked against the schema (:data:`~lm_probe.app.schema.SCHEMA`).
 2. :func:`lm_probe.app.plan.plan_experiment` does everything that needs no forward pass:
    reads the data and checks its columns and labels (:mod:`lm_probe.app.tables`), loads the
    model (its weights, to check sites), expands site ranges and kinds, resolves every
@@ -45,302 +45,31 @@ then the output folder), so one run shows all there is to fix.
    the gauges), then writes ``metrics.csv``, each consumer's artifacts, ``run.json`` and
    ``report.html`` (:mod:`lm_probe.app.report`).
 
-This module holds the file format: the schema, its parsing and the brace ranges.
+This module holds the parsing of the file; its schema is :mod:`lm_probe.app.schema`, its
+brace ranges :mod:`lm_probe.app.braces`, its problems :mod:`lm_probe.app.problems`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import itertools
 import json
-import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from ..consumers.gauge import N_SAMPLES
 from ..probes.config import _HEADS, ProbeConfig
+from .problems import ExperimentError, Problems
+from .schema import REQUIRED, SECTIONS, SWEEPABLE, TOP_LEVEL, DataSection, Experiment, ProbesSection
 
-__all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
-           "parse_experiment", "expand_braces", "parse_layers", "schema_help"]
+__all__ = ["load_experiment", "parse_experiment"]
 
-REQUIRED = dataclasses.MISSING
-
-
-class ExperimentError(ValueError):
-    """An experiment file or its data that cannot run; the message says where and how to fix it.
-
-    Checking a file collects every problem it finds before it stops (see :class:`Problems`):
-    ``problems`` lists them, and the message has one line per problem when there are several.
-
-    Args:
-        problems: One message, or several.
-        where: The file they are about (prefixed to the message).
-    """
-
-    def __init__(self, problems: str | Sequence[str], where: str | Path | None = None) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        self.where = None if where is None else str(where)
-        head = f"{self.where}: " if self.where else ""
-        if len(self.problems) == 1:
-            message = head + self.problems[0]
-        else:
-            message = f"{head}{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(message)
-
-
-class Problems:
-    """The problems found so far by one check of an experiment, so that it reports them all.
-
-    Each independent check runs in ``with problems.collect():``; an :class:`ExperimentError`
-    raised there is recorded and the check after it runs anyway. Checks that need the result
-    of a failed one are skipped, so every problem reported is a real one.
-    """
-
-    def __init__(self) -> None:
-        self.found: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.found)
-
-    def add(self, *problems: str) -> None:
-        """Record problems (one found twice, by two seeds say, is recorded once)."""
-        self.found += [p for p in dict.fromkeys(problems) if p not in self.found]
-
-    @contextlib.contextmanager
-    def collect(self) -> Iterator[None]:
-        """Run a check; record the problems of an ExperimentError it raises instead of raising it."""
-        try:
-            yield
-        except ExperimentError as err:
-            self.add(*err.problems)
-
-    def raise_any(self, where: str | Path | None = None) -> None:
-        """Raise one ExperimentError listing every problem recorded, if there is any."""
-        if self.found:
-            raise ExperimentError(self.found, where)
-
-
-# ---------------------------------------------------------------------------- schema
-def _key(default: Any = REQUIRED, *, types: tuple, help: str, choices: Sequence | None = None,
-         items: type | None = None, minimum: float | None = None) -> Any:
-    """A schema entry: a dataclass field whose metadata says what the TOML value may be."""
-    return field(default=default, metadata={"types": types, "help": help, "choices": choices, "items": items,
-                                            "minimum": minimum})
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    """``[model]``: which model to probe."""
-
-    name: str = _key(types=(str,), help="embedded model name ('smollm2-135m'), a local folder (relative to the "
-                                         "file) or a Hugging Face hub id")
-    dtype: str | None = _key(None, types=(str,), choices=("float32", "float16", "bfloat16"),
-                             help="weight dtype (default: the checkpoint's)")
-    device: str | None = _key(None, types=(str,), help="device map for the weights, e.g. 'cpu' or 'cuda:0'")
-
-
-@dataclass(frozen=True)
-class DataSection:
-    """``[data]``: labeled texts, split into train and test."""
-
-    source: str | None = _key(None, types=(str,), choices=("rotten_tomatoes",),
-                              help="an embedded data set (give source or path)")
-    path: str | None = _key(None, types=(str,), help="a .csv or .jsonl file, or a folder written by "
-                                                     "datasets' save_to_disk (relative to the file)")
-    split: str | None = _key(None, types=(str,), help="the split to read from a saved DatasetDict")
-    text_column: str = _key("text", types=(str,), help="column with the texts")
-    label_column: str = _key("label", types=(str,), help="column with the labels (integers or class names; "
-                                                         "numbers for task = 'regression')")
-    n_examples: int = _key(0, types=(int,), minimum=0, help="a seeded random subset of this many rows (0: all)")
-    max_length: int = _key(128, types=(int,), minimum=1, help="tokens per text at most (longer texts are "
-                                                              "truncated and counted in a warning)")
-    test_size: float = _key(0.2, types=(float, int), help="test share (0-1) or number of test examples; "
-                                                          "stratified, seeded split")
-    batch_size: int = _key(16, types=(int,), minimum=1, help="examples per forward pass")
-
-
-@dataclass(frozen=True)
-class SitesSection:
-    """``[sites]``: where the probes read (geometry and gauges default to the same sites)."""
-
-    paths: tuple[str, ...] = _key((), types=(list, str), items=str,
-                                  help="site strings; braces expand: 'model.layers.{0..29}.output', "
-                                       "'{0..29..3}' (step), '{mlp,self_attn}' (words)")
-    kind: tuple[str, ...] = _key((), types=(list, str), items=str,
-                                 help="site kinds found from the model's structure: embed, resid_pre, "
-                                      "attn_out, mlp_out, resid_post (one or a list)")
-    layers: Any = _key("all", types=(str, int, list), items=int,
-                       help="layers of the kinds: 'all', an index, a list, or a range 'first..last' / "
-                            "'first..last..step' (inclusive; negative counts from the end)")
-
-
-@dataclass(frozen=True)
-class ProbesSection:
-    """``[probes]``: probe settings (lists are sweeps) and training settings."""
-
-    enabled: bool = _key(True, types=(bool,), help="train probes (false: geometry and gauges only)")
-    pool: Any = _key("mean", types=(str, list), items=str, choices=("mean", "last", "first", "max"),
-                     help="pooling of each example's tokens (sweepable; token-level probes, pool 'none', need "
-                          "word-tagged data: use the Python API)")
-    head: Any = _key("linear", types=(str, list), items=str, choices=("linear", "softmax", "mlp"),
-                     help="'linear' (SGD logistic regression, one-vs-rest for more than two classes), "
-                          "'softmax' (SGD multinomial logistic regression) or 'mlp' (sweepable)")
-    task: str = _key("classification", types=(str,), choices=("classification", "regression"),
-                     help="'classification' (integer or named labels) or 'regression' (numeric labels)")
-    control: Any = _key(False, types=(bool, list), items=bool,
-                        help="also train a control-task twin per probe: adds control_accuracy and "
-                             "selectivity (sweepable)")
-    standardize: Any = _key(True, types=(bool, list), items=bool,
-                            help="standardize features with running moments (sweepable)")
-    hidden_size: Any = _key(64, types=(int, list), minimum=1, items=int,
-                            help="hidden units of the mlp head (sweepable)")
-    solver: Any = _key("sgd", types=(str, list), items=str, choices=("sgd", "lbfgs"),
-                       help="'sgd' (online, batch by batch) or 'lbfgs' (linear classifiers: a full-batch "
-                            "logistic regression on the cached rows, C chosen by 5-fold cross-validation; sweepable)")
-    num_epochs: int = _key(3, types=(int,), minimum=1, help="passes over the training examples at most")
-    val_size: float = _key(0.1, types=(float, int), minimum=0, help="validation share for early stopping (0: none)")
-    eval_every: int = _key(10, types=(int,), minimum=1, help="training steps between validations")
-    patience: int = _key(5, types=(int,), minimum=1, help="validations without improvement before a probe stops")
-    lr_decay: float = _key(0.0, types=(float, int), minimum=0,
-                           help="multiply an SGD probe's step by this after decay_patience validations without "
-                                "improvement (0: constant steps)")
-    decay_patience: int = _key(2, types=(int,), minimum=1, help="validations without improvement before each decay")
-    min_delta: float = _key(1e-4, types=(float, int), minimum=0,
-                            help="smallest validation-loss improvement that counts")
-    warmup_steps: int = _key(0, types=(int,), minimum=0, help="no early stop before this many steps")
-    max_steps: int | None = _key(None, types=(int,), minimum=1, help="training steps per probe at most")
-    cache: bool = _key(True, types=(bool,), help="trace each training example once and replay its pooled rows to "
-                                                  "the probes in later epochs (false: trace every epoch)")
-    cache_budget_mib: int = _key(2048, types=(int,), minimum=0,
-                                 help="MiB of replayed rows held in memory; the rest spill to memory-mapped files")
-    cache_dir: str = _key("", types=(str,), help="folder for spilled rows ('': the system's temporary folder)")
-    save: bool = _key(True, types=(bool,), help="save the trained probes in probes/ (JSON + npz)")
-    backend: str = _key("sklearn", types=(str,), choices=("sklearn", "torch"),
-                        help="'sklearn' (each probe's own partial_fit) or 'torch' (all linear classifiers in one "
-                             "batched step on the model's device)")
-    estimator: tuple[tuple[str, tuple], ...] = field(default=(), metadata={"internal": True})
-
-
-@dataclass(frozen=True)
-class GeometrySection:
-    """``[geometry]``: covariance spectra and CKA on the same traces."""
-
-    enabled: bool = _key(True, types=(bool,), help="run the geometry consumer (the table's presence enables it)")
-    sites: tuple[str, ...] | None = _key(None, types=(list, str), items=str,
-                                         help="sites (default: those of [sites]); braces expand")
-    pool: str = _key("mean", types=(str,), choices=("mean", "last", "first", "max", "none"),
-                     help="'none': every real token is a row; else one pooled row per example")
-    sample_limit: int = _key(512, types=(int,), minimum=2,
-                             help="rows in the reservoir sample (sample metrics and the layer-by-layer CKA heatmap)")
-    novelty_k: int = _key(32, types=(int,), minimum=1, help="dimension of the subspaces compared by novelty")
-    sketch_rank: int | None = _key(None, types=(int,), minimum=1,
-                                   help="Frequent Directions sketch rank instead of the dense covariance (wide models)")
-
-
-@dataclass(frozen=True)
-class GaugesSection:
-    """``[gauges]``: diffusion-operator spectra of a fixed example subset, per site."""
-
-    enabled: bool = _key(True, types=(bool,), help="run the diffusion gauge (the table's presence enables it)")
-    sites: tuple[str, ...] | None = _key(None, types=(list, str), items=str,
-                                         help="sites (default: those of [sites]); braces expand")
-    pool: str = _key("mean", types=(str,), choices=("mean", "last", "first", "max"), help="pooling per example")
-    n_samples: int = _key(N_SAMPLES, types=(int,), minimum=2, help="examples in the seeded subset")
-    knn: int = _key(15, types=(int,), minimum=1, help="neighbours of the k-NN graph")
-    alpha: float = _key(0.0, types=(float, int), help="anisotropy (0: none, 1: Laplace-Beltrami)")
-    normalization: str = _key("markov", types=(str,), choices=("markov", "symmetric"),
-                              help="'markov' (random-walk) or 'symmetric' operator")
-    n_eigs: int = _key(32, types=(int,), minimum=1, help="top eigenvalues recorded")
-    bandwidth: Any = _key("adaptive", types=(str, float, int), help="'adaptive', 'median' or a positive number")
-    sparse: bool = _key(True, types=(bool,), help="sparse k-NN kernel")
-    self_loops: bool = _key(True, types=(bool,), help="keep the kernel's diagonal")
-    n_pca: int | None = _key(None, types=(int,), minimum=1, help="project on this many principal components first")
-    t: float = _key(1, types=(float, int), help="diffusion time of the entropy")
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """A parsed experiment file (see the module docstring and :data:`SCHEMA`).
-
-    Attributes:
-        seeds: One run per seed (``seed = 0`` or ``seeds = [0, 1, 2]``).
-        out: Output folder (absolute).
-        source: The file the experiment was read from, and ``text`` its content.
-        problems: What is wrong with the file, when it was read with ``strict=False``
-            (else always empty: a strict read raises instead).
-        invalid: The tables with a problem (``""``: the top level); a table that could not
-            be read at all is ``None``. Planning skips every check that needs one of them.
-    """
-
-    model: ModelSection
-    data: DataSection
-    sites: SitesSection
-    probes: ProbesSection
-    geometry: GeometrySection | None
-    gauges: GaugesSection | None
-    seeds: tuple[int, ...]
-    out: Path
-    name: str
-    base: Path
-    source: Path | None = None
-    text: str = ""
-    problems: tuple[str, ...] = ()
-    invalid: frozenset[str] = frozenset()
-
-
-_TOP = {
-    "name": ((str,), "title of the report (default: the file's name)"),
-    "seed": ((int,), "seed of the subset, splits, batch order, probes and consumers (default 0)"),
-    "seeds": ((list,), "several seeds: one run each in seed_<s>/, plus combined metrics and report"),
-    "out": ((str,), "output folder (default 'runs/<file name>'; relative to the file)"),
-}
-SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "sites": SitesSection,
-                             "probes": ProbesSection, "geometry": GeometrySection, "gauges": GaugesSection}
-#: Every table and its keys with their help text (drives parsing and ``lm-probe run --help``).
-SCHEMA: dict[str, dict[str, str]] = {
-    "": {k: h for k, (_, h) in _TOP.items()},
-    **{name: {f.name: f.metadata["help"] for f in fields(cls) if not f.metadata.get("internal")}
-       for name, cls in SECTIONS.items()},
-}
-#: The [probes] settings a list sweeps over (besides any estimator argument).
-SWEEPABLE = ("pool", "head", "control", "standardize", "hidden_size", "solver")
 _NOT_ESTIMATOR = {"random_state": "it is set from seed/seeds", "loss": "probes always use log-loss",
                   "hidden_layer_sizes": "use hidden_size", "classes": "classes come from the data's labels"}
 
 
-def schema_help() -> str:
-    """The experiment file's tables and keys, one line each (for ``lm-probe run --help``)."""
-    import textwrap
 
-    def entry(key: str, text: str) -> list[str]:
-        return textwrap.wrap(text, width=width, initial_indent=f"  {key:<14} ", subsequent_indent=" " * 17)
-
-    width, lines = 100, []
-    for table, keys in SCHEMA.items():
-        lines.append("top level:" if not table else f"[{table}]")
-        defaults = {f.name: f.default for f in fields(SECTIONS[table])} if table else {}
-        for key, text in keys.items():
-            default = defaults.get(key, REQUIRED)
-            choices = SECTIONS[table].__dataclass_fields__[key].metadata["choices"] if table else None
-            if choices and not all(repr(c) in text for c in choices):
-                text += f"; one of {', '.join(map(repr, choices))}"
-            if default is REQUIRED and table:
-                text += " (required)"
-            elif default not in (REQUIRED, None, ()):
-                text += f" (default {json.dumps(default)})"
-            lines += entry(key, text)
-        if table == "probes":
-            lines += entry("<other>", "any argument of the probe's scikit-learn estimator (SGDClassifier: alpha, "
-                           "penalty, l1_ratio, learning_rate, eta0, class_weight, ...; MLPClassifier for head = "
-                           "'mlp'); a list is a sweep, [[64, 32]] passes one list value")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- parsing
 def load_experiment(path: str | Path, *, out: str | Path | None = None,
                     seeds: Sequence[int] | None = None, strict: bool = True) -> Experiment:
     """Read and check an experiment file (no model or data is loaded).
@@ -394,7 +123,32 @@ def parse_experiment(text: str, *, base: str | Path = ".", name: str = "experime
         raise ExperimentError(f"not valid TOML: {err}") from None
     problems, invalid = Problems(), set()
     base = Path(base)
+    top, parsed, probes, found_seeds = _parse_tables(doc, seeds, problems, invalid)
+    if strict:
+        problems.raise_any()
+    geometry, gauges = parsed.get("geometry"), parsed.get("gauges")
+    default_out = f"runs/{name}"
+    return Experiment(
+        model=parsed.get("model"), data=parsed.get("data"), sites=parsed.get("sites"), probes=probes,
+        geometry=geometry if geometry is not None and geometry.enabled else None,
+        gauges=gauges if gauges is not None and gauges.enabled else None,
+        seeds=found_seeds or (),
+        out=Path(out).resolve() if out is not None else (base / top.get("out", default_out)).resolve(),
+        name=top.get("name", name), base=base, source=source, text=text,
+        problems=tuple(problems.found), invalid=frozenset(invalid),
+    )
 
+
+def _parse_tables(doc: dict, seeds: Sequence[int] | None, problems: Problems,
+                  invalid: set[str]) -> tuple[dict[str, Any], dict[str, Any], Any, tuple[int, ...] | None]:
+    """Every table and top-level key of a TOML document, checked; each problem is recorded
+    in ``problems`` and its table (``""``: the top level) in ``invalid``.
+
+    Returns:
+        ``(top, tables, probes, seeds)``: the top-level values that passed, the parsed
+        ``[model]``, ``[data]``, ``[sites]``, ``[geometry]`` and ``[gauges]`` tables (``None``
+        where a required key is missing), the ``[probes]`` section and the seeds.
+    """
     def check(table: str, parse: Any) -> Any:
         """Run one table's parse; a table with any problem is marked invalid."""
         before, value = len(problems), None
@@ -404,9 +158,9 @@ def parse_experiment(text: str, *, base: str | Path = ".", name: str = "experime
             invalid.add(table)
         return value
 
-    check("", lambda: _reject_unknown(doc, [*_TOP, *SECTIONS], "the top level", "table or key"))
+    check("", lambda: _reject_unknown(doc, [*TOP_LEVEL, *SECTIONS], "the top level", "table or key"))
     top = {key: check("", lambda key=key, types=types: _check_value(doc[key], types, "the top level", key))
-           for key, (types, _) in _TOP.items() if key in doc}
+           for key, (types, _) in TOP_LEVEL.items() if key in doc}
     top = {key: value for key, value in top.items() if value is not None}  # the values that passed
     missing = [table for table in ("model", "data", "sites") if table not in doc]
     if missing:
@@ -421,19 +175,7 @@ def parse_experiment(text: str, *, base: str | Path = ".", name: str = "experime
     if parsed.get("sites") is not None and not parsed["sites"].paths and not parsed["sites"].kind:
         check("sites", lambda: _fail("[sites] names no site: give paths = [...] or kind = 'resid_post'"))
     found_seeds = check("", lambda: _seeds(top) if seeds is None else _unique_seeds(list(seeds), "--seed"))
-    if strict:
-        problems.raise_any()
-    geometry, gauges = parsed.get("geometry"), parsed.get("gauges")
-    default_out = f"runs/{name}"
-    return Experiment(
-        model=parsed.get("model"), data=parsed.get("data"), sites=parsed.get("sites"), probes=probes,
-        geometry=geometry if geometry is not None and geometry.enabled else None,
-        gauges=gauges if gauges is not None and gauges.enabled else None,
-        seeds=found_seeds or (),
-        out=Path(out).resolve() if out is not None else (base / top.get("out", default_out)).resolve(),
-        name=top.get("name", name), base=base, source=source, text=text,
-        problems=tuple(problems.found), invalid=frozenset(invalid),
-    )
+    return top, parsed, probes, found_seeds
 
 
 def _fail(message: str) -> None:
@@ -575,69 +317,3 @@ def _unique_seeds(seeds: list, where: str) -> tuple[int, ...]:
 def _as_tuple(value: Any) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
-
-# ---------------------------------------------------------------------------- ranges
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?:\.\.\s*(\d+)\s*)?$")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{first..last}``, ``{first..last..step}`` (inclusive) and ``{a,b,c}`` in a string.
-
-    Several braces give their cartesian product, left to right::
-
-        expand_braces("model.layers.{0..2}.output")   # ['model.layers.0.output', ..., 'model.layers.2.output']
-        expand_braces("h.{0..4..2}.{attn,mlp}.output") # 6 strings
-
-    Raises:
-        ExperimentError: an unbalanced brace, an empty or descending range, a zero step,
-            or braces holding neither a range nor a comma list.
-    """
-    if pattern.count("{") != pattern.count("}") or _BRACE.sub("", pattern).count("{"):
-        raise ExperimentError(f"unbalanced braces in {pattern!r}")
-    parts = _BRACE.split(pattern)  # text, brace, text, brace, ..., text
-    choices = [[p] if k % 2 == 0 else _brace_items(p, pattern) for k, p in enumerate(parts)]
-    return ["".join(combo) for combo in itertools.product(*choices)]
-
-
-def _brace_items(inner: str, pattern: str) -> list[str]:
-    match = _RANGE.match(inner)
-    if match:
-        return [str(i) for i in _int_range(match, f"{{{inner}}} in {pattern!r}")]
-    items = [s.strip() for s in inner.split(",")]
-    if len(items) < 2 or not all(items):
-        raise ExperimentError(f"cannot expand {{{inner}}} in {pattern!r}: write {{first..last}}, "
-                              "{first..last..step} or {a,b,c}")
-    return items
-
-
-def _int_range(match: re.Match, where: str) -> list[int]:
-    first, last = int(match.group(1)), int(match.group(2))
-    step = int(match.group(3)) if match.group(3) is not None else 1
-    if step < 1:
-        raise ExperimentError(f"{where}: the step must be at least 1")
-    if first > last:
-        raise ExperimentError(f"{where} is empty: first ({first}) is after last ({last}); ranges are inclusive "
-                              "and go up")
-    return list(range(first, last + 1, step))
-
-
-def parse_layers(value: Any) -> str | list[int]:
-    """``[sites] layers``: ``"all"``, an int, a list of ints, or ``"first..last[..step]"`` (inclusive).
-
-    Raises:
-        ExperimentError: any other string or an empty/descending range.
-    """
-    if value == "all":
-        return "all"
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ExperimentError("[sites] layers = [] selects no layer")
-        return list(value)
-    match = _RANGE.match(value.strip("{}")) if isinstance(value, str) else None
-    if not match:
-        raise ExperimentError(f"[sites] layers = {value!r}: use 'all', an index, a list such as [0, 5], or a range "
-                              "'0..29' / '0..29..3'")
-    return _int_range(match, f"[sites] layers = {value!r}")

@@ -36,8 +36,8 @@ from loguru import logger
 
 from ..core.model import model_metadata
 from ..core.versions import __version__
-from .experiment import SECTIONS
 from .plan import RUN_FILES, Plan, SeedRun, replay_cache
+from .schema import SECTIONS
 from .tables import class_counts
 
 __all__ = ["run_plan", "cka_matrix", "resolved_config", "remove_run"]

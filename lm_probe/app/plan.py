@@ -1,6 +1,6 @@
 """Planning an experiment: everything that can be checked without a forward pass.
 
-:func:`plan_experiment` turns a parsed :class:`~lm_probe.app.experiment.Experiment` into a
+:func:`plan_experiment` turns a parsed :class:`~lm_probe.app.schema.Experiment` into a
 :class:`Plan`: it loads the model (its weights, to check sites against its modules), reads
 the data (:func:`lm_probe.app.tables.read_table`), expands site ranges and kinds and resolves
 each site, expands the probe sweep, and builds each seed's subset, splits,
@@ -8,20 +8,16 @@ each site, expands the probe sweep, and builds each seed's subset, splits,
 batch) and consumers. Every option is tried here: scikit-learn arguments are validated,
 the gauge's operator options are run on random points of the model's width, and the
 output folder is checked, last. Every problem found is reported together, in one
-:class:`~lm_probe.app.experiment.ExperimentError`; rows are tokenized only where a seed uses
+:class:`~lm_probe.app.problems.ExperimentError`; rows are tokenized only where a seed uses
 them. ``lm-probe run --dry-run`` prints :meth:`Plan.describe` and stops;
 :func:`lm_probe.app.outputs.run_plan` runs the plan.
 
-A sweep is the cartesian product of the list-valued settings of ``[probes]`` (in file
-order), for every site. A probe is named after its site and its swept settings only:
-``model.layers.3.output/mean/alpha=0.001``; with nothing swept, its name is the site.
+The sites and the probe sweep (the cartesian product of the list-valued settings of
+``[probes]``, for every site) are :mod:`lm_probe.app.sweep`'s.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,32 +30,17 @@ from ..core.dataset import ProbeDataset
 from ..core.labels import format_labels
 from ..core.replay import Cache
 from ..core.trigger import Trigger
-from ..probes.config import ProbeConfig
 from ..runner import ProbeRunner
-from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, Problems, \
-    ProbesSection, SitesSection, expand_braces, parse_layers
+from .braces import expand_in
+from .problems import ExperimentError, Problems
+from .schema import Experiment, GaugesSection, GeometrySection, ProbesSection
+from .sweep import ProbeSpec, check_estimator, expand_sites, probe_specs
 from .tables import Table, class_counts, read_table
 
-__all__ = ["Plan", "SeedRun", "ProbeSpec", "plan_experiment", "RUN_FILES"]
+__all__ = ["Plan", "SeedRun", "plan_experiment", "replay_cache", "RUN_FILES"]
 
 #: The files a run writes in its folder (an existing one means the folder holds a run).
 RUN_FILES = ("metrics.csv", "run.json", "report.html", "config.json", "experiment.toml")
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """One probe of the sweep: its name, site and settings (only swept ones in ``variant``)."""
-
-    name: str
-    site: str
-    settings: dict
-    variant: dict
-    config: ProbeConfig
-
-    @property
-    def variant_label(self) -> str:
-        """The swept settings as a line label (``"mean/alpha=0.001"``), ``"-"`` when nothing is swept."""
-        return "/".join(_format_setting(k, v) for k, v in self.variant.items()) or "-"
 
 
 @dataclass
@@ -178,12 +159,12 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
             model = _load_model(exp)
     with problems.collect():
         if model is not None and usable("sites"):
-            sites = _sites(exp.sites, model)
+            sites = expand_sites(exp.sites, model)
     with problems.collect():
         if sites is not None and usable("probes"):
-            probes = _probe_specs(exp.probes, sites) if exp.probes.enabled else []
+            probes = probe_specs(exp.probes, sites) if exp.probes.enabled else []
             for spec in probes:
-                _check_estimator(spec)
+                check_estimator(spec)
     with problems.collect():
         if usable("probes"):
             replay_cache(exp.probes, exp.base)
@@ -264,102 +245,6 @@ def _load_model(exp: Experiment) -> Any:
         raise ExperimentError(f"[model] name = {name!r} did not load as {tried}: {reason}") from None
 
 
-def _sites(section: SitesSection, model: Any) -> list[str]:
-    """Canonical site strings from paths (braces expanded) and kinds, each checked against the model;
-    every bad path, kind and site is reported together."""
-    from ..core.architectures import sites as sites_of_kind
-    from ..core.sites import SiteError, resolve_sites
-
-    problems, found = Problems(), {}  # found: canonical site -> where it came from
-    wanted: list[tuple[str, str]] = []
-    for p in section.paths:
-        with problems.collect():
-            wanted += [(s, f"paths {p!r}") for s in _expanded(p, "[sites] paths")]
-    if section.kind:
-        with problems.collect():
-            layers = parse_layers(section.layers)
-            for kind in section.kind:
-                try:
-                    wanted += [(s, f"kind {kind!r}") for s in sites_of_kind(model, kind, layers)]
-                except ValueError as err:
-                    problems.add(f"[sites] kind = {kind!r}, layers = {section.layers!r}: {err}")
-    elif section.layers != "all":
-        problems.add("[sites] layers applies to kind; with paths, write the layers in the path "
-                     "('model.layers.{0..29}.output')")
-    for spec, origin in wanted:
-        try:
-            site = resolve_sites(model._module, [spec])[spec]
-        except SiteError as err:
-            problems.add(f"[sites] {err}")
-            continue
-        if site.name in found:
-            problems.add(f"[sites] site {site.name!r} is listed twice ({found[site.name]} and {origin}); "
-                         "list each site once")
-        found[site.name] = origin
-    problems.raise_any()
-    return list(found)
-
-
-def _expanded(pattern: str, where: str) -> list[str]:
-    try:
-        return expand_braces(pattern)
-    except ExperimentError as err:
-        raise ExperimentError(f"{where}: {err}") from None
-
-
-def _probe_specs(section: ProbesSection, sites: list[str]) -> list[ProbeSpec]:
-    """The sweep: per site, one probe per combination of list-valued settings (file order)."""
-    axes = [(k, _values(getattr(section, k))) for k in SWEEPABLE] + list(section.estimator)
-    keys = [k for k, _ in axes]
-    swept = [k for k, values in axes if len(values) > 1]
-    specs = []
-    for site in sites:
-        for combo in itertools.product(*[values for _, values in axes]):
-            settings = dict(zip(keys, combo))
-            variant = {k: settings[k] for k in swept}
-            name = "/".join([site, *(_format_setting(k, v) for k, v in variant.items())])
-            own = {k: settings[k] for k in SWEEPABLE}
-            estimator = {k: _toml_to_python(settings[k]) for k, _ in section.estimator}
-            try:
-                config = ProbeConfig(site, pool=own["pool"], head=own["head"], task=section.task, name=name,
-                                     control=own["control"], standardize=own["standardize"],
-                                     hidden_size=own["hidden_size"], solver=own["solver"], **estimator)
-            except (TypeError, ValueError) as err:
-                raise ExperimentError(f"[probes] {err}") from None
-            specs.append(ProbeSpec(name, site, settings, variant, config))
-    return specs
-
-
-def _values(value: Any) -> tuple:
-    """The values of a setting: a sweep's tuple, or a single value."""
-    return value if isinstance(value, tuple) else (value,)
-
-
-def _toml_to_python(value: Any) -> Any:
-    """TOML values for scikit-learn: a table of class weights gets integer keys."""
-    if isinstance(value, dict):
-        return {int(k) if re.fullmatch(r"-?\d+", k) else k: v for k, v in value.items()}
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _format_setting(key: str, value: Any) -> str:
-    if key == "pool":
-        return str(value)
-    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
-
-
-def _check_estimator(spec: ProbeSpec) -> None:
-    """scikit-learn checks argument values only when fitting: check them now, before any forward."""
-    estimator = spec.config.estimator(**spec.config.probe_kwargs)
-    validate = getattr(estimator, "_validate_params", None)
-    if validate is None:
-        return
-    try:
-        validate()
-    except ValueError as err:
-        raise ExperimentError(f"[probes] probe {spec.name!r}: {err}") from None
-
-
 def replay_cache(section: ProbesSection, base: Path | None = None) -> Cache | None:
     """The ``[probes]`` cache settings as fit_probes takes them (``None``: trace every epoch)."""
     if not section.cache:
@@ -405,7 +290,7 @@ def _seed_run(exp: Experiment, model: Any, examples: ProbeDataset, sites: list[s
 def _consumer_sites(section: Any, sites: list[str], table: str) -> list[str]:
     if section.sites is None:
         return list(sites)
-    return [s for p in section.sites for s in _expanded(p, f"[{table}] sites")]
+    return [s for p in section.sites for s in expand_in(p, f"[{table}] sites")]
 
 
 def _geometry(section: GeometrySection, sites: list[str], seed: int) -> Geometry:

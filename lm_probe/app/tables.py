@@ -25,7 +25,8 @@ import pandas as pd
 from loguru import logger
 
 from ..core.dataset import ProbeDataset
-from .experiment import DataSection, ExperimentError
+from .problems import ExperimentError
+from .schema import DataSection
 
 __all__ = ["Table", "read_table", "class_counts"]
 

@@ -8,8 +8,9 @@ logit lens applies those same two modules to the residual stream after *earlier*
 blocks, showing which tokens each layer already points at.
 
 :class:`LogitLens` is a consumer. Both modules are found from the model's structure,
-not from names (:mod:`lm_probe.core.architectures`): the unembedding is ``get_output_embeddings()``; the block stack is the
-``ModuleList`` with ``config.num_hidden_layers`` entries; the final norm is the first
+not from names (:mod:`lm_probe.core.architectures`): the unembedding is
+``get_output_embeddings()``; the block stack is the ``ModuleList`` with
+``config.num_hidden_layers`` entries; the final norm is the first
 norm-like child (``LayerNorm``, ``RMSNorm``, any ``*Norm`` class) registered after that
 list in the same parent (or, failing that, the parent's only norm-like child, as in
 OPT). The lens *calls* those modules on the pooled activations, so LayerNorm, RMSNorm,

@@ -17,9 +17,10 @@ spreads (the spectral entropy). The definitions, for rows ``X`` of shape ``(n, d
 * ``"markov"`` gives P = D⁻¹K (rows sum to 1) and ``"symmetric"`` gives
   A = D^-½ K D^-½, with D the row sums of the (anisotropy-corrected) K.
 
-The kernel is built in :mod:`lm_probe.functional.kernel`. P = D^-½ A D^½ is similar to A, so the eigenvalues of either operator are computed
+P = D^-½ A D^½ is similar to A, so the eigenvalues of either operator are computed
 from the symmetric A with a symmetric eigensolver: real by construction and in
-[-1, 1]. ``eig`` is never called on the non-symmetric P.
+[-1, 1]. ``eig`` is never called on the non-symmetric P. The kernel is built by
+:mod:`lm_probe.functional.kernel`.
 
 On the sparse path nothing is O(n²): beyond the input (and its PCA), every array is
 O(n · knn) or a bounded chunk. The neighbour search is chunked by scikit-learn; the
