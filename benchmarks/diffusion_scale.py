@@ -1,6 +1,6 @@
 """Time and memory of the sparse diffusion pipeline at activation scale.
 
-Runs :func:`lm_probe.diffusion.diffuse`'s stages (kNN search, kernel, operator,
+Runs :func:`lm_probe.functional.diffusion.diffuse`'s stages (kNN search, kernel, operator,
 eigenvalues) on ``n`` standard-normal points of dimension ``d`` on the sparse path,
 once at ``--n`` and once at ``--small-n`` for comparison, each size in a fresh
 process so that its ``ru_maxrss`` is its own. Prints a markdown table with seconds per
@@ -9,7 +9,7 @@ the input exists; scikit-learn's compiled neighbour-search buffers are not trace
 the process peak resident set size, with its value right after the imports (torch,
 pulled in by the ``lm_probe`` package, is most of it) in parentheses.
 
-The kNN time is measured by wrapping ``lm_probe.diffusion.knn_distances``; "kernel"
+The kNN time is measured by wrapping ``lm_probe.functional.diffusion.knn_distances``; "kernel"
 is the rest of ``diffusion_kernel`` (bandwidths, weights, symmetrization). The
 neighbour search is scikit-learn's default: brute force for wide data, chunked and
 threaded over all cores. Usage:
@@ -31,7 +31,7 @@ import numpy as np
 
 def run_size(n: int, d: int, knn: int, n_eigs: int, seed: int = 0) -> dict[str, float]:
     """Run the sparse pipeline once on ``(n, d)`` Gaussian points; return seconds and MiB."""
-    import lm_probe.diffusion as diffusion  # imports the lm_probe package (torch, ...) too
+    import lm_probe.functional.diffusion as diffusion  # imports the lm_probe package (torch, ...) too
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     X = np.random.default_rng(seed).normal(size=(n, d))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, load_model
-from lm_probe.sources import ArraySource
+from lm_probe.core.sources import ArraySource
 
 #: Probe training settings compared (keyword arguments of fit_probes, plus the probe's solver).
 VARIANTS = {

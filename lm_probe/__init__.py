@@ -14,53 +14,53 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core.versions import __version__
 
 #: Each public name and the module that defines it.
 _EXPORTS = {
-    "ActivationStore": "store",
-    "Architecture": "architectures",
-    "Cache": "replay",
-    "Consumer": "consumer",
-    "DiffusionGauge": "gauge",
-    "EarlyStopping": "early_stopping",
-    "Geometry": "geometry",
-    "GeometryResults": "geometry",
-    "IGNORE": "dataset",
-    "LinearProbe": "probe",
-    "LogitLens": "lens",
-    "ModelNotFoundError": "model",
-    "Probe": "probe",
-    "NotComputedError": "consumer",
-    "PooledBatch": "consumer",
-    "ProbeConfig": "probe",
-    "ProbeDataset": "dataset",
+    "ActivationStore": "consumers.store",
+    "Architecture": "core.architectures",
+    "Cache": "core.replay",
+    "Consumer": "core.consumer",
+    "DiffusionGauge": "consumers.gauge",
+    "EarlyStopping": "probes.early_stopping",
+    "Geometry": "consumers.geometry",
+    "GeometryResults": "consumers.geometry",
+    "IGNORE": "core.dataset",
+    "LinearProbe": "probes.probe",
+    "LogitLens": "consumers.lens",
+    "ModelNotFoundError": "core.model",
+    "Probe": "probes.probe",
+    "NotComputedError": "core.consumer",
+    "PooledBatch": "core.consumer",
+    "ProbeConfig": "probes.probe",
+    "ProbeDataset": "core.dataset",
     "ProbeRunner": "runner",
-    "Site": "sites",
-    "SiteError": "sites",
-    "StopReason": "early_stopping",
-    "Trigger": "trigger",
-    "describe": "architectures",
-    "load_model": "model",
+    "Site": "core.sites",
+    "SiteError": "core.sites",
+    "StopReason": "probes.early_stopping",
+    "Trigger": "core.trigger",
+    "describe": "core.architectures",
+    "load_model": "core.model",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
-    from .architectures import Architecture, describe
-    from .consumer import Consumer, NotComputedError, PooledBatch
-    from .dataset import IGNORE, ProbeDataset
-    from .early_stopping import EarlyStopping, StopReason
-    from .gauge import DiffusionGauge
-    from .geometry import Geometry, GeometryResults
-    from .lens import LogitLens
-    from .model import ModelNotFoundError, load_model
-    from .probe import LinearProbe, Probe, ProbeConfig
-    from .replay import Cache
+    from .consumers.gauge import DiffusionGauge
+    from .consumers.geometry import Geometry, GeometryResults
+    from .consumers.lens import LogitLens
+    from .consumers.store import ActivationStore
+    from .core.architectures import Architecture, describe
+    from .core.consumer import Consumer, NotComputedError, PooledBatch
+    from .core.dataset import IGNORE, ProbeDataset
+    from .core.model import ModelNotFoundError, load_model
+    from .core.replay import Cache
+    from .core.sites import Site, SiteError
+    from .core.trigger import Trigger
+    from .probes.early_stopping import EarlyStopping, StopReason
+    from .probes.probe import LinearProbe, Probe, ProbeConfig
     from .runner import ProbeRunner
-    from .sites import Site, SiteError
-    from .store import ActivationStore
-    from .trigger import Trigger
 
 
 def _submodules() -> set[str]:

@@ -11,15 +11,15 @@ epoch is read once from the runner's source (a trace of the model, or a stored r
 the sites that active consumers still need, the forward stops after the deepest of them,
 and each consumer updates on the pooled activations. Every consumer sees that one pass;
 the later epochs replay the cached pooled rows to the probes alone
-(:mod:`lm_probe.replay`), so the model runs once per example. Probes stop themselves
+(:mod:`lm_probe.core.replay`), so the model runs once per example. Probes stop themselves
 early; when a probe stops its site is no longer read and its rows are no longer
 replayed. Test activations are pooled the same way, one trace per batch for all probes,
 to fill :attr:`metrics`.
 
-Every consumer is met the same way (:mod:`lm_probe.consumer`): one
-:class:`~lm_probe.consumer.RunContext` per pass given to ``start``, batches to
+Every consumer is met the same way (:mod:`lm_probe.core.consumer`): one
+:class:`~lm_probe.core.consumer.RunContext` per pass given to ``start``, batches to
 ``update``, the pass's events to ``on_event``, and the rows of a
-:class:`~lm_probe.consumer.SubsetRequest` a consumer declares when it is due, pooled by
+:class:`~lm_probe.core.consumer.SubsetRequest` a consumer declares when it is due, pooled by
 the runner and handed in with ``observe``.
 """
 
@@ -37,18 +37,18 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .backend import ProbeBank, check_backend, supports
-from .consumer import Consumer, PooledBatch, Request, RunContext, SubsetRequest, finite_rows, start_consumer
-from .control import ControlTask
-from .dataset import ProbeDataset, check_batch_size, format_labels
-from .early_stopping import DecayOnPlateau, EarlyStopping
-from .metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
-from .model import ensure_dispatched
-from .probe import Probe, ProbeConfig, Training, _labeled
-from .replay import Cache, ReplayCache
-from .sites import Site
-from .sources import Source, StoreSource, TraceSource
-from .trace import model_device
+from .core.consumer import Consumer, PooledBatch, Request, RunContext, SubsetRequest, finite_rows, start_consumer
+from .core.dataset import ProbeDataset, check_batch_size, format_labels
+from .core.model import ensure_dispatched
+from .core.replay import Cache, ReplayCache
+from .core.sites import Site
+from .core.sources import Source, StoreSource, TraceSource, read_dataset
+from .core.trace import model_device
+from .functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
+from .probes.backend import ProbeBank, check_backend, supports
+from .probes.control import ControlTask
+from .probes.early_stopping import DecayOnPlateau, EarlyStopping
+from .probes.probe import Probe, ProbeConfig, Training, _labeled
 
 __all__ = ["ProbeRunner"]
 
@@ -66,7 +66,7 @@ class ProbeRunner:
         backend: ``"sklearn"`` (default): each probe steps its own scikit-learn estimator
             with ``partial_fit``. ``"torch"``: the linear classification probes are
             trained together, one batched tensor step per batch on ``device``, from
-            activations that stay there (:mod:`lm_probe.backend`); other heads stay on
+            activations that stay there (:mod:`lm_probe.probes.backend`); other heads stay on
             scikit-learn. Same loss, L2 penalty, step schedule, averaging,
             standardization and early stopping.
         device: Where the torch backend computes (default: the model's device).
@@ -102,9 +102,9 @@ class ProbeRunner:
         if trace_kwargs.get("remote"):
             import nnsight
 
-            from . import pooling
+            from .core import pooling
 
-            # the trace body pools with lm_probe.pooling: ship its source with each request,
+            # the trace body pools with lm_probe.core.pooling: ship its source with each request,
             # since the server does not have lm_probe installed
             nnsight.register(pooling)
         self.configs = list(configs)
@@ -163,7 +163,7 @@ class ProbeRunner:
 
         The model runs once per example: the first epoch traces each training batch once
         and feeds every consumer; epochs 2..n replay the pooled rows to the probes from
-        the replay cache (:mod:`lm_probe.replay`), in a new seeded shuffle each epoch.
+        the replay cache (:mod:`lm_probe.core.replay`), in a new seeded shuffle each epoch.
         Validation and test activations are pooled once each. Each call starts from
         fresh probe state and replaces :attr:`metrics`. A probe whose :class:`ProbeConfig`
         sets ``patience``, ``warmup_steps`` or ``max_steps`` uses its own value instead.
@@ -184,12 +184,12 @@ class ProbeRunner:
             warmup_steps: No early stop before this many steps.
             max_steps: Steps per probe at most.
             cache: Memory budget and spill folder of the replay cache (rows x hidden x 4
-                bytes per probed (site, pooling); see :class:`~lm_probe.replay.Cache`).
+                bytes per probed (site, pooling); see :class:`~lm_probe.core.replay.Cache`).
                 ``None`` traces the model again in every epoch. ``solver="lbfgs"`` probes
                 hold their fit rows within its memory budget.
             lr_decay: Multiply an SGD probe's step size by this factor after
                 ``decay_patience`` validations in a row without improvement
-                (:class:`~lm_probe.early_stopping.DecayOnPlateau`), so that the averaged
+                (:class:`~lm_probe.probes.early_stopping.DecayOnPlateau`), so that the averaged
                 SGD converges; ``None``: constant steps.
             decay_patience: Validations without improvement before each decay.
 
@@ -243,10 +243,10 @@ class ProbeRunner:
 
     def _training(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, batch_size: int,
                   stopping: dict[str, Any], decay: DecayOnPlateau | None, **settings: Any) -> dict[str, Training]:
-        """Every probe's :class:`~lm_probe.probe.Training` for this fit: classes, the control
+        """Every probe's :class:`~lm_probe.probes.probe.Training` for this fit: classes, the control
         task of this fit, the pooled validation rows (once, for all probes), early stopping
         and the step budget (``stopping``, with a probe's own
-        :data:`~lm_probe.probe.PER_PROBE` values in place)."""
+        :data:`~lm_probe.probes.probe.PER_PROBE` values in place)."""
         has_twin = any(_is_control(name) for name in self.probes)
         self.control = ControlTask.for_fit(fit, self.seed) if has_twin and not fit.is_regression else None
         val_acts = self.pooled(val, self._probe_requests(), batch_size, "validation") if val else {}
@@ -302,7 +302,7 @@ class ProbeRunner:
         return [self.bank, *(p for p in self.probes.values() if id(p) not in banked)]
 
     def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
-        """The pass's :class:`~lm_probe.consumer.RunContext` (the sites as a read-only view)."""
+        """The pass's :class:`~lm_probe.core.consumer.RunContext` (the sites as a read-only view)."""
         return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size)
 
     def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
@@ -388,16 +388,7 @@ class ProbeRunner:
         batch_size = check_batch_size(batch_size)
         requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
         self._resolve([spec for spec, _ in requests])
-        rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
-        batches = dataset.batches(batch_size, by_length=True)  # least padding; rows put back in order
-        for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc,
-                          disable=not self.progress, leave=False):
-            n_tokens = batch.attention_mask.sum(1).numpy()
-            for (spec, how), value in self.source.read(batch, dataset, requests).items():
-                parts = np.split(value, np.cumsum(n_tokens)[:-1]) if how == "none" else value[:, None]
-                for i, part in zip(batch.index, parts):
-                    rows[(spec, how)][i] = part
-        return {key: np.concatenate(parts) for key, parts in rows.items()}
+        return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
 
     def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            subset: Sequence[str] | None = None, *,
@@ -437,7 +428,7 @@ class ProbeRunner:
         ``tt_split`` parts: rows are matched by ``example_ids``).
 
         Args:
-            run: A :class:`~lm_probe.store.StoredRun` (``ActivationStore.open(path).run(name)``).
+            run: A :class:`~lm_probe.consumers.store.StoredRun` (``ActivationStore.open(path).run(name)``).
             configs: Probe configurations; their (site, pooling) must be in the run.
             backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
         """
@@ -450,8 +441,8 @@ class ProbeRunner:
     def from_source(cls, source: Source, configs: Iterable[ProbeConfig], *, seed: int = 0,
                     consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
                     device: str | torch.device | None = None) -> "ProbeRunner":
-        """A runner that reads pooled activations from any :class:`~lm_probe.sources.Source`
-        (a :class:`~lm_probe.sources.ArraySource` of rows pooled once, say) instead of a model.
+        """A runner that reads pooled activations from any :class:`~lm_probe.core.sources.Source`
+        (a :class:`~lm_probe.core.sources.ArraySource` of rows pooled once, say) instead of a model.
 
         Args:
             source: Where the rows come from; its sites are checked now.
@@ -484,7 +475,7 @@ class ProbeRunner:
         Raises:
             FileExistsError: ``path`` is not empty and ``overwrite`` is False.
         """
-        from .persist import save_probes
+        from .probes.persist import save_probes
 
         return save_probes(self, path, overwrite=overwrite)
 
@@ -496,9 +487,16 @@ class ProbeRunner:
         Raises:
             ValueError: a newer schema version, or a model of another hidden size.
         """
-        from .persist import load_probes
+        from .probes.persist import SavedProbes
 
-        return load_probes(path, model=model)
+        saved = SavedProbes(path, model)
+        if model is not None:
+            runner = cls(model, saved.configs, seed=saved.seed, progress=False)
+        else:
+            runner = cls._without_model(saved.configs, seed=saved.seed)
+        runner.probes.update(saved.probes())
+        runner.metrics, runner.control = saved.metrics(), saved.control()
+        return runner
 
     # ------------------------------------------------------------------ results
     def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
@@ -701,7 +699,7 @@ def _bank_for(probes: dict[str, Probe], backend: str, device: torch.device) -> P
 class _Clock:
     """The events of one ``fit_probes`` or ``collect`` call, told to its consumers.
 
-    A consumer that declares a :class:`~lm_probe.consumer.SubsetRequest` at an event gets
+    A consumer that declares a :class:`~lm_probe.core.consumer.SubsetRequest` at an event gets
     its rows with ``observe``; each request is pooled once per pass (the model is frozen
     while it runs) by ``pooled``, the runner's reader, and its rows are let go at the end.
     """

@@ -7,7 +7,7 @@ state, and the values agree with an independent float64 reference.
 A pass is fed as the runner feeds it (:func:`run_pass`): ``start(context)``, the
 ``"start"`` event, ``update`` on each batch while the consumer is active, a ``"step"``
 event after each, ``"epoch_end"``, ``finish()``, ``"end"``; a consumer that declares a
-:class:`~lm_probe.consumer.SubsetRequest` at an event gets ``subset_rows(request)`` through
+:class:`~lm_probe.core.consumer.SubsetRequest` at an event gets ``subset_rows(request)`` through
 ``observe``. ``tests/test_conformance.py`` runs every consumer of lm_probe through it.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from lm_probe import Consumer, NotComputedError, PooledBatch
-from lm_probe.consumer import Request, RunContext, SubsetRequest
+from lm_probe.core.consumer import Request, RunContext, SubsetRequest
 
 Rows = Callable[[SubsetRequest], Mapping[Request, np.ndarray]]
 

@@ -17,11 +17,11 @@ import torch
 from transformers.pipelines.base import PipelineException
 
 from lm_probe import ProbeConfig, ProbeRunner, load_model
-from lm_probe.architectures import KINDS, Architecture, describe, sites
-from lm_probe.dataset import ensure_pad_token
-from lm_probe.sites import resolve_sites
+from lm_probe.core.architectures import KINDS, Architecture, describe, sites
+from lm_probe.core.dataset import ensure_pad_token
+from lm_probe.core.sites import resolve_sites
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer
-from lm_probe.trace import model_inputs, read_pooled
+from lm_probe.core.trace import model_inputs, read_pooled
 
 LAYERS, HIDDEN, VOCAB = 3, 32, len(WORDS) + 3
 CAUSAL = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-import lm_probe.backend as backend_module
+import lm_probe.probes.backend as backend_module
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.backend import ProbeBank, logistic_sgd_step
-from lm_probe.consumer import HostArrays, PooledBatch, RunContext
-from lm_probe.probe import Probe, Training
+from lm_probe.probes.backend import ProbeBank, logistic_sgd_step
+from lm_probe.core.consumer import HostArrays, PooledBatch, RunContext
+from lm_probe.probes.probe import Probe, Training
 from lm_probe.testing import tiny_tokenizer
 
 from conftest import count_calls

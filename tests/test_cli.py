@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_probe.cli import _parser, main, run_demo
-from lm_probe.experiment import SCHEMA, ExperimentError
+from lm_probe.app.cli import _parser, main, run_demo
+from lm_probe.app.experiment import SCHEMA, ExperimentError
 
 from conftest import tiny_experiment_folder
 
@@ -207,7 +207,7 @@ def test_run_writes_the_outputs_and_refuses_to_overwrite(folder, capsys, tmp_pat
 @pytest.mark.slow
 def test_example_experiment_dry_run(capsys, forwards):
     """examples/experiment.toml checks out against the embedded SmolLM2-135M and Rotten Tomatoes."""
-    from lm_probe.embedded import embedded_model_path
+    from lm_probe.core.embedded import embedded_model_path
 
     embedded_model_path("smollm2-135m")  # on an empty cache, the one-time conversion checks its logits
     forwards["n"] = 0  # the dry run itself runs no forward

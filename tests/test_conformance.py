@@ -19,11 +19,11 @@ from sklearn.metrics import log_loss
 import lm_probe
 from lm_probe import (ActivationStore, Cache, Consumer, DiffusionGauge, Geometry, LogitLens, PooledBatch, Probe,
                       ProbeConfig, ProbeDataset, Trigger)
-from lm_probe.backend import ProbeBank
-from lm_probe.consumer import RunContext
-from lm_probe.early_stopping import EarlyStopping
-from lm_probe.probe import Training
-from lm_probe.replay import ReplayCache
+from lm_probe.probes.backend import ProbeBank
+from lm_probe.core.consumer import RunContext
+from lm_probe.probes.early_stopping import EarlyStopping
+from lm_probe.probes.probe import Training
+from lm_probe.core.replay import ReplayCache
 
 from conformance import check_consumer
 import test_diffusion as diff_ref

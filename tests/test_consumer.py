@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lm_probe import Consumer, ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.consumer import RunContext, SubsetRequest
-from lm_probe.sites import Site
-from lm_probe.sources import ArraySource
+from lm_probe.core.consumer import RunContext, SubsetRequest
+from lm_probe.core.sites import Site
+from lm_probe.core.sources import ArraySource
 
 SITES = ["a.output", "b.output"]
 

@@ -1,4 +1,4 @@
-"""lm_probe.diffusion against dense float64 references written out in the most direct way."""
+"""lm_probe.functional.diffusion against dense float64 references written out in the most direct way."""
 
 import tracemalloc
 import warnings
@@ -9,8 +9,8 @@ import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 from sklearn.decomposition import PCA
 
-import lm_probe.diffusion as diffusion
-from lm_probe.diffusion import (
+import lm_probe.functional.diffusion as diffusion
+from lm_probe.functional.diffusion import (
     DiffusionResult, diffuse, diffusion_eigenvalues, diffusion_kernel, diffusion_operator, knn_distances,
     spectral_entropy,
 )

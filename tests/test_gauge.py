@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lm_probe import DiffusionGauge, NotComputedError, ProbeConfig, ProbeDataset, ProbeRunner, Trigger
-from lm_probe.diffusion import diffuse
+from lm_probe.functional.diffusion import diffuse
 from lm_probe.integrations import GaugeCallback
-from lm_probe.plots import plot_diffusion_spectra, plot_spectral_gap
+from lm_probe.app.plots import plot_diffusion_spectra, plot_spectral_gap
 from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
 
 from conftest import count_calls

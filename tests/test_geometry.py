@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 from lm_probe import Geometry, PooledBatch, ProbeConfig, ProbeRunner
-from lm_probe.spectra import SAMPLE_KEYS, SPECTRUM_KEYS, spectrum_metrics
+from lm_probe.functional.spectra import SAMPLE_KEYS, SPECTRUM_KEYS, spectrum_metrics
 
 from conftest import count_calls
 

@@ -34,9 +34,10 @@ def test_import_lm_probe_loads_no_heavy_module():
 
 
 def test_reading_experiment_files_loads_no_diffusion_code():
-    """The CLI builds its help from lm_probe.experiment: no k-NN graph code for that."""
-    loaded = fresh("import json, sys, lm_probe.experiment; print(json.dumps([m for m in ('lm_probe.diffusion', "
-                   "'sklearn.neighbors', 'sklearn.decomposition') if m in sys.modules]))")
+    """The CLI builds its help from lm_probe.app.experiment: no k-NN graph code for that."""
+    loaded = fresh("import json, sys, lm_probe.app.experiment; print(json.dumps([m for m in "
+                   "('lm_probe.functional.diffusion', 'sklearn.neighbors', 'sklearn.decomposition') "
+                   "if m in sys.modules]))")
     assert loaded == []
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from lm_probe import Consumer, NotComputedError, ProbeConfig, ProbeDataset, ProbeRunner, load_model
-from lm_probe.lens import LogitLens, find_blocks, find_final_norm, find_unembedding
+from lm_probe.consumers.lens import LogitLens, find_blocks, find_final_norm, find_unembedding
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer
 
 from conftest import count_calls

@@ -10,7 +10,7 @@ import torch
 from nnsight import TransformersModel
 
 from lm_probe import ProbeConfig, ProbeRunner, load_model
-from lm_probe.model import model_metadata
+from lm_probe.core.model import model_metadata
 from lm_probe.testing import tiny_model, tiny_tokenizer
 
 
@@ -118,7 +118,7 @@ def offline(monkeypatch):
 
 
 def _fails_fast(name, match):
-    from lm_probe.model import ModelNotFoundError
+    from lm_probe.core.model import ModelNotFoundError
 
     start = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match=match) as err:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.pooling import pool
+from lm_probe.core.pooling import pool
 
 POOLS = ["mean", "last", "first", "max"]
 

@@ -4,8 +4,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import SGDClassifier
 
 from lm_probe import LinearProbe, NotComputedError, ProbeConfig
-from lm_probe.consumer import RunContext
-from lm_probe.probe import DEFAULT_PROBE_KWARGS, Training, default_alpha
+from lm_probe.core.consumer import RunContext
+from lm_probe.probes.probe import DEFAULT_PROBE_KWARGS, Training, default_alpha
 
 #: The defaults as scikit-learn takes them for a probe stepped by hand (no row count: alpha 1e-4).
 BY_HAND = {**DEFAULT_PROBE_KWARGS, "alpha": 1e-4}  # as alpha="auto" gives a probe stepped by hand

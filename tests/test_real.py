@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, load_model
-from lm_probe.cli import main, run_demo
-from lm_probe.embedded import rotten_tomatoes
+from lm_probe.app.cli import main, run_demo
+from lm_probe.core.embedded import rotten_tomatoes
 
 pytestmark = pytest.mark.slow
 

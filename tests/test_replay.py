@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lm_probe import Cache, Geometry, LogitLens, ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.replay import ReplayCache
-from lm_probe.consumer import PooledBatch
+from lm_probe.core.replay import ReplayCache
+from lm_probe.core.consumer import PooledBatch
 
 from conftest import count_calls
 

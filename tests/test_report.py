@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from lm_probe import load_model
-from lm_probe.experiment import load_experiment
-from lm_probe.outputs import run_plan
-from lm_probe.plan import plan_experiment
-from lm_probe.report import load_run, render_report, write_report
+from lm_probe.app.experiment import load_experiment
+from lm_probe.app.outputs import run_plan
+from lm_probe.app.plan import plan_experiment
+from lm_probe.app.report import load_run, render_report, write_report
 
 from conftest import tiny_experiment_folder
 
@@ -81,7 +81,7 @@ def test_sections_and_metadata(page, run_dir):
 
 def test_rebuilt_from_the_files_alone(run_dir, page, tmp_path):
     """lm-probe report RUN_DIR gives the same page from metrics.csv, geometry/, gauges/ and run.json."""
-    from lm_probe.cli import main
+    from lm_probe.app.cli import main
 
     assert main(["report", str(run_dir), "--output", str(tmp_path / "again.html")]) == 0
     assert (tmp_path / "again.html").read_text() == page

@@ -1,7 +1,7 @@
 import pytest
 
 from lm_probe import SiteError
-from lm_probe.sites import parse_site, resolve_sites
+from lm_probe.core.sites import parse_site, resolve_sites
 
 
 @pytest.mark.parametrize(

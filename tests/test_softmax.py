@@ -9,10 +9,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.probe import default_alpha
-from lm_probe.sites import Site
-from lm_probe.softmax import SoftmaxSGDClassifier, softmax_sgd_step
-from lm_probe.sources import ArraySource
+from lm_probe.probes.probe import default_alpha
+from lm_probe.core.sites import Site
+from lm_probe.probes.softmax import SoftmaxSGDClassifier, softmax_sgd_step
+from lm_probe.core.sources import ArraySource
 
 SITE = "x.output"
 

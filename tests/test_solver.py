@@ -10,10 +10,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from lm_probe import Cache, ProbeConfig, ProbeDataset, ProbeRunner
-from lm_probe.early_stopping import DecayOnPlateau
-from lm_probe.probe import DEFAULT_CS, DEFAULT_PROBE_KWARGS
-from lm_probe.sites import Site
-from lm_probe.sources import ArraySource
+from lm_probe.probes.early_stopping import DecayOnPlateau
+from lm_probe.probes.probe import DEFAULT_CS, DEFAULT_PROBE_KWARGS
+from lm_probe.core.sites import Site
+from lm_probe.core.sources import ArraySource
 
 from conftest import count_calls
 
@@ -151,7 +151,7 @@ def test_decay_on_plateau_halves_after_patience_evaluations():
 
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
 def test_the_decay_shrinks_the_step_the_estimator_takes(backend, monkeypatch):
-    from lm_probe.probe import Probe
+    from lm_probe.probes.probe import Probe
 
     steps = []
     original = Probe.partial_fit

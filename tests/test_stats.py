@@ -1,6 +1,6 @@
 import numpy as np
 
-from lm_probe.stats import welford_merge, welford_update
+from lm_probe.functional.stats import welford_merge, welford_update
 
 
 def test_welford_matches_numpy_float64():

@@ -203,7 +203,7 @@ def test_control_twin_is_validated_on_its_own_labels(gpt2, toy):
 def test_datasets_built_and_freed_in_a_loop_never_share_control_labels(llama):
     """Control labels are a function of the seed and the word (or example id), never of a cache
     keyed by the id() of a dataset object that Python may reuse once it is freed."""
-    from lm_probe.control import ControlTask
+    from lm_probe.probes.control import ControlTask
 
     seen = []
     for k in range(4):

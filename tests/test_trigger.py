@@ -1,6 +1,6 @@
 import pytest
 
-from lm_probe.trigger import Trigger
+from lm_probe.core.trigger import Trigger
 
 
 def steps(*numbers, epoch=0):

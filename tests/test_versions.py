@@ -7,10 +7,10 @@ import json
 import pytest
 
 from lm_probe import ActivationStore, Geometry, ProbeRunner
-from lm_probe.geometry import SCHEMA_VERSION as GEOMETRY_SCHEMA
-from lm_probe.persist import SCHEMA_VERSION as PROBE_SCHEMA
-from lm_probe.store import SCHEMA_VERSION as STORE_SCHEMA, StoredRun
-from lm_probe.versions import check_schema_version
+from lm_probe.consumers.geometry import SCHEMA_VERSION as GEOMETRY_SCHEMA
+from lm_probe.probes.persist import SCHEMA_VERSION as PROBE_SCHEMA
+from lm_probe.consumers.store import SCHEMA_VERSION as STORE_SCHEMA, StoredRun
+from lm_probe.core.versions import check_schema_version
 
 # (kind, the file each reader opens first, the newest version it reads, reader)
 READERS = [("probe", "probes.json", PROBE_SCHEMA, ProbeRunner.load),

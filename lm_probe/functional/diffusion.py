@@ -329,7 +329,7 @@ def diffusion_eigenvalues(A_symmetric: np.ndarray | sp.spmatrix, n_eigs: int) ->
     finds the largest algebraic eigenvalues: the spectrum lies in [-1, 1] and the top
     ones are wanted. Round-off outside [-1, 1] (at most n · eps) is clipped back, and
     eigenvalues with ``|λ| <= n · eps`` are set to 0. Negative eigenvalues are legitimate
-    here, so :func:`lm_probe.spectra.clip_eigenvalues` (which zeroes them) is not used.
+    here, so :func:`lm_probe.functional.spectra.clip_eigenvalues` (which zeroes them) is not used.
 
     Args:
         A_symmetric: ``(n, n)`` symmetric operator, dense or sparse.

@@ -6,8 +6,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .dataset import ProbeDataset
-from .gauge import DiffusionGauge
+from ..consumers.gauge import DiffusionGauge
+from ..core.dataset import ProbeDataset
 
 __all__ = ["GaugeCallback"]
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import IGNORE, ProbeDataset
-from .hashing import hash_uniform
+from ..core.dataset import IGNORE, ProbeDataset
+from ..functional.hashing import hash_uniform
 
 __all__ = ["ControlTask", "control_sequence_labels", "control_token_labels", "label_distribution"]
 

@@ -6,7 +6,7 @@ moments (count, mean, scatter matrix, merged with Chan's formula), a seeded unif
 sample of rows, and, per consecutive pair of sites, the cross co-moment and
 the sum of row cosines. Memory depends on the hidden sizes and ``sample_limit``, never
 on the number of tokens. ``compute()`` turns the moments into the metrics of
-:mod:`lm_probe.spectra`.
+:mod:`lm_probe.functional.spectra`.
 
 With ``pool="none"`` every real (non-padding) token is a row; with any other pooling
 each example is one row. Rows with a non-finite value at any of the sites are counted
@@ -14,7 +14,7 @@ and left out (at every site, so rows stay paired).
 
 The sample is a bottom-k sample: each row gets a key that is a seeded hash of its
 identity (example id, and token position for ``pool="none"``;
-:func:`lm_probe.hashing.hash_uniform`), and the ``sample_limit`` rows with the smallest
+:func:`lm_probe.functional.hashing.hash_uniform`), and the ``sample_limit`` rows with the smallest
 keys are kept. Every row is equally likely to be kept, and the sample depends on which
 rows were seen, never on their order or batching: a shuffled training epoch and an
 in-order ``collect`` of the same examples give the same sample, and two Geometry objects
@@ -34,15 +34,15 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
-from .hashing import hash_uniform
-from .model import model_metadata
-from .pooling import check_pool
-from .sketch import fd_eigh, fd_shrink
-from .spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows, sample_metrics,
-                      spectrum_metrics, subspace_novelty)
-from .stats import comoment_batch, comoment_merge
-from .versions import check_schema_version
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
+from ..core.model import model_metadata
+from ..core.pooling import check_pool
+from ..core.versions import __version__, check_schema_version
+from ..functional.hashing import hash_uniform
+from ..functional.sketch import fd_eigh, fd_shrink
+from ..functional.spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows,
+                                  sample_metrics, spectrum_metrics, subspace_novelty)
+from ..functional.stats import comoment_batch, comoment_merge
 
 __all__ = ["Geometry", "GeometryResults", "SCHEMA_VERSION"]
 
@@ -310,9 +310,7 @@ class Geometry(Consumer):
         return covariance_eigh(scatter, n)
 
     def _describe(self) -> dict[str, Any]:
-        import lm_probe
-
-        versions = {"lm_probe": lm_probe.__version__, "python": platform.python_version(), "numpy": np.__version__}
+        versions = {"lm_probe": __version__, "python": platform.python_version(), "numpy": np.__version__}
         for name in ("torch", "transformers", "nnsight"):
             try:
                 versions[name] = __import__(name).__version__

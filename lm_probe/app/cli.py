@@ -4,7 +4,7 @@
   model and the Rotten Tomatoes snippets (both read from PyPI wheels, no hub needed),
   trains one probe per chosen layer from one forward pass per batch, prints the metrics
   table sorted by layer, and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
-* ``lm-probe run experiment.toml`` runs a declared experiment (:mod:`lm_probe.experiment`);
+* ``lm-probe run experiment.toml`` runs a declared experiment (:mod:`lm_probe.app.experiment`);
   ``--dry-run`` checks the whole file, model and data included, and prints the plan
   without any forward pass.
 * ``lm-probe report RUN_DIR`` rebuilds a run's ``report.html`` from its files.
@@ -38,7 +38,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 def _batch_size(text: str) -> int:
     """``--batch-size``: refused by argparse (exit 2) before anything loads."""
-    from .dataset import check_batch_size
+    from ..core.dataset import check_batch_size
 
     try:
         return check_batch_size(int(text), "--batch-size")
@@ -78,11 +78,11 @@ def run_demo(
     """
     import numpy as np
 
-    from . import ProbeConfig, ProbeDataset, ProbeRunner, load_model
-    from .dataset import check_batch_size
+    from .. import ProbeConfig, ProbeDataset, ProbeRunner, load_model
+    from ..core.dataset import check_batch_size
 
     batch_size = check_batch_size(batch_size)
-    from .embedded import rotten_tomatoes
+    from ..core.embedded import rotten_tomatoes
     from .plots import plot_accuracy_by_layer
 
     out = Path(out)

@@ -2,14 +2,14 @@
 
 A gauge turns the pooled activations ``X (n_samples, hidden)`` of a fixed, seeded subset
 of examples into a k-NN graph, a kernel, and a diffusion operator (see
-:mod:`lm_probe.diffusion`), and records its top eigenvalues, spectral gap and entropy
-whenever its :class:`~lm_probe.trigger.Trigger` fires. The same examples are used for
+:mod:`lm_probe.functional.diffusion`), and records its top eigenvalues, spectral gap and entropy
+whenever its :class:`~lm_probe.core.trigger.Trigger` fires. The same examples are used for
 every site and every step, so rows of :attr:`DiffusionGauge.trajectory` compare across
 layers (a frozen model) and across training steps (a model being trained).
 
 * Inside ``fit_probes`` / ``collect`` the model is frozen. The gauge reads nothing on
   training batches (so it never keeps the forward deeper); it declares its subset as a
-  :class:`~lm_probe.consumer.SubsetRequest` whenever its trigger fires
+  :class:`~lm_probe.core.consumer.SubsetRequest` whenever its trigger fires
   (:meth:`DiffusionGauge.subset_due`), and the runner pools it, once per pass in one
   trace per batch for all sites, and hands the rows in
   (:meth:`DiffusionGauge.observe`). The operators are built at the first firing of a
@@ -31,13 +31,16 @@ import pandas as pd
 import torch
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
-from .dataset import ProbeDataset, check_batch_size
-from .pooling import check_pool
-from .trigger import Trigger
+from ..core.consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
+from ..core.dataset import ProbeDataset, check_batch_size
+from ..core.model import ensure_dispatched
+from ..core.pooling import check_pool
+from ..core.sites import Site
+from ..core.sources import TraceSource, read_dataset
+from ..core.trigger import Trigger
 
 if TYPE_CHECKING:
-    from .diffusion import DiffusionResult
+    from ..functional.diffusion import DiffusionResult
 
 __all__ = ["DiffusionGauge", "N_SAMPLES"]
 
@@ -53,7 +56,7 @@ class DiffusionGauge(Consumer):
         n_samples: Examples in the probe subset (drawn once with ``seed``).
         seed: Seed of the subset.
         knn, alpha, normalization, n_eigs, bandwidth, sparse, self_loops, n_pca, t:
-            The operator's definition (see :func:`lm_probe.diffusion.diffuse`).
+            The operator's definition (see :func:`lm_probe.functional.diffusion.diffuse`).
         trigger: When to measure (default: at the end of a pass).
         pool: Pooling of each example's activations.
         data: The examples to draw the subset from (default: the data of the pass
@@ -160,8 +163,6 @@ class DiffusionGauge(Consumer):
         """
         from nnsight import NNsight
 
-        from .runner import ProbeRunner
-
         if self._subset is None:
             self._subset = self._choose(data if data is not None else self.data)
         wrapped = model if isinstance(model, NNsight) else NNsight(model)
@@ -169,13 +170,16 @@ class DiffusionGauge(Consumer):
         was_training = module.training
         module.eval()
         try:
-            runner = ProbeRunner(wrapped, progress=False)
-            acts = runner.pooled(self._subset, [(s, self.pool) for s in self.sites], self.batch_size, "gauge")
+            sites: dict[str, Site] = {}
+            source = TraceSource(ensure_dispatched(wrapped), sites)
+            sites.update(source.resolve(dict.fromkeys(self.sites)))
+            requests = list(dict.fromkeys((s, self.pool) for s in self.sites))
+            acts = read_dataset(source, self._subset, requests, self.batch_size, progress=False, desc="gauge")
         finally:
             module.train(was_training)
         results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
         start = len(self._rows)
-        self._record(step, epoch, event, results, {s: runner.sites[s].layer for s in self.sites})
+        self._record(step, epoch, event, results, {s: sites[s].layer for s in self.sites})
         return pd.DataFrame(self._rows[start:])
 
     def maybe_measure(self, model: Any, event: str, step: int, epoch: int) -> bool:
@@ -225,7 +229,7 @@ class DiffusionGauge(Consumer):
         if bad.any():
             raise ValueError(f"gauge: {int(bad.sum())} of {len(X)} probe-subset rows at site {site!r} have "
                              "non-finite activations; a diffusion operator needs finite points")
-        from .diffusion import diffuse  # scipy and scikit-learn's neighbours load with the first measurement
+        from ..functional.diffusion import diffuse  # scipy and scikit-learn's neighbours: at the first measurement
 
         return diffuse(np.asarray(X, np.float64), **self.operator_kwargs)
 

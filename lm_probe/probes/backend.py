@@ -12,7 +12,7 @@ trace left them (no copy to the host). What is learned is the same model as
 * L2 penalty ``alpha`` applied as weight decay, intercept not penalized;
 * ``learning_rate="constant"`` (``eta0``) or ``"invscaling"``; averaged weights
   (``average``): the mean of the iterates, each training row counted once, as the
-  scikit-learn backend keeps it (:func:`lm_probe.probe.asgd_weight`);
+  scikit-learn backend keeps it (:func:`lm_probe.probes.probe.asgd_weight`);
 * standardization with running float64 moments of the probe's own training rows,
   updated with each batch before the step;
 * ``class_weight`` as a dict.
@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
 from .probe import Probe, _labeled, asgd_weight
 
 __all__ = ["ProbeBank", "BACKENDS", "check_backend", "supports", "logistic_sgd_step", "ovr_targets",

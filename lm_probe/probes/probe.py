@@ -5,9 +5,9 @@ A :class:`Probe` wraps a scikit-learn estimator that learns with ``partial_fit``
 ``SGDRegressor``; ``head="mlp"``: ``MLPClassifier`` / ``MLPRegressor``) and trains it
 one batch at a time, standardizing features with
 running float64 moments (on by default, as SGD is sensitive to feature scale). It is
-a :class:`~lm_probe.consumer.Consumer`: the runner feeds it pooled activations,
+a :class:`~lm_probe.core.consumer.Consumer`: the runner feeds it pooled activations,
 it evaluates itself on a cached validation set every ``eval_every`` steps, asks its
-:class:`~lm_probe.early_stopping.EarlyStopping` whether to stop, and keeps the
+:class:`~lm_probe.probes.early_stopping.EarlyStopping` whether to stop, and keeps the
 weights of its best validation loss. Learned state ends in ``_`` (scikit-learn's
 convention); predicting or ``compute()`` before any training raises
 :class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
@@ -33,13 +33,13 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from .consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
-from .dataset import IGNORE, format_labels
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
+from ..core.dataset import IGNORE, format_labels
+from ..core.pooling import check_pool
+from ..functional.metrics import classification_metrics, regression_metrics
+from ..functional.stats import welford_update
 from .early_stopping import DecayOnPlateau, EarlyStopping, StopReason
-from .metrics import classification_metrics, regression_metrics
-from .pooling import check_pool
 from .softmax import SoftmaxSGDClassifier
-from .stats import welford_update
 
 __all__ = ["ProbeConfig", "Probe", "LinearProbe", "Training", "ProbeNotFittedError", "IGNORE",
            "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "SOLVERS", "PER_PROBE", "asgd_weight", "default_alpha",
@@ -54,7 +54,7 @@ _HEADS: dict[tuple[str, str], type] = {
 }
 _PARAMS = {cls: frozenset(cls().get_params()) for cls in (*_HEADS.values(), LogisticRegression)}
 #: Heads trained by SGD steps on a linear model: the probe averages their iterates and
-#: decays their step (``"softmax"``: multinomial, see :mod:`lm_probe.softmax`).
+#: decays their step (``"softmax"``: multinomial, see :mod:`lm_probe.probes.softmax`).
 _SGD_LINEAR = ("linear", "softmax")
 
 #: ``"sgd"``: the online head (SGD, or the MLP's own optimizer) trained batch by batch.
@@ -262,7 +262,7 @@ class ProbeConfig:
         standardize: Standardize features with running moments before the estimator.
         head: ``"linear"`` (SGD; more than two classes one-vs-rest, as ``SGDClassifier``),
             ``"softmax"`` (SGD on one multinomial logistic regression, as an offline
-            ``LogisticRegression``: :mod:`lm_probe.softmax`) or ``"mlp"`` (scikit-learn's
+            ``LogisticRegression``: :mod:`lm_probe.probes.softmax`) or ``"mlp"`` (scikit-learn's
             MLP, ``hidden_size`` units).
         task: ``"classification"`` or ``"regression"`` (continuous targets; metrics
             ``r2``, ``mse``, ``pearson``).
@@ -606,7 +606,7 @@ class Probe(Consumer):
         """
         settings = context.training.get(self.name, Training())
         if not isinstance(settings, Training):
-            raise TypeError(f"probe {self.name!r}: context.training[{self.name!r}] must be an lm_probe.probe.Training, "
+            raise TypeError(f"probe {self.name!r}: context.training[{self.name!r}] must be an lm_probe.probes.probe.Training, "
                             f"got {type(settings).__name__}")
         if settings.classes is not None:
             self._classes = np.asarray(sorted(int(c) for c in settings.classes), dtype=np.int64)

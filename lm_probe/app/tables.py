@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .dataset import ProbeDataset
+from ..core.dataset import ProbeDataset
 from .experiment import DataSection, ExperimentError
 
 __all__ = ["Table", "read_table", "class_counts"]
@@ -82,7 +82,7 @@ def read_table(data: DataSection, base: Path, task: str = "classification") -> T
 def _read_columns(data: DataSection, base: Path) -> tuple[dict[str, list], list[str] | None, str]:
     """``(columns, class names or None, where)`` of the source ``[data]`` names."""
     if data.source is not None:
-        from .embedded import rotten_tomatoes
+        from ..core.embedded import rotten_tomatoes
 
         reviews = rotten_tomatoes()
         return _from_hf(reviews), _class_names(reviews, data.label_column), "the embedded rotten_tomatoes data"

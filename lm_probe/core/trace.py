@@ -78,7 +78,7 @@ def read_pooled(
 
     Args:
         model: nnsight model.
-        sites: ``{spec: Site}`` as resolved by :func:`lm_probe.sites.resolve_sites`.
+        sites: ``{spec: Site}`` as resolved by :func:`lm_probe.core.sites.resolve_sites`.
         requests: ``(spec, pooling)`` pairs to read; each distinct site is read once.
         input_ids: ``(batch, tokens)``.
         attention_mask: ``(batch, tokens)``.

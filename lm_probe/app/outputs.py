@@ -1,6 +1,6 @@
 """Running a plan and writing what it found.
 
-:func:`run_plan` runs each seed of a :class:`~lm_probe.plan.Plan`: ``fit_probes`` on the
+:func:`run_plan` runs each seed of a :class:`~lm_probe.app.plan.Plan`: ``fit_probes`` on the
 seed's runner (probes, geometry and gauge on the same traces), or one ``collect`` pass
 when the experiment has no probes. Each run folder then holds:
 
@@ -12,7 +12,7 @@ when the experiment has no probes. Each run folder then holds:
 * ``gauges/``: ``trajectory.csv`` and ``eigenvalues.csv`` (long form);
 * ``run.json`` (model, data counts, sites, seeds, versions, times), ``config.json`` (the
   experiment with every default filled in, sites and probe names resolved), a copy of
-  the experiment file, and ``report.html`` (:mod:`lm_probe.report`), built from these
+  the experiment file, and ``report.html`` (:mod:`lm_probe.app.report`), built from these
   files alone.
 
 With several seeds each seed writes a complete run folder ``seed_<s>/``, and the output
@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
+from ..core.model import model_metadata
+from ..core.versions import __version__
 from .experiment import SECTIONS
-from .model import model_metadata
 from .plan import RUN_FILES, Plan, SeedRun, replay_cache
 from .tables import class_counts
 
@@ -132,7 +133,7 @@ def cka_matrix(samples: dict[str, np.ndarray], sites: Sequence[str]) -> pd.DataF
     """Linear CKA between every pair of sites from paired sample rows.
 
     With centered rows ``X (n, Dx)`` and ``Y (n, Dy)``, CKA = ⟨XXᵀ, YYᵀ⟩_F / (‖XXᵀ‖_F ‖YYᵀ‖_F),
-    which equals ``||XᵀY||²_F / (||XᵀX||_F ||YᵀY||_F)`` (:func:`lm_probe.spectra.linear_cka`);
+    which equals ``||XᵀY||²_F / (||XᵀX||_F ||YᵀY||_F)`` (:func:`lm_probe.functional.spectra.linear_cka`);
     the ``(n, n)`` Gram form costs O(n² D) per site and O(n²) per pair.
 
     Args:
@@ -166,9 +167,7 @@ def _chance(run: SeedRun) -> float:
 
 
 def _versions() -> dict[str, str]:
-    import lm_probe
-
-    versions = {"lm_probe": lm_probe.__version__, "python": platform.python_version()}
+    versions = {"lm_probe": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "nnsight", "sklearn", "numpy", "pandas"):
         try:
             versions[name] = __import__(name).__version__

@@ -40,9 +40,9 @@ import pandas as pd
 import torch
 from loguru import logger
 
-from .architectures import _find_blocks, _is_norm
-from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
-from .sites import resolve_sites
+from ..core.architectures import _find_blocks, _is_norm
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
+from ..core.sites import resolve_sites
 
 __all__ = ["LogitLens", "find_blocks", "find_final_norm", "find_unembedding", "lens_logits"]
 
@@ -56,7 +56,7 @@ def _text_config(module: torch.nn.Module) -> Any:
 
 
 def find_blocks(module: torch.nn.Module) -> str:
-    """Path of the block stack, by the same structural rule as :mod:`lm_probe.architectures`.
+    """Path of the block stack, by the same structural rule as :mod:`lm_probe.core.architectures`.
 
     Raises:
         ValueError: the model has no ``ModuleList`` of blocks.

@@ -1,6 +1,6 @@
 """report.html: one self-contained page per run, rebuilt from the run's files.
 
-An experiment run (:mod:`lm_probe.experiment`) writes its results as plain files
+An experiment run (:mod:`lm_probe.app.experiment`) writes its results as plain files
 (``metrics.csv``, ``geometry/``, ``gauges/``, ``run.json``); :func:`load_run` reads them
 back and :func:`write_report` turns them into one HTML file that needs nothing else: the
 figures are PNGs inlined as ``data:`` URIs, the style is inline CSS, and nothing is
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .geometry import Geometry, GeometryResults
+from ..consumers.geometry import Geometry, GeometryResults
 
 __all__ = ["RunRecord", "load_run", "render_report", "write_report"]
 

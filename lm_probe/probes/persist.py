@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.model import model_metadata
+from ..core.versions import __version__, check_schema_version
 from .control import ControlTask
 from .early_stopping import StopReason
-from .model import model_metadata
 from .probe import PER_PROBE, Probe, ProbeConfig
-from .versions import check_schema_version
 
-__all__ = ["save_probes", "load_probes", "SCHEMA_VERSION"]
+__all__ = ["save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
@@ -93,8 +93,6 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     Raises:
         FileExistsError: ``path`` holds files and ``overwrite`` is False.
     """
-    import lm_probe
-
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace the saved probes")
@@ -116,7 +114,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
-    versions = {"lm_probe": lm_probe.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    versions = {"lm_probe": __version__, "python": platform.python_version(), "numpy": np.__version__}
     import sklearn
 
     versions["scikit-learn"] = sklearn.__version__
@@ -132,57 +130,68 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def load_probes(path: str | Path, model: Any = None) -> Any:
-    """Read probes saved by :func:`save_probes` into a :class:`~lm_probe.ProbeRunner`.
+class SavedProbes:
+    """A folder written by :func:`save_probes`, read in the order a runner is rebuilt from it
+    (:meth:`lm_probe.ProbeRunner.load`): the document and configurations first (checked
+    against the model), the probes' arrays once the runner stands.
 
     Args:
         path: The folder.
-        model: The nnsight model to attach (checked against the saved hidden size and
-            sites); ``None`` gives a runner whose probes predict from features.
+        model: The nnsight model the probes will be attached to (its hidden size is checked
+            against the saved one), or ``None``.
 
     Raises:
-        ValueError: a newer schema, or a model whose hidden size or modules differ.
+        ValueError: a newer schema, or a model whose hidden size differs.
     """
-    from .runner import ProbeRunner
 
-    path = Path(path)
-    document = json.loads((path / "probes.json").read_text())
-    check_schema_version(document, SCHEMA_VERSION, "probe", path)
-    saved_hidden = (document.get("model") or {}).get("hidden_size")
-    if model is not None:
-        hidden = getattr(model._module.config, "hidden_size", None)
-        if saved_hidden is not None and hidden is not None and hidden != saved_hidden:
-            raise ValueError(f"the probes in {path} were trained on hidden size {saved_hidden} "
-                             f"({document['model']['name']!r}) but this model has hidden size {hidden}")
-    configs, states = {}, []
-    for entry in document["probes"]:
-        cfg = _decode(entry["config"])
-        config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(entry["probe_kwargs"]))
-        configs.setdefault(config.name, config)
-        states.append((config, entry))
-    if model is not None:
-        runner = ProbeRunner(model, list(configs.values()), seed=document["seed"], progress=False)
-    else:
-        runner = ProbeRunner._without_model(list(configs.values()), seed=document["seed"])
-    with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
-        for k, (config, entry) in enumerate(states):
-            probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])
-            probe.n_steps_, probe.best_loss_, probe.best_step_ = entry["n_steps"], entry["best_loss"], entry["best_step"]
-            probe.stopped_reason_ = StopReason(entry["stop_reason"])
-            probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
-            probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
-            probe.n_epochs_ = entry.get("n_epochs", 0)
-            if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
-                probe.n_rows_ = entry["n_rows"]
-                probe.reset_estimator_alpha()
-            probe.load_moments(entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"])
-            _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
-            runner.probes[entry["name"]] = probe
-    runner.metrics = _metrics(document.get("metrics"))
-    control = document.get("control")
-    if control is not None:
-        runner.control = ControlTask.from_dict(control, seed=document["seed"])
-    return runner
+    def __init__(self, path: str | Path, model: Any = None) -> None:
+        self.path = path = Path(path)
+        self.document = document = json.loads((path / "probes.json").read_text())
+        check_schema_version(document, SCHEMA_VERSION, "probe", path)
+        saved_hidden = (document.get("model") or {}).get("hidden_size")
+        if model is not None:
+            hidden = getattr(model._module.config, "hidden_size", None)
+            if saved_hidden is not None and hidden is not None and hidden != saved_hidden:
+                raise ValueError(f"the probes in {path} were trained on hidden size {saved_hidden} "
+                                 f"({document['model']['name']!r}) but this model has hidden size {hidden}")
+        configs: dict[str, ProbeConfig] = {}
+        self._states = []
+        for entry in document["probes"]:
+            cfg = _decode(entry["config"])
+            config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(entry["probe_kwargs"]))
+            configs.setdefault(config.name, config)
+            self._states.append((config, entry))
+        self.configs = list(configs.values())  #: one per probe name (a control twin shares its probe's)
+        self.seed: int = document["seed"]
+
+    def probes(self) -> dict[str, Probe]:
+        """Every saved probe, its estimator and moments restored (from ``arrays.npz``)."""
+        probes = {}
+        with np.load(self.path / "arrays.npz", allow_pickle=False) as arrays:
+            for k, (config, entry) in enumerate(self._states):
+                probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])
+                probe.n_steps_, probe.best_loss_ = entry["n_steps"], entry["best_loss"]
+                probe.best_step_ = entry["best_step"]
+                probe.stopped_reason_ = StopReason(entry["stop_reason"])
+                probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
+                probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
+                probe.n_epochs_ = entry.get("n_epochs", 0)
+                if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
+                    probe.n_rows_ = entry["n_rows"]
+                    probe.reset_estimator_alpha()
+                probe.load_moments(entry["n"], arrays[f"p{k}/mean"], arrays[f"p{k}/m2"])
+                _restore_estimator(probe, entry["estimator"], f"p{k}/est", arrays)
+                probes[entry["name"]] = probe
+        return probes
+
+    def metrics(self) -> pd.DataFrame | None:
+        """The saved metrics table (``None`` if there was none)."""
+        return _metrics(self.document.get("metrics"))
+
+    def control(self) -> ControlTask | None:
+        """The saved control task (``None`` if there was none)."""
+        control = self.document.get("control")
+        return None if control is None else ControlTask.from_dict(control, seed=self.seed)
 
 
 def _metrics(split: dict | None) -> pd.DataFrame | None:

@@ -11,7 +11,7 @@ p = λ / Σλ; D the hidden size; the covariance divides by n - 1):
 * between two sites with paired rows: linear CKA from the cross-covariance, mean
   row cosine, and subspace novelty from principal angles.
 
-The stateful :class:`lm_probe.geometry.Geometry` streams the moments these need and
+The stateful :class:`lm_probe.consumers.geometry.Geometry` streams the moments these need and
 calls these functions in ``compute()``.
 """
 

@@ -44,7 +44,7 @@ Two rules hold for every consumer:
 * **Each example once per pass.** ``collect`` is one pass. In ``fit_probes`` the model
   runs once per training example, in the first epoch, and every consumer sees that
   epoch; later epochs replay the pooled rows to the probes alone (see
-  :mod:`lm_probe.replay`). So nothing but a probe's training can depend on the number
+  :mod:`lm_probe.core.replay`). So nothing but a probe's training can depend on the number
   of epochs: row counts, stored rows and samples are those of one pass.
 * **One non-finite policy.** A row with a non-finite value (NaN, inf) is left out by
   whatever reads it, and counted: :func:`finite_rows` is the test, and each consumer
@@ -77,7 +77,7 @@ Request = tuple[str, str]  #: (site spec as written, pooling name)
 
 class NotComputedError(RuntimeError):
     """``compute()`` or a prediction was asked for before any data was seen (a probe
-    raises its subclass :class:`~lm_probe.probe.ProbeNotFittedError`, also scikit-learn's
+    raises its subclass :class:`~lm_probe.probes.probe.ProbeNotFittedError`, also scikit-learn's
     ``NotFittedError``)."""
 
 
@@ -92,10 +92,10 @@ class RunContext:
         data: The examples of the pass (in ``fit_probes``: the fit split, without the
             validation share).
         batch_size: Examples per forward pass (``None``: not known; a consumer keeps its own).
-        training: ``{probe name: lm_probe.probe.Training}``, the settings ``fit_probes``
+        training: ``{probe name: lm_probe.probes.probe.Training}``, the settings ``fit_probes``
             decided for each probe (classes, cached validation rows, early stopping...);
             empty for other consumers and in ``collect``. A probe missing here trains
-            with the defaults of :class:`~lm_probe.probe.Training`.
+            with the defaults of :class:`~lm_probe.probes.probe.Training`.
     """
 
     model: Any = None
@@ -119,7 +119,7 @@ class SubsetRequest:
     request per pass) and hands the rows in with :meth:`Consumer.observe`.
 
     Attributes:
-        data: The examples (a :class:`~lm_probe.dataset.ProbeDataset`), pooled in order.
+        data: The examples (a :class:`~lm_probe.core.dataset.ProbeDataset`), pooled in order.
         requests: ``(site spec, pooling)`` pairs to pool; their sites must be among the
             consumer's ``site_specs()``.
         batch_size: Examples per forward pass.
@@ -305,5 +305,5 @@ def start_consumer(consumer: Consumer, context: RunContext, **legacy: Any) -> No
         return
     warnings.warn(f"{type(consumer).__name__}.start(**keywords) is the consumer protocol's earlier form; define "
                   "start(self, context) and read context.model, context.sites, context.data, context.batch_size "
-                  "(lm_probe.consumer.RunContext)", FutureWarning, stacklevel=3)
+                  "(lm_probe.core.consumer.RunContext)", FutureWarning, stacklevel=3)
     consumer.start(**context.as_keywords(), **legacy)

@@ -4,16 +4,17 @@ The runner's loop asks its source for the pooled activations of each batch and n
 asks which source it is:
 
 * :class:`TraceSource`: one nnsight trace of the live model per batch (the only place
-  the model runs; see :mod:`lm_probe.trace`);
-* :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.store`), matched by
+  the model runs; see :mod:`lm_probe.core.trace`);
+* :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.consumers.store`), matched by
   example id;
 * :class:`ArraySource`: pooled rows held in memory, matched by example id (rows pooled
   once, e.g. with ``runner.pooled``, then probed with several label sets);
-* :class:`~lm_probe.replay.ReplayCache`: the rows pooled in the first epoch of
+* :class:`~lm_probe.core.replay.ReplayCache`: the rows pooled in the first epoch of
   ``fit_probes``, replayed to the probes in the later epochs.
 
 A source says whether reading the same batch again is free (``replayable``): the runner
-caches a first epoch only when it is not.
+caches a first epoch only when it is not. :func:`read_dataset` reads a whole dataset from
+any source, one read per batch for all requests, rows back in dataset order.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .consumer import HostArrays, Request
-from .dataset import Batch, ProbeDataset
+from .dataset import Batch, ProbeDataset, check_batch_size
 from .sites import Site, resolve_sites
 from .trace import read_pooled
 
-__all__ = ["Source", "TraceSource", "StoreSource", "ArraySource"]
+__all__ = ["Source", "TraceSource", "StoreSource", "ArraySource", "read_dataset"]
 
 
 class Source(Protocol):
@@ -125,3 +127,31 @@ class ArraySource:
         if unknown:
             raise ValueError(f"sites {unknown} are not in this ArraySource; it has {sorted(self.sites)}")
         return {s: self.sites[s] for s in specs}
+
+
+def read_dataset(source: Source, dataset: ProbeDataset, requests: Sequence[Request], batch_size: int = 16, *,
+                 progress: bool = True, desc: str = "pooling") -> dict[Request, np.ndarray]:
+    """Pooled activations of a whole dataset from ``source``, one read per batch for all requests.
+
+    Args:
+        source: Where the rows come from; the requests' sites must be resolved for it.
+        dataset: Examples, in order.
+        requests: Distinct ``(site, pooling)`` pairs.
+        batch_size: Examples per read (per forward pass, for a trace).
+        progress: Show a progress bar over batches.
+        desc: The progress bar's label.
+
+    Returns:
+        ``{(site, pooling): (n, hidden) float32 array}`` in dataset order; for
+        ``pool="none"`` the rows are every real token, example by example.
+    """
+    batch_size = check_batch_size(batch_size)
+    rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
+    batches = dataset.batches(batch_size, by_length=True)  # least padding; rows put back in order
+    for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc, disable=not progress, leave=False):
+        n_tokens = batch.attention_mask.sum(1).numpy()
+        for (spec, how), value in source.read(batch, dataset, requests).items():
+            parts = np.split(value, np.cumsum(n_tokens)[:-1]) if how == "none" else value[:, None]
+            for i, part in zip(batch.index, parts):
+                rows[(spec, how)][i] = part
+    return {key: np.concatenate(parts) for key, parts in rows.items()}

@@ -29,21 +29,21 @@ and goes through three stages, each in one function:
 1. :func:`load_experiment` parses the file into frozen dataclasses. Every key of every
    table is checked: an unknown key is an error naming it, its table and the closest
    valid key; values are type-checked against the schema (:data:`SCHEMA`).
-2. :func:`lm_probe.plan.plan_experiment` does everything that needs no forward pass:
-   reads the data and checks its columns and labels (:mod:`lm_probe.tables`), loads the
+2. :func:`lm_probe.app.plan.plan_experiment` does everything that needs no forward pass:
+   reads the data and checks its columns and labels (:mod:`lm_probe.app.tables`), loads the
    model (its weights, to check sites), expands site ranges and kinds, resolves every
    site against the model, expands the probe sweep (the cartesian product of
    list-valued settings, per site), builds each seed's splits, probes and consumers, and
    checks the consumers' options. ``--dry-run`` stops here and prints
-   :meth:`~lm_probe.plan.Plan.describe`.
+   :meth:`~lm_probe.app.plan.Plan.describe`.
 
 Stages 1 and 2 report every problem they find in one :class:`ExperimentError` (a
 :class:`Problems` list: the file's keys, the data, the model and its sites, the options,
 then the output folder), so one run shows all there is to fix.
-3. :func:`lm_probe.outputs.run_plan` trains every probe of a seed from one
+3. :func:`lm_probe.app.outputs.run_plan` trains every probe of a seed from one
    :class:`~lm_probe.ProbeRunner` (one trace per batch for all probes, the geometry and
    the gauges), then writes ``metrics.csv``, each consumer's artifacts, ``run.json`` and
-   ``report.html`` (:mod:`lm_probe.report`).
+   ``report.html`` (:mod:`lm_probe.app.report`).
 
 This module holds the file format: the schema, its parsing and the brace ranges.
 """
@@ -61,8 +61,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .gauge import N_SAMPLES
-from .probe import _HEADS, ProbeConfig
+from ..consumers.gauge import N_SAMPLES
+from ..probes.probe import _HEADS, ProbeConfig
 
 __all__ = ["ExperimentError", "Problems", "Experiment", "SCHEMA", "SECTIONS", "SWEEPABLE", "load_experiment",
            "parse_experiment", "expand_braces", "parse_layers", "schema_help"]
@@ -353,7 +353,7 @@ def load_experiment(path: str | Path, *, out: str | Path | None = None,
         seeds: Replace the file's seeds.
         strict: Raise if the file has any problem. ``False``: return what could be read,
             with the problems in :attr:`Experiment.problems` (for
-            :func:`lm_probe.plan.plan_experiment` to add those of the model and data).
+            :func:`lm_probe.app.plan.plan_experiment` to add those of the model and data).
 
     Raises:
         ExperimentError: the file is missing or not TOML, or (``strict``) has unknown keys

@@ -1,16 +1,16 @@
 """Planning an experiment: everything that can be checked without a forward pass.
 
-:func:`plan_experiment` turns a parsed :class:`~lm_probe.experiment.Experiment` into a
+:func:`plan_experiment` turns a parsed :class:`~lm_probe.app.experiment.Experiment` into a
 :class:`Plan`: it loads the model (its weights, to check sites against its modules), reads
-the data (:func:`lm_probe.tables.read_table`), expands site ranges and kinds and resolves
+the data (:func:`lm_probe.app.tables.read_table`), expands site ranges and kinds and resolves
 each site, expands the probe sweep, and builds each seed's subset, splits,
 :class:`~lm_probe.ProbeRunner` (all probes of the seed on one runner, so one trace per
 batch) and consumers. Every option is tried here: scikit-learn arguments are validated,
 the gauge's operator options are run on random points of the model's width, and the
 output folder is checked, last. Every problem found is reported together, in one
-:class:`~lm_probe.experiment.ExperimentError`; rows are tokenized only where a seed uses
+:class:`~lm_probe.app.experiment.ExperimentError`; rows are tokenized only where a seed uses
 them. ``lm-probe run --dry-run`` prints :meth:`Plan.describe` and stops;
-:func:`lm_probe.outputs.run_plan` runs the plan.
+:func:`lm_probe.app.outputs.run_plan` runs the plan.
 
 A sweep is the cartesian product of the list-valued settings of ``[probes]`` (in file
 order), for every site. A probe is named after its site and its swept settings only:
@@ -28,16 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import ProbeDataset, format_labels
+from ..consumers.gauge import DiffusionGauge
+from ..consumers.geometry import Geometry
+from ..core.dataset import ProbeDataset, format_labels
+from ..core.replay import Cache
+from ..core.trigger import Trigger
+from ..probes.probe import ProbeConfig
+from ..runner import ProbeRunner
 from .experiment import SWEEPABLE, Experiment, ExperimentError, GaugesSection, GeometrySection, Problems, \
     ProbesSection, SitesSection, expand_braces, parse_layers
-from .gauge import DiffusionGauge
-from .geometry import Geometry
-from .probe import ProbeConfig
-from .replay import Cache
-from .runner import ProbeRunner
 from .tables import Table, class_counts, read_table
-from .trigger import Trigger
 
 __all__ = ["Plan", "SeedRun", "ProbeSpec", "plan_experiment", "RUN_FILES"]
 
@@ -149,13 +149,13 @@ def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool
     output folder is checked last.
 
     Args:
-        experiment: From :func:`lm_probe.experiment.load_experiment`.
+        experiment: From :func:`lm_probe.app.experiment.load_experiment`.
         model: An nnsight model to use instead of loading ``[model] name`` (tests, notebooks).
         progress: Show progress bars when the plan runs.
         overwrite: Allow an output folder that already holds a run.
 
     Returns:
-        The :class:`Plan`; :func:`lm_probe.outputs.run_plan` runs it.
+        The :class:`Plan`; :func:`lm_probe.app.outputs.run_plan` runs it.
 
     Raises:
         ExperimentError: every problem found: the file's, the data's (columns, labels,
@@ -236,8 +236,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _load_model(exp: Experiment) -> Any:
     import torch
 
-    from .embedded import EMBEDDED_MODELS
-    from .model import ModelNotFoundError, load_model
+    from ..core.embedded import EMBEDDED_MODELS
+    from ..core.model import ModelNotFoundError, load_model
 
     name = exp.model.name
     folder = exp.base / name
@@ -266,8 +266,8 @@ def _load_model(exp: Experiment) -> Any:
 def _sites(section: SitesSection, model: Any) -> list[str]:
     """Canonical site strings from paths (braces expanded) and kinds, each checked against the model;
     every bad path, kind and site is reported together."""
-    from .architectures import sites as sites_of_kind
-    from .sites import SiteError, resolve_sites
+    from ..core.architectures import sites as sites_of_kind
+    from ..core.sites import SiteError, resolve_sites
 
     problems, found = Problems(), {}  # found: canonical site -> where it came from
     wanted: list[tuple[str, str]] = []
@@ -418,7 +418,7 @@ def _geometry(section: GeometrySection, sites: list[str], seed: int) -> Geometry
 
 def _gauge(section: GaugesSection, sites: list[str], seed: int, data: ProbeDataset, model: Any) -> DiffusionGauge:
     """The gauge, with its operator options tried on random points of the model's width (no forward)."""
-    from .diffusion import diffuse
+    from ..functional.diffusion import diffuse
 
     options = dict(knn=section.knn, alpha=section.alpha, normalization=section.normalization,
                    n_eigs=section.n_eigs, bandwidth=section.bandwidth, sparse=section.sparse,

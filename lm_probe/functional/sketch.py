@@ -1,7 +1,7 @@
 """Frequent Directions (Liberty, 2013; Ghashami et al., 2016): a small matrix B whose
 Gram matrix BᵀB approximates AᵀA for a stream of rows A, with
 0 ⪯ AᵀA - BᵀB ⪯ ||A - A_k||²_F / (ℓ - k) for every k < ℓ. Sketches merge by stacking
-and shrinking again. Used by :class:`lm_probe.geometry.Geometry` for wide models.
+and shrinking again. Used by :class:`lm_probe.consumers.geometry.Geometry` for wide models.
 """
 
 from __future__ import annotations

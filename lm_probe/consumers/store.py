@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
-from .consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
-from .model import model_metadata
-from .pooling import check_pool
-from .sites import Site
-from .versions import check_schema_version
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
+from ..core.model import model_metadata
+from ..core.pooling import check_pool
+from ..core.sites import Site
+from ..core.versions import __version__, check_schema_version
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "ChunkedArray", "SCHEMA_VERSION"]
 
@@ -103,8 +103,6 @@ class ActivationStore(Consumer):
         target.mkdir(parents=True, exist_ok=True)
         self.reset()
         self._data = data
-        import lm_probe
-
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,
@@ -113,7 +111,7 @@ class ActivationStore(Consumer):
             "sites": [{"spec": s, "name": sites[s].name if sites else s, "layer": sites[s].layer if sites else None}
                       for s in self.sites],
             "dataset_fingerprint": None if data is None else _fingerprint(data),
-            "lm_probe": lm_probe.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "lm_probe": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
     def update(self, batch: PooledBatch) -> None:

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_schema_version"]
+__all__ = ["check_schema_version", "__version__"]
+
+__version__ = "0.1.0"  #: lm_probe's version (``lm_probe.__version__``), recorded in every saved folder
 
 
 def check_schema_version(document: Mapping[str, Any], supported: int, kind: str, path: str | Path) -> None:
