@@ -146,7 +146,7 @@ Every table and key (an unknown key is an error that names it):
 
 def _example_path() -> str:
     """The example experiment shipped in the repository (examples/experiment.toml)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "experiment.toml"
+    path = Path(__file__).resolve().parents[2] / "examples" / "experiment.toml"
     return str(path) if path.is_file() else "examples/experiment.toml in the lm_probe source repository"
 
 
