@@ -76,14 +76,11 @@ def run_demo(
     Raises:
         ValueError: ``batch_size`` below 1 (before the model loads), or a layer out of range.
     """
-    import numpy as np
-
     from .. import ProbeConfig, ProbeDataset, ProbeRunner, load_model
     from ..core.batching import check_batch_size
 
     batch_size = check_batch_size(batch_size)
     from ..core.embedded import rotten_tomatoes
-    from .plots import plot_accuracy_by_layer
 
     out = Path(out)
     start = time.perf_counter()
@@ -102,17 +99,26 @@ def run_demo(
     runner = ProbeRunner(lm, configs, seed=seed, progress=progress)
     runner.fit_probes(train, test, batch_size=batch_size)
     metrics = runner.metrics.sort_values("layer")
+    _write_demo(metrics, train, test, out, pool)
+    logger.info("done in {:.0f} s; wrote {} and {}", time.perf_counter() - start,
+                out / "metrics.csv", out / "accuracy_by_layer.png")
+    return metrics
+
+
+def _write_demo(metrics: Any, train: Any, test: Any, out: Path, pool: str) -> None:
+    """The demo's ``metrics.csv`` and ``accuracy_by_layer.png`` (with the majority-class
+    accuracy of ``test`` as chance)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .plots import plot_accuracy_by_layer
+
     out.mkdir(parents=True, exist_ok=True)
     metrics.to_csv(out / "metrics.csv")
     chance = float(np.mean(test.labels == np.bincount(train.labels).argmax()))
     fig = plot_accuracy_by_layer(metrics, out / "accuracy_by_layer.png", chance=chance,
                                  title=f"SmolLM2-135M, Rotten Tomatoes ({len(train)} train, {pool} pooling)")
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
-    logger.info("done in {:.0f} s; wrote {} and {}", time.perf_counter() - start,
-                out / "metrics.csv", out / "accuracy_by_layer.png")
-    return metrics
 
 
 RUN_EPILOG = """\

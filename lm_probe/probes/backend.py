@@ -144,6 +144,69 @@ class _Group:
         pos = np.array([cw.get(c, 1.0) for c in classes], np.float32)
         return np.where(T > 0, pos[None, :], 1.0).astype(np.float32)
 
+    def standardized(self, it: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, masks: np.ndarray,
+                     slot: np.ndarray) -> torch.Tensor:
+        """Fold the batch's labeled rows into the float64 moments of probes ``it``, and
+        return ``X`` standardized with them (0 where ``mask`` is false). Probes on the same
+        activations and rows (a sweep, a control twin) share the batch's moments."""
+        shared: dict[tuple, tuple] = {}
+        for j in range(len(it)):
+            key = (slot[j], masks[j].tobytes())
+            if key not in shared:
+                shared[key] = masked_moments(X[j], mask[j])
+        moments = [shared[(slot[j], masks[j].tobytes())] for j in range(len(it))]
+        n_b, mean_b, m2_b = (torch.stack(m) for m in zip(*moments))
+        n_a, mean_a, m2_a = self.n[it], self.mean[it], self.m2[it]
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        self.mean[it] = mean_a + delta * (n_b / n)[:, None]
+        self.m2[it] = m2_a + m2_b + delta ** 2 * (n_a * n_b / n)[:, None]
+        self.n[it] = n
+        scale = torch.sqrt(self.m2[it] / n[:, None])
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        std = self.standardize[it][:, None]
+        mean = torch.where(std, self.mean[it], torch.zeros_like(scale)).float()
+        scale = torch.where(std, scale, torch.ones_like(scale)).float()
+        zero = torch.zeros((), device=X.device)
+        return torch.where(mask[..., None], (X - mean[:, None, :]) / scale[:, None, :], zero)
+
+    def targets_and_weights(self, idx: np.ndarray, targets: list[np.ndarray],
+                            masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probes, rows, outputs)`` one-vs-rest targets and row weights (0 on rows a
+        probe does not train on)."""
+        T_list, w_list = [], []
+        for k, y, m in zip(idx, targets, masks):
+            y_safe = np.where(m, y, self.probes[k].classes_[0])
+            T = ovr_targets(y_safe, self.probes[k].classes_)
+            T_list.append(T)
+            w_list.append(self.weights(k, y_safe, T) * m[:, None])
+        return (torch.as_tensor(np.stack(T_list), device=self.device),
+                torch.as_tensor(np.stack(w_list), device=self.device))
+
+    def descend(self, idx: np.ndarray, it: torch.Tensor, Xs: torch.Tensor, T: torch.Tensor, weight: torch.Tensor,
+                masks: np.ndarray, rows_per_step: int) -> None:
+        """The SGD steps of probes ``idx`` on the batch: rows in order, ``rows_per_step``
+        at a time; averaged SGD keeps the mean of the iterates, each row counted once (as
+        the sklearn backend)."""
+        eta = torch.as_tensor(self.eta(idx, masks), dtype=torch.float32, device=self.device)
+        c = rows_per_step
+        bounds = list(range(0, masks.shape[1], c))
+        n = np.add.reduceat(masks, bounds, axis=1) if bounds else np.zeros((len(idx), 0), np.int64)
+        before = self.seen[idx][:, None] + np.cumsum(n, axis=1) - n
+        start = np.maximum(self.average_from[idx], 1)[:, None]
+        averaging = (self.average_from[idx] > 0)[:, None]
+        frac = torch.as_tensor(np.where(averaging, asgd_weight(before, n, start), 1.0), dtype=torch.float32,
+                               device=self.device)
+        W, b, W_avg, b_avg = self.W[it], self.b[it], self.W_avg[it], self.b_avg[it]
+        alpha, fit_intercept = self.alpha[it], self.fit_intercept[it]
+        for j, lo in enumerate(bounds):
+            rows = slice(lo, lo + c)
+            W, b = logistic_sgd_step(W, b, Xs[:, rows], T[:, rows], weight[:, rows], eta[:, rows], alpha, fit_intercept)
+            W_avg = torch.lerp(W_avg, W, frac[:, j, None, None])
+            b_avg = torch.lerp(b_avg, b, frac[:, j, None])
+        self.W[it], self.b[it], self.W_avg[it], self.b_avg[it] = W, b, W_avg, b_avg
+        self.seen[idx] = self.seen[idx] + masks.sum(1)
+
 
 class ProbeBank(Consumer):
     """The torch backend's consumer: the linear classifiers of a runner, trained together.
@@ -218,9 +281,29 @@ class ProbeBank(Consumer):
         self.n_steps_ += 1
 
     def _step(self, g: _Group, batch: PooledBatch) -> None:
+        """One batched SGD step for the active probes of ``g``, then each probe's bookkeeping."""
+        rows = self._rows(g, batch)
+        if rows is None:
+            return
+        idx, X, mask, masks, slot, targets = rows
+        it = torch.as_tensor(idx, device=self.device)
+        Xs = g.standardized(it, X, mask, masks, slot)
+        T, weight = g.targets_and_weights(idx, targets, masks)
+        g.descend(idx, it, Xs, T, weight, masks, self.rows_per_step)
+        for j, k in enumerate(idx):
+            probe = g.probes[k]
+            if probe.note_step():  # its validation is scored now: on the bank's current weights
+                self._sync(g, int(k))
+            probe.after_step()
+
+    def _rows(self, g: _Group, batch: PooledBatch) -> tuple | None:
+        """What the active probes of ``g`` train on in ``batch``: ``(idx, X, mask, masks,
+        slot, targets)``, the probes with a labeled finite row and their ``(P, rows,
+        hidden)`` activations (zero where left out), or ``None``. Each probe counts the
+        rows left out for non-finite activations (the non-finite policy)."""
         idx = np.array([k for k, p in enumerate(g.probes) if p.active], np.int64)
         if len(idx) == 0:
-            return
+            return None
         targets = [g.probes[k].targets(batch) for k in idx]
         masks = np.stack([labeled(y) for y in targets])  # (P, rows)
         requests = list(dict.fromkeys(g.probes[k].requests[0] for k in idx))
@@ -234,71 +317,11 @@ class ProbeBank(Consumer):
         mask = torch.as_tensor(masks, device=self.device)
         keep = masks.any(1)
         if not keep.any():
-            return
+            return None
         idx, X, mask, masks, slot = idx[keep], X[keep], mask[keep], masks[keep], slot[keep]
         X = torch.where(mask[..., None], X, torch.zeros((), dtype=X.dtype, device=X.device))  # no NaN in the sums
         targets = [t for t, k in zip(targets, keep) if k]
-        it = torch.as_tensor(idx, device=self.device)
-
-        # standardization: fold this batch's labeled rows into each probe's float64 moments;
-        # probes on the same activations and rows (a sweep, a control twin) share the batch's
-        shared: dict[tuple, tuple] = {}
-        for j in range(len(idx)):
-            key = (slot[j], masks[j].tobytes())
-            if key not in shared:
-                shared[key] = masked_moments(X[j], mask[j])
-        moments = [shared[(slot[j], masks[j].tobytes())] for j in range(len(idx))]
-        n_b, mean_b, m2_b = (torch.stack(m) for m in zip(*moments))
-        n_a, mean_a, m2_a = g.n[it], g.mean[it], g.m2[it]
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        g.mean[it] = mean_a + delta * (n_b / n)[:, None]
-        g.m2[it] = m2_a + m2_b + delta ** 2 * (n_a * n_b / n)[:, None]
-        g.n[it] = n
-        scale = torch.sqrt(g.m2[it] / n[:, None])
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        std = g.standardize[it][:, None]
-        mean = torch.where(std, g.mean[it], torch.zeros_like(scale)).float()
-        scale = torch.where(std, scale, torch.ones_like(scale)).float()
-        Xs = torch.where(mask[..., None], (X - mean[:, None, :]) / scale[:, None, :], torch.zeros((), device=X.device))
-
-        # targets and weights (0 on rows a probe does not train on)
-        T_list, w_list = [], []
-        for k, y, m in zip(idx, targets, masks):
-            y_safe = np.where(m, y, g.probes[k].classes_[0])
-            T = ovr_targets(y_safe, g.probes[k].classes_)
-            T_list.append(T)
-            w_list.append(g.weights(k, y_safe, T) * m[:, None])
-        T = torch.as_tensor(np.stack(T_list), device=self.device)
-        weight = torch.as_tensor(np.stack(w_list), device=self.device)
-
-        eta = torch.as_tensor(g.eta(idx, masks), dtype=torch.float32, device=self.device)
-
-        # rows in order, `rows_per_step` at a time; averaged SGD: the mean of the iterates,
-        # each row counted once (as the sklearn backend)
-        c = self.rows_per_step
-        bounds = list(range(0, masks.shape[1], c))
-        n = np.add.reduceat(masks, bounds, axis=1) if bounds else np.zeros((len(idx), 0), np.int64)
-        before = g.seen[idx][:, None] + np.cumsum(n, axis=1) - n
-        start = np.maximum(g.average_from[idx], 1)[:, None]
-        averaging = (g.average_from[idx] > 0)[:, None]
-        frac = torch.as_tensor(np.where(averaging, asgd_weight(before, n, start), 1.0), dtype=torch.float32,
-                               device=self.device)
-        W, b, W_avg, b_avg = g.W[it], g.b[it], g.W_avg[it], g.b_avg[it]
-        alpha, fit_intercept = g.alpha[it], g.fit_intercept[it]
-        for j, lo in enumerate(bounds):
-            rows = slice(lo, lo + c)
-            W, b = logistic_sgd_step(W, b, Xs[:, rows], T[:, rows], weight[:, rows], eta[:, rows], alpha, fit_intercept)
-            W_avg = torch.lerp(W_avg, W, frac[:, j, None, None])
-            b_avg = torch.lerp(b_avg, b, frac[:, j, None])
-        g.W[it], g.b[it], g.W_avg[it], g.b_avg[it] = W, b, W_avg, b_avg
-        g.seen[idx] = g.seen[idx] + masks.sum(1)
-
-        for j, k in enumerate(idx):
-            probe = g.probes[k]
-            if probe.note_step():  # its validation is scored now: on the bank's current weights
-                self._sync(g, int(k))
-            probe.after_step()
+        return idx, X, mask, masks, slot, targets
 
     def _sync(self, g: _Group, k: int) -> None:
         """Load probe ``k``'s current weights and moments into it."""
