@@ -3,8 +3,8 @@
 Imports flow one way, ``functional <- core <- probes, consumers <- runner <- app,
 integrations``: a module imports only from its own subpackage and from the layers below
 it (every import counts, those inside functions and ``TYPE_CHECKING`` blocks too), and no
-two modules import each other, directly or through others. The old public import paths
-still work.
+two modules import each other, directly or through others. No file is over 400 lines and
+no function over 60, and the old public import paths still work.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "testing": set(),  # tiny models for tests: nothing of lm_probe's
     "lm_probe": {"functional", "core", "probes", "consumers", "runner", "app", "integrations"},
 }
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60  # end_lineno - lineno + 1: signature and docstring included
+MAX_RUNNER_CODE_LINES = 250
+SCREEN_LINES = 40
+#: Files (``lm_probe/x.py``) or functions (``lm_probe/x.py:Class.method``) allowed over the
+#: limits, each with the reason it cannot be split. Empty: everything could be.
+ALLOWED_LONG: dict[str, str] = {}
 
 
 def modules() -> dict[str, Path]:
@@ -125,6 +132,52 @@ def test_the_order_is_checked_on_lazy_and_relative_imports(tmp_path):
     (tmp_path / "m.py").write_text(code)
     known = {"lm_probe.runner", "lm_probe.core.sites", "lm_probe.app.cli"}
     assert imports("lm_probe.core.m", tmp_path / "m.py", known) == known
+
+
+# ---------------------------------------------------------------- sizes
+def _functions(tree: ast.AST, prefix: str = ""):
+    """``(qualified name, lines)`` of every function and method, docstring included."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{node.name}"
+            if not isinstance(node, ast.ClassDef):
+                yield name, node.end_lineno - node.lineno + 1
+            yield from _functions(node, name + ".")
+
+
+def _key(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def test_no_file_is_too_long():
+    long = {_key(p): n for p in modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES and _key(p) not in ALLOWED_LONG}
+    assert not long, f"files over {MAX_FILE_LINES} lines (split them along a seam): {long}"
+
+
+def test_no_function_is_too_long():
+    long = {f"{_key(p)}:{name}": n for p in modules().values() for name, n in _functions(ast.parse(p.read_text()))
+            if n > MAX_FUNCTION_LINES and f"{_key(p)}:{name}" not in ALLOWED_LONG}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (docstring included): {long}"
+
+
+def test_the_allowed_long_entries_still_exist():
+    keys = {_key(p) for p in modules().values()}
+    keys |= {f"{_key(p)}:{name}" for p in modules().values() for name, _ in _functions(ast.parse(p.read_text()))}
+    assert set(ALLOWED_LONG) <= keys
+
+
+def test_the_runner_is_the_loop_and_little_else():
+    """ProbeRunner's code, its docstrings aside (the public API's documentation stays whole),
+    is at most MAX_RUNNER_CODE_LINES, and its main loop fits on one screen."""
+    tree = ast.parse((PACKAGE / "runner.py").read_text())
+    runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ProbeRunner")
+    docstrings = {line for node in ast.walk(runner) if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                  and ast.get_docstring(node) is not None
+                  for line in range(node.body[0].lineno, node.body[0].end_lineno + 1)}
+    assert runner.end_lineno - runner.lineno + 1 - len(docstrings) <= MAX_RUNNER_CODE_LINES
+    loop = next(n for n in runner.body if isinstance(n, ast.FunctionDef) and n.name == "_pass")
+    assert loop.end_lineno - loop.lineno + 1 <= SCREEN_LINES
 
 
 # ---------------------------------------------------------------- the import paths users have

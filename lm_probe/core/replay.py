@@ -31,7 +31,7 @@ import numpy as np
 from loguru import logger
 
 from .batching import Batch
-from .consumer import Consumer, NotComputedError, PooledBatch, Request
+from .consumer import Consumer, NotComputedError, PooledBatch, Request, requests_of
 from .dataset import ProbeDataset
 from .sites import Site
 
@@ -97,7 +97,7 @@ class ReplayCache(Consumer):
 
     @property
     def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
-        return tuple(dict.fromkeys(r for t in self.trainers if t.active for r in t.requests))
+        return tuple(requests_of(t for t in self.trainers if t.active))
 
     @property
     def active(self) -> bool:

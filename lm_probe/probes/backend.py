@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext
+from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, requests_of
 from ..core.labels import labeled
 from ..functional.sgd import asgd_weight, logistic_sgd_step, masked_moments, ovr_targets
 from .probe import Probe
@@ -235,7 +235,7 @@ class ProbeBank(Consumer):
 
     @property
     def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
-        return tuple(dict.fromkeys(r for p in self.probes if p.active for r in p.requests))
+        return tuple(requests_of(p for p in self.probes if p.active))
 
     @property
     def active(self) -> bool:
