@@ -385,8 +385,7 @@ class ProbeRunner:
             ``{(site, pooling): (n, hidden) float32 array}`` in dataset order; for
             ``pool="none"`` the rows are every real token, example by example.
         """
-        batch_size = check_batch_size(batch_size)
-        requests = list(dict.fromkeys(requests if requests is not None else self._probe_requests()))
+        requests = list(requests) if requests is not None else self._probe_requests()
         self._resolve([spec for spec, _ in requests])
         return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
 
