@@ -291,8 +291,7 @@ class ProbeRunner:
             ``pool="none"`` the rows are every real token, example by example
             (:func:`~lm_probe.core.sources.read_dataset`).
         """
-        batch_size = check_batch_size(batch_size)
-        requests = list(dict.fromkeys(requests if requests is not None else requests_of(self.probes.values())))
+        requests = list(requests) if requests is not None else requests_of(self.probes.values())
         self._resolve([spec for spec, _ in requests])
         return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
 

@@ -36,7 +36,7 @@ from ..core.consumer import Consumer, NotComputedError, Request, RunContext, Sub
 from ..core.dataset import ProbeDataset
 from ..core.model import ensure_dispatched
 from ..core.pooling import check_pool
-from ..core.sites import Site
+from ..core.sites import resolve_sites
 from ..core.sources import TraceSource, read_dataset
 from ..core.trigger import Trigger
 
@@ -171,11 +171,11 @@ class DiffusionGauge(Consumer):
         was_training = module.training
         module.eval()
         try:
-            sites: dict[str, Site] = {}
-            source = TraceSource(ensure_dispatched(wrapped), sites)
-            sites.update(source.resolve(dict.fromkeys(self.sites)))
-            requests = list(dict.fromkeys((s, self.pool) for s in self.sites))
-            acts = read_dataset(source, self._subset, requests, self.batch_size, progress=False, desc="gauge")
+            traced = ensure_dispatched(wrapped)
+            sites = resolve_sites(traced._module, self.sites)
+            requests = [(s, self.pool) for s in self.sites]
+            acts = read_dataset(TraceSource(traced, sites), self._subset, requests, self.batch_size, progress=False,
+                                desc="gauge")
         finally:
             module.train(was_training)
         results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}

@@ -150,7 +150,7 @@ def read_dataset(source: Source, dataset: ProbeDataset, requests: Sequence[Reque
     Args:
         source: Where the rows come from; the requests' sites must be resolved for it.
         dataset: Examples, in order.
-        requests: Distinct ``(site, pooling)`` pairs.
+        requests: ``(site, pooling)`` pairs (a repeated pair is read once).
         batch_size: Examples per read (per forward pass, for a trace).
         progress: Show a progress bar over batches.
         desc: The progress bar's label.
@@ -160,6 +160,7 @@ def read_dataset(source: Source, dataset: ProbeDataset, requests: Sequence[Reque
         ``pool="none"`` the rows are every real token, example by example.
     """
     batch_size = check_batch_size(batch_size)
+    requests = list(dict.fromkeys(requests))
     rows: dict[Request, list] = {key: [None] * len(dataset) for key in requests}
     batches = dataset.batches(batch_size, by_length=True)  # least padding; rows put back in order
     for batch in tqdm(batches, total=-(-len(dataset) // batch_size), desc=desc, disable=not progress, leave=False):
