@@ -61,7 +61,7 @@ import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -281,6 +281,25 @@ class Consumer:
     def site_specs(self) -> list[str]:
         """Sites to check against the model before any forward pass."""
         return [spec for spec, _ in self.requests]
+
+
+class Group(Consumer):
+    """A consumer that stands for others, its :attr:`members` (the replay cache for the
+    probes it serves, the torch bank for its probes): active while any member is, and
+    reading what the active members read."""
+
+    @property
+    def members(self) -> Sequence[Consumer]:
+        """The consumers this one stands for."""
+        raise NotImplementedError
+
+    @property
+    def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
+        return tuple(requests_of(m for m in self.members if m.active))
+
+    @property
+    def active(self) -> bool:
+        return any(m.active for m in self.members)
 
 
 def requests_of(consumers: Iterable[Consumer]) -> list[Request]:

@@ -31,7 +31,7 @@ import numpy as np
 from loguru import logger
 
 from .batching import Batch
-from .consumer import Consumer, NotComputedError, PooledBatch, Request, requests_of
+from .consumer import Consumer, Group, NotComputedError, PooledBatch, Request
 from .dataset import ProbeDataset
 from .sites import Site
 
@@ -64,7 +64,7 @@ class Cache:
                              "spill_dir=None for the system's temporary folder")
 
 
-class ReplayCache(Consumer):
+class ReplayCache(Group):
     """Records the first epoch's pooled rows of a fit split; a source for the later epochs.
 
     As a consumer it reads the requests of the still-active ``trainers`` (so it never
@@ -96,12 +96,8 @@ class ReplayCache(Consumer):
         self._cleanup: Any = None
 
     @property
-    def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
-        return tuple(requests_of(t for t in self.trainers if t.active))
-
-    @property
-    def active(self) -> bool:
-        return any(t.active for t in self.trainers)
+    def members(self) -> list:
+        return self.trainers
 
     def site_specs(self) -> list[str]:
         return []

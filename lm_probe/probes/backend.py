@@ -41,7 +41,7 @@ import torch
 from loguru import logger
 from sklearn.linear_model import SGDClassifier
 
-from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, requests_of
+from ..core.consumer import Consumer, Group, NotComputedError, PooledBatch, RunContext
 from ..core.labels import labeled
 from ..functional.sgd import asgd_weight, logistic_sgd_step, masked_moments, ovr_targets
 from .probe import Probe
@@ -208,7 +208,7 @@ class _Group:
         self.seen[idx] = self.seen[idx] + masks.sum(1)
 
 
-class ProbeBank(Consumer):
+class ProbeBank(Group):
     """The torch backend's consumer: the linear classifiers of a runner, trained together.
 
     The runner feeds the bank instead of its probes, and starts it instead of them:
@@ -234,12 +234,8 @@ class ProbeBank(Consumer):
         self.n_steps_ = 0
 
     @property
-    def requests(self) -> tuple[Request, ...]:  # type: ignore[override]
-        return tuple(requests_of(p for p in self.probes if p.active))
-
-    @property
-    def active(self) -> bool:
-        return any(p.active for p in self.probes)
+    def members(self) -> list:
+        return self.probes
 
     def site_specs(self) -> list[str]:
         return list(dict.fromkeys(p.config.site for p in self.probes))

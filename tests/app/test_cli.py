@@ -17,7 +17,7 @@ from lm_probe.app.schema import SCHEMA
 
 from conftest import tiny_experiment_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "experiment.toml"
 
 EXPERIMENT = """
