@@ -22,7 +22,7 @@ from ..core.labels import format_labels
 from ..core.pooling import check_pool
 from .softmax import SoftmaxSGDClassifier
 
-__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SOLVERS", "PER_PROBE",
+__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SOLVERS", "SCORINGS", "PER_PROBE",
            "ORIGINAL_ARGUMENTS", "default_alpha"]
 
 _HEADS: dict[tuple[str, str], type] = {
@@ -41,6 +41,8 @@ _SGD_LINEAR = ("linear", "softmax")
 #: ``"lbfgs"``: a full-batch L2 logistic regression on all the fit rows, at the end of the
 #: first epoch, with ``C`` chosen on the validation split.
 SOLVERS = ("sgd", "lbfgs")
+#: What ``solver="lbfgs"`` may choose ``C`` by (held-out accuracy, ties to log-loss; or log-loss).
+SCORINGS = ("accuracy", "log_loss")
 #: The grid of inverse regularization strengths ``C`` searched by ``solver="lbfgs"``
 #: (the same grid as scikit-learn's ``LogisticRegressionCV(Cs=10)``).
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
@@ -195,6 +197,8 @@ class ProbeConfig:
             5, as ``LogisticRegressionCV``), or, with ``cv="validation"``, by the log-loss
             on the validation split alone (5 folds when there is none). Either way the
             probe is then refit with that ``C`` on the fit and validation rows.
+        scoring: What ``solver="lbfgs"`` chooses ``C`` by: ``"accuracy"`` (default, as
+            ``LogisticRegressionCV``; ties go to the lower log-loss) or ``"log_loss"``.
         patience, warmup_steps, max_steps: This probe's own early stopping and step
             budget, in place of the values given to ``fit_probes`` (``None``: those; see
             :data:`PER_PROBE`). Patience counts validation evaluations, one every
@@ -222,6 +226,7 @@ class ProbeConfig:
         solver: str = "sgd",
         Cs: Iterable[float] | None = None,
         cv: int | str | None = None,
+        scoring: str | None = None,
         patience: int | None = None,
         warmup_steps: int | None = None,
         max_steps: int | None = None,
@@ -246,13 +251,13 @@ class ProbeConfig:
         self.pool = check_pool(pool)
         self.name = label
         self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
-        self._set_solver(solver, Cs, cv, probe_kwargs)
+        self._set_solver(solver, Cs, cv, scoring, probe_kwargs)
         self._set_own(patience=patience, warmup_steps=warmup_steps, max_steps=max_steps)
         self.probe_kwargs: dict[str, Any] = self._estimator_kwargs(_from_original(probe_kwargs))
 
-    def _set_solver(self, solver: str, Cs: Iterable[float] | None, cv: int | str | None,
+    def _set_solver(self, solver: str, Cs: Iterable[float] | None, cv: int | str | None, scoring: str | None,
                     probe_kwargs: dict[str, Any]) -> None:
-        """Check and set ``solver``, ``Cs`` (its C grid) and ``cv`` (how it chooses C)."""
+        """Check and set ``solver``, ``Cs`` (its C grid), ``cv`` and ``scoring`` (how it chooses C)."""
         label, head, task = self.name, self.head, self.task
         if solver not in SOLVERS:
             raise ValueError(f"probe {label!r}: solver must be one of {SOLVERS}, got {solver!r}")
@@ -272,6 +277,10 @@ class ProbeConfig:
             raise ValueError(f"probe {label!r}: cv is the number of cross-validation folds of solver='lbfgs' "
                              f"(at least 2), or 'validation' to choose C on the validation split; got {cv!r}")
         self.cv = None if solver != "lbfgs" else cv if cv == "validation" else int(cv or 5)
+        if scoring is not None and (solver != "lbfgs" or scoring not in SCORINGS):
+            raise ValueError(f"probe {label!r}: scoring is what solver='lbfgs' chooses C by, one of {SCORINGS}; "
+                             f"got scoring={scoring!r} with solver={solver!r}")
+        self.scoring = None if solver != "lbfgs" else scoring or "accuracy"
         if solver == "lbfgs" and "C" in probe_kwargs:
             raise ValueError(f"probe {label!r}: solver='lbfgs' chooses C from Cs; give Cs=[{probe_kwargs['C']}] "
                              "to fix it")

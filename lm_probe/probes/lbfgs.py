@@ -1,12 +1,14 @@
-"""``solver="lbfgs"``: one full-batch L2 logistic regression per probe, ``C`` chosen on held-out log-loss.
+"""``solver="lbfgs"``: one full-batch L2 logistic regression per probe, ``C`` chosen on held-out rows.
 
 A probe with ``solver="lbfgs"`` keeps its fit rows through the first epoch
 (:class:`FitRows`, within the replay cache's memory budget), in example-id order so that
 folds do not depend on the batch order, and solves once at the end of that epoch: a
-logistic regression for each ``C`` of the grid, scored by log-loss (:func:`choose_C`),
+logistic regression for each ``C`` of the grid, scored on held-out rows (:func:`choose_C`)
 either in a ``cv``-fold stratified cross-validation over the fit and validation rows
 together (as ``LogisticRegressionCV``) or on the validation split alone
-(``cv="validation"``), then one refit with the best ``C`` on all those rows
+(``cv="validation"``); the ``C`` of the best accuracy (as ``LogisticRegressionCV``'s
+default scoring; ties to the lower log-loss) or of the lowest log-loss
+(``scoring="log_loss"``) is chosen (:func:`best_C`), then refit on all those rows
 (:func:`fit_logistic`).
 """
 
@@ -16,12 +18,12 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.linear_model import LogisticRegression
 
 from ..core.consumer import PooledBatch
 from ..core.labels import format_labels
 
-__all__ = ["FitRows", "row_keys", "solve", "choose_C", "fit_logistic"]
+__all__ = ["FitRows", "row_keys", "solve", "choose_C", "held_out_scores", "best_C", "fit_logistic"]
 
 
 class FitRows:
@@ -89,56 +91,85 @@ def fit_logistic(C: float, X: np.ndarray, y: np.ndarray, random_state: int | Non
 
 def choose_C(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None, *,
              Cs: Sequence[float], folds: int | str, classes: np.ndarray, random_state: int | None,
-             kwargs: dict[str, Any]) -> tuple[list[float], np.ndarray, np.ndarray]:
-    """The log-loss of each ``C`` of ``Cs``, and the rows to refit the chosen one on.
+             kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out accuracy and log-loss of each ``C`` of ``Cs``, and the rows to refit on.
+
+    Each split fits one ``LogisticRegression`` per ``C``, each from zero (not warm-started
+    along the grid as ``LogisticRegressionCV``'s path is: a warm start stops within the
+    solver's tolerance of the previous ``C``'s solution, enough to flip a held-out row).
 
     Args:
         X, y: The fit rows (standardized) and targets.
         validation: The validation rows (standardized) and targets, or ``None``.
         Cs: The grid.
-        folds: Folds of a stratified cross-validation over the fit and validation rows
-            together, or ``"validation"``: score on the validation split (5 folds
-            without one).
+        folds: Folds of a stratified cross-validation (unshuffled, as
+            ``LogisticRegressionCV``) over the fit and validation rows together, or
+            ``"validation"``: score on the validation split (5 folds without one).
         classes: The probe's classes (the columns of the log-loss).
-        random_state: Seed of the estimators and folds.
+        random_state: Seed of the estimators.
         kwargs: ``LogisticRegression`` arguments.
 
     Returns:
-        ``(losses, X, y)``: one mean log-loss per ``C``; the fit and validation rows.
+        ``(accuracy, loss, X, y)``: the mean held-out accuracy and log-loss of each ``C``
+        ``(len(Cs),)``; the fit and validation rows together.
     """
+    from sklearn.model_selection import StratifiedKFold
+
+    if validation is not None:
+        splits = [(np.arange(len(y)), len(y) + np.arange(len(validation[1])))] if folds == "validation" else None
+        X, y = np.vstack([X, validation[0]]), np.concatenate([y, validation[1]])
+    if validation is None or folds != "validation":
+        with warnings.catch_warnings():  # a class with fewer rows than folds: scikit-learn warns, as in LRCV
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(StratifiedKFold(5 if folds == "validation" else int(folds)).split(X, y))
+    scores = np.array([held_out_scores(X[fit], y[fit], X[held], y[held], Cs, classes, random_state, kwargs)
+                       for fit, held in splits])  # (splits, 2, Cs)
+    accuracy, loss = scores.mean(axis=0)
+    return accuracy, loss, X, y
+
+
+def held_out_scores(X: np.ndarray, y: np.ndarray, Xh: np.ndarray, yh: np.ndarray, Cs: Sequence[float],
+                    classes: np.ndarray, random_state: int | None, kwargs: dict[str, Any]) -> np.ndarray:
+    """``(2, len(Cs))``: the accuracy and log-loss on ``Xh, yh`` of a logistic regression
+    fit on ``X, y`` for each ``C``."""
     from sklearn.metrics import log_loss
 
-    if validation is not None and folds == "validation":
-        Xv, yv = validation
-        losses = [float(log_loss(yv, fit_logistic(C, X, y, random_state, kwargs).predict_proba(Xv), labels=classes))
-                  for C in Cs]
-        return losses, np.vstack([X, Xv]), np.concatenate([y, yv])  # as LogisticRegressionCV: refit on all rows
-    if validation is not None:
-        X, y = np.vstack([X, validation[0]]), np.concatenate([y, validation[1]])
-    with warnings.catch_warnings():  # scikit-learn 1.8 announces new defaults we do not rely on
-        warnings.simplefilter("ignore", FutureWarning)
-        cv = LogisticRegressionCV(Cs=list(Cs), cv=5 if folds == "validation" else folds,
-                                  scoring="neg_log_loss", refit=False, random_state=random_state,
-                                  **kwargs).fit(X, y)
-    return (-next(iter(cv.scores_.values())).mean(axis=0)).tolist(), X, y  # (folds, Cs) -> per C
+    columns = np.searchsorted(classes, np.unique(y))  # a fold may lack a class: its probability is 0
+    scores = np.empty((2, len(Cs)))
+    for j, C in enumerate(Cs):
+        proba = np.zeros((len(yh), len(classes)))
+        proba[:, columns] = fit_logistic(C, X, y, random_state, kwargs).predict_proba(Xh)
+        scores[:, j] = np.mean(classes[proba.argmax(1)] == yh), log_loss(yh, proba, labels=classes)
+    return scores
+
+
+def best_C(accuracy: np.ndarray, loss: np.ndarray, scoring: str) -> int:
+    """The index of the chosen ``C``: the highest accuracy, ties to the lowest log-loss
+    (``scoring="accuracy"``), or the lowest log-loss (``"log_loss"``); ties after that go
+    to the first."""
+    if scoring == "log_loss":
+        return int(np.argmin(loss))
+    return int(np.lexsort((loss, -accuracy))[0])
 
 
 def solve(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None, *, config: Any,
-          classes: np.ndarray, random_state: int | None, name: str) -> tuple[list[float], int, LogisticRegression]:
+          classes: np.ndarray, random_state: int | None,
+          name: str) -> tuple[np.ndarray, np.ndarray, int, LogisticRegression]:
     """A probe's full-batch solve: :func:`choose_C` on its grid, then the refit.
 
     Args:
         X, y: The fit rows (standardized) and targets.
         validation: The validation rows (standardized) and targets, or ``None``.
         config: The probe's :class:`~lm_probe.probes.config.ProbeConfig` (``Cs``, ``cv``,
-            the estimator's arguments).
-        classes: The probe's classes; each must have fit rows.
-        random_state: Seed of the estimators and folds.
+            ``scoring``, the estimator's arguments).
+        classes: The probe's classes (sorted); each must have fit rows.
+        random_state: Seed of the estimators.
         name: The probe's name, for the message.
 
     Returns:
-        ``(losses, best, estimator)``: the log-loss of each ``C``, the index of the lowest,
-        and the logistic regression refit with it on the fit and validation rows.
+        ``(accuracy, loss, best, estimator)``: the held-out accuracy and log-loss of each
+        ``C``, the index of the chosen one (:func:`best_C`), and the logistic regression
+        refit with it on the fit and validation rows.
 
     Raises:
         ValueError: a class has no fit rows.
@@ -149,7 +180,7 @@ def solve(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray
                          f"{format_labels(missing, getattr(config, 'label_names', None))} have none")
     kwargs = dict(config.probe_kwargs)
     Cs, folds = config.Cs, getattr(config, "cv", "validation")  # configs saved before cv
-    losses, X, y = choose_C(X, y, validation, Cs=Cs, folds=folds, classes=classes, random_state=random_state,
-                            kwargs=kwargs)
-    best = int(np.argmin(losses))
-    return losses, best, fit_logistic(Cs[best], X, y, random_state, kwargs)
+    accuracy, loss, X, y = choose_C(X, y, validation, Cs=Cs, folds=folds, classes=np.asarray(classes),
+                                    random_state=random_state, kwargs=kwargs)
+    best = best_C(accuracy, loss, getattr(config, "scoring", "log_loss"))  # configs saved before scoring
+    return accuracy, loss, best, fit_logistic(Cs[best], X, y, random_state, kwargs)

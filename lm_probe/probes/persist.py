@@ -29,7 +29,7 @@ __all__ = ["save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
-                  "solver", "Cs", "cv", *PER_PROBE)
+                  "solver", "Cs", "cv", "scoring", *PER_PROBE)
 
 
 def _encode(value: Any) -> Any:

@@ -283,12 +283,12 @@ class Probe(Consumer):
 
     def _solve(self) -> None:
         """The full-batch solve on the standardized rows (:func:`lm_probe.probes.lbfgs.solve`):
-        the ``C`` of the lowest held-out log-loss (``best_loss_``), refit on the fit and
-        validation rows."""
+        the ``C`` chosen on held-out rows (``best_loss_`` is its held-out log-loss), refit on
+        the fit and validation rows."""
         X, y = self._fit_rows.take(self._transform)
         validation = None if self._val is None else (self._transform(self._val[0]), self._val[1])
-        losses, best, self.estimator_ = solve(X, y, validation, config=self.config, classes=self.classes_,
-                                              random_state=self.random_state, name=self.name)
+        _, losses, best, self.estimator_ = solve(X, y, validation, config=self.config, classes=self.classes_,
+                                                 random_state=self.random_state, name=self.name)
         self.best_loss_, self.C_ = float(losses[best]), self.config.Cs[best]
         self.history_.extend((self.n_steps_, float(loss)) for loss in losses)
         self.best_step_ = self.n_steps_

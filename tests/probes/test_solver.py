@@ -32,6 +32,19 @@ def synthetic(n=600, d=20, noise=1.0, seed=0, n_classes=2):
     return data, source
 
 
+def held_out(Zf, yf, Zv, yv, grid):
+    """Independent: a fresh LogisticRegression per C, its held-out accuracy and log-loss."""
+    fits = [LogisticRegression(C=C, max_iter=1000).fit(Zf, yf) for C in grid]
+    return (np.array([np.mean(f.predict(Zv) == yv) for f in fits]),
+            np.array([log_loss(yv, f.predict_proba(Zv), labels=np.unique(yf)) for f in fits]))
+
+
+def chosen(accuracy, loss):
+    """The best accuracy, ties (within 1e-9) to the lower log-loss."""
+    ties = np.flatnonzero(accuracy >= accuracy.max() - 1e-9)
+    return int(ties[np.argmin(loss[ties])])
+
+
 def test_lbfgs_is_sklearns_logistic_regression_with_the_C_a_validation_search_chooses():
     data, source = synthetic()
     train, test = data.tt_split(0.25, seed=0)
@@ -45,10 +58,10 @@ def test_lbfgs_is_sklearns_logistic_regression_with_the_C_a_validation_search_ch
     Xf, Xv = X[fit.example_ids], X[val.example_ids]
     mean, std = Xf.mean(0), Xf.std(0)
     Zf, Zv = (Xf - mean) / std, (Xv - mean) / std
-    losses = [log_loss(val.labels, LogisticRegression(C=C, max_iter=1000).fit(Zf, fit.labels).predict_proba(Zv))
-              for C in DEFAULT_CS]
-    assert probe.C_ == DEFAULT_CS[int(np.argmin(losses))]
-    assert probe.best_loss_ == pytest.approx(min(losses), rel=1e-6)
+    accuracy, losses = held_out(Zf, fit.labels, Zv, val.labels, DEFAULT_CS)
+    best = chosen(accuracy, losses)
+    assert probe.C_ == DEFAULT_CS[best]
+    assert probe.best_loss_ == pytest.approx(losses[best], rel=1e-4)
     ref = LogisticRegression(C=probe.C_, max_iter=1000).fit(np.vstack([Zf, Zv]), np.concatenate([fit.labels,
                                                                                                   val.labels]))
     np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-4, atol=1e-6)
@@ -74,11 +87,11 @@ def test_lbfgs_by_default_takes_the_C_of_a_5_fold_cross_validation_over_fit_and_
     mean, std = Xf.mean(0), Xf.std(0)
     Z = (np.vstack([Xf, X[val.example_ids]]) - mean) / std
     y = np.concatenate([data.labels[np.sort(fit.example_ids)], val.labels])
-    folds = list(StratifiedKFold(5).split(Z, y))
-    losses = [np.mean([log_loss(y[v], LogisticRegression(C=C, max_iter=1000).fit(Z[f], y[f]).predict_proba(Z[v]))
-                       for f, v in folds]) for C in grid]
-    assert probe.C_ == grid[int(np.argmin(losses))]
-    assert probe.best_loss_ == pytest.approx(min(losses), rel=1e-4)
+    accuracy, losses = np.mean([held_out(Z[f], y[f], Z[v], y[v], grid) for f, v in StratifiedKFold(5).split(Z, y)],
+                               axis=0)
+    best = chosen(accuracy, losses)
+    assert probe.C_ == grid[best]
+    assert probe.best_loss_ == pytest.approx(losses[best], rel=1e-4)
     ref = LogisticRegression(C=probe.C_, max_iter=1000).fit(Z, y)
     np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-4, atol=1e-6)
     Zt = (X[test.example_ids] - mean) / std
@@ -89,16 +102,21 @@ def test_lbfgs_by_default_takes_the_C_of_a_5_fold_cross_validation_over_fit_and_
     np.testing.assert_allclose(again[SITE].coef_, probe.coef_, rtol=1e-5, atol=1e-7)
 
 
-def test_lbfgs_without_validation_takes_the_cross_validated_C():
+@pytest.mark.parametrize("scoring, sklearn_scoring", [("log_loss", "neg_log_loss"), (None, "accuracy")])
+def test_lbfgs_without_validation_takes_the_cross_validated_C(scoring, sklearn_scoring):
+    """The C of scikit-learn's LogisticRegressionCV on the same rows, scored the same way
+    (accuracy by default; on this grid the best is not tied)."""
     from sklearn.linear_model import LogisticRegressionCV
 
     data, source = synthetic(n=300, n_classes=3)
-    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, solver="lbfgs", Cs=[0.01, 0.1, 1.0])],
-                                     progress=False).fit_probes(data, val_size=0)
+    config = ProbeConfig(SITE, solver="lbfgs", Cs=[0.005, 0.05, 0.5], scoring=scoring)
+    runner = ProbeRunner.from_source(source, [config], progress=False).fit_probes(data, val_size=0)
     X = source.rows[(SITE, "mean")].astype(np.float64)
     Z = (X - X.mean(0)) / X.std(0)
-    cv = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0], cv=5, scoring="neg_log_loss", max_iter=1000,
+    cv = LogisticRegressionCV(Cs=[0.005, 0.05, 0.5], cv=5, scoring=sklearn_scoring, max_iter=1000,
                               random_state=runner[SITE].random_state).fit(Z, data.labels)
+    scores = next(iter(cv.scores_.values())).mean(axis=0)
+    assert np.sum(scores >= scores.max() - 1e-9) == 1, "a tie would make the two choices differ by rule"
     assert runner[SITE].C_ == pytest.approx(float(cv.C_[0]))
     assert runner[SITE].coef_.shape == (3, 20)
 
@@ -228,5 +246,8 @@ def test_bad_solver_settings_are_refused():
     for bad in (1, "folds", 2.5):
         with pytest.raises(ValueError, match="number of cross-validation folds"):
             ProbeConfig(SITE, solver="lbfgs", cv=bad)
+    for bad in (dict(scoring="accuracy"), dict(solver="lbfgs", scoring="f1")):
+        with pytest.raises(ValueError, match="scoring is what solver='lbfgs' chooses C by"):
+            ProbeConfig(SITE, **bad)
     with pytest.raises(TypeError, match="unknown LogisticRegression arguments"):
         ProbeConfig(SITE, solver="lbfgs", eta0=0.1)
