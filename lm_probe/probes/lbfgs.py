@@ -115,10 +115,12 @@ def choose_C(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndar
     """
     from sklearn.model_selection import StratifiedKFold
 
+    n_fit = len(y)
     if validation is not None:
-        splits = [(np.arange(len(y)), len(y) + np.arange(len(validation[1])))] if folds == "validation" else None
         X, y = np.vstack([X, validation[0]]), np.concatenate([y, validation[1]])
-    if validation is None or folds != "validation":
+    if validation is not None and folds == "validation":
+        splits = [(np.arange(n_fit), np.arange(n_fit, len(y)))]
+    else:
         with warnings.catch_warnings():  # a class with fewer rows than folds: scikit-learn warns, as in LRCV
             warnings.simplefilter("ignore", UserWarning)
             splits = list(StratifiedKFold(5 if folds == "validation" else int(folds)).split(X, y))
@@ -154,7 +156,7 @@ def best_C(accuracy: np.ndarray, loss: np.ndarray, scoring: str) -> int:
 
 def solve(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None, *, config: Any,
           classes: np.ndarray, random_state: int | None,
-          name: str) -> tuple[np.ndarray, np.ndarray, int, LogisticRegression]:
+          name: str) -> tuple[np.ndarray, int, LogisticRegression]:
     """A probe's full-batch solve: :func:`choose_C` on its grid, then the refit.
 
     Args:
@@ -167,9 +169,9 @@ def solve(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray
         name: The probe's name, for the message.
 
     Returns:
-        ``(accuracy, loss, best, estimator)``: the held-out accuracy and log-loss of each
-        ``C``, the index of the chosen one (:func:`best_C`), and the logistic regression
-        refit with it on the fit and validation rows.
+        ``(loss, best, estimator)``: the held-out log-loss of each ``C``, the index of the
+        chosen one (:func:`best_C`), and the logistic regression refit with it on the fit
+        and validation rows.
 
     Raises:
         ValueError: a class has no fit rows.
@@ -183,4 +185,4 @@ def solve(X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray
     accuracy, loss, X, y = choose_C(X, y, validation, Cs=Cs, folds=folds, classes=np.asarray(classes),
                                     random_state=random_state, kwargs=kwargs)
     best = best_C(accuracy, loss, getattr(config, "scoring", "log_loss"))  # configs saved before scoring
-    return accuracy, loss, best, fit_logistic(Cs[best], X, y, random_state, kwargs)
+    return loss, best, fit_logistic(Cs[best], X, y, random_state, kwargs)

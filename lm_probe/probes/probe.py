@@ -287,8 +287,8 @@ class Probe(Consumer):
         the fit and validation rows."""
         X, y = self._fit_rows.take(self._transform)
         validation = None if self._val is None else (self._transform(self._val[0]), self._val[1])
-        _, losses, best, self.estimator_ = solve(X, y, validation, config=self.config, classes=self.classes_,
-                                                 random_state=self.random_state, name=self.name)
+        losses, best, self.estimator_ = solve(X, y, validation, config=self.config, classes=self.classes_,
+                                              random_state=self.random_state, name=self.name)
         self.best_loss_, self.C_ = float(losses[best]), self.config.Cs[best]
         self.history_.extend((self.n_steps_, float(loss)) for loss in losses)
         self.best_step_ = self.n_steps_
