@@ -36,7 +36,7 @@ from .core.batching import check_batch_size
 from .core.clock import Clock
 from .core.consumer import Consumer, PooledBatch, Request, RunContext, requests_of, start_consumer
 from .core.dataset import ProbeDataset
-from .core.model import ensure_dispatched, tokenizer_padding
+from .core.model import ensure_dispatched
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site
 from .core.sources import NoSource, Source, StoreSource, TraceSource, read_dataset
@@ -46,6 +46,7 @@ from .probes.checks import check_fit, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
+from .probes.features import ProbeFeatures
 from .probes.fitting import control_task, fit_settings
 from .probes.probe import Probe
 from .probes.scoring import metrics_table
@@ -53,7 +54,7 @@ from .probes.scoring import metrics_table
 __all__ = ["ProbeRunner"]
 
 
-class ProbeRunner:
+class ProbeRunner(ProbeFeatures):
     """Train many probes (and feed other consumers) from one forward pass per batch.
 
     Args:
@@ -294,29 +295,6 @@ class ProbeRunner:
         requests = list(requests) if requests is not None else requests_of(self.probes.values())
         self._resolve([spec for spec, _ in requests])
         return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
-
-    def get_probe_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           subset: Sequence[str] | None = None, *,
-                           batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Each probe's pooled input features for a padded batch (as the original lm_probe's).
-
-        Args:
-            input_ids, attention_mask: ``(n, tokens)`` ids and their mask.
-            subset: Names of the probes to compute (default, or empty: all; a ``KeyError``
-                for a name that is no probe's). A probe's name is its site unless its
-                config names it.
-            batch_size: Trace in chunks of this many rows (default: all at once).
-
-        Returns:
-            ``{probe name: (n, hidden) float32 array}``, the rows ``runner[name].predict`` takes.
-        """
-        probes = {name: self[name] for name in subset} if subset else self.probes
-        batch_size = len(input_ids) if batch_size is None else batch_size  # pooled checks it
-        pad_token_id, padding_side = tokenizer_padding(self.model)
-        data = ProbeDataset.from_tensors(input_ids, attention_mask, np.zeros(len(input_ids), np.int64),
-                                         pad_token_id=pad_token_id, padding_side=padding_side)
-        acts = self.pooled(data, requests_of(probes.values()), batch_size, "features")
-        return {name: acts[p.requests[0]] for name, p in probes.items()}
 
     @classmethod
     def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,
