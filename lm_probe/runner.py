@@ -169,22 +169,27 @@ class ProbeRunner(ProbeFeatures):
                     len(self.probes), len(fit), 0 if val is None else len(val))
         context = self._context(fit, batch_size)
         self._start(self.consumers, context)  # first: consumers check their own input before any forward
-        budget = (cache or Cache()).memory_budget
-        check_solver_memory(self.probes.values(), fit, self.model, budget)
         decay = DecayOnPlateau(lr_decay, decay_patience) if lr_decay else None
-        self.control = control_task(self.probes, fit, self.seed)
-        val_acts = self.pooled(val, requests_of(self.probes.values()), batch_size, "validation") if val else {}
-        training = fit_settings(self.probes, train, fit, val, val_acts, self.control, eval_every=eval_every,
-                                decay=decay, max_row_bytes=budget, stopping=dict(
-                                    patience=patience, min_delta=min_delta, warmup_steps=warmup_steps,
-                                    max_steps=max_steps))
-        trainers = trainers_of(self.probes, self.bank)
-        self._start(trainers, replace(context, training=training))  # the same context, with the probes' settings
+        trainers = self._trainers(train, fit, val, context, (cache or Cache()).memory_budget, eval_every=eval_every,
+                                  decay=decay, stopping=dict(patience=patience, min_delta=min_delta,
+                                                             warmup_steps=warmup_steps, max_steps=max_steps))
         self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
         return self
+
+    def _trainers(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, context: RunContext,
+                  budget: int, **settings: Any) -> list[Consumer]:
+        """The probes' trainers, started on ``context`` with the fit's settings (control task,
+        validation rows pooled once, early stopping); checks the solvers' memory first."""
+        check_solver_memory(self.probes.values(), fit, self.model, budget)
+        self.control = control_task(self.probes, fit, self.seed)
+        val_acts = self.pooled(val, requests_of(self.probes.values()), context.batch_size, "validation") if val else {}
+        training = fit_settings(self.probes, train, fit, val, val_acts, self.control, max_row_bytes=budget, **settings)
+        trainers = trainers_of(self.probes, self.bank)
+        self._start(trainers, replace(context, training=training))  # the same context, with the probes' settings
+        return trainers
 
     def _train(self, fit: ProbeDataset, trainers: list[Consumer], num_epochs: int, cache: Cache | None,
                **schedule: Any) -> None:
