@@ -42,6 +42,7 @@ from .core.sites import Site
 from .core.sources import NoSource, Source, StoreSource, TraceSource, read_dataset
 from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
+from .probes.baselines import baselines_table
 from .probes.checks import check_fit, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
@@ -107,6 +108,7 @@ class ProbeRunner(ProbeFeatures):
         self.consumers: list[Consumer] = list(consumers)
         self.sites: dict[str, Site] = {}
         self.metrics: pd.DataFrame | None = None
+        self.baselines: pd.DataFrame | None = None  # text baselines of the last fit (probes.baselines)
         self.control: ControlTask | None = None
         self.cache_info_: dict[str, Any] | None = None
 
@@ -142,7 +144,7 @@ class ProbeRunner(ProbeFeatures):
 
         Args:
             train: Training examples; a stratified ``val_size`` share is held out once.
-            test: Examples for :attr:`metrics` (``None`` leaves :attr:`metrics` ``None``).
+            test: Examples for :attr:`metrics` and :attr:`baselines` (``None`` leaves them ``None``).
             batch_size: Examples per forward pass (and per probe step).
             num_epochs: Passes of the probes over the training examples at most (replayed
                 epochs cost no forward; with ``cache=None`` every epoch traces again).
@@ -163,7 +165,7 @@ class ProbeRunner(ProbeFeatures):
         """
         batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size,
                                num_epochs=num_epochs, eval_every=eval_every, cache=cache)
-        self.metrics, self.cache_info_ = None, None
+        self.metrics, self.baselines, self.cache_info_ = None, None, None
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
@@ -177,6 +179,7 @@ class ProbeRunner(ProbeFeatures):
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size)
+            self.baselines = baselines_table(self.probes, fit, test)  # no model: majority, bag of words...
         return self
 
     def _trainers(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, context: RunContext,

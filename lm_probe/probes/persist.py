@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
+from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -28,6 +29,7 @@ from .probe import Probe
 __all__ = ["save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
+_NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS)
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
                   "solver", "Cs", "cv", "scoring", *PER_PROBE)
 
@@ -125,6 +127,8 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
         "probes": probes,
         "control": None if runner.control is None else runner.control.to_dict(),
         "metrics": None if runner.metrics is None else json.loads(runner.metrics.to_json(orient="split")),
+        "baselines": None if getattr(runner, "baselines", None) is None else
+        json.loads(runner.baselines.to_json(orient="split")),
     }
     np.savez(path / "arrays.npz", **arrays)
     (path / "probes.json").write_text(json.dumps(document, indent=2, default=_encode))
@@ -170,6 +174,7 @@ class SavedProbes:
         :attr:`configs` and :attr:`seed`); returns it."""
         runner.probes.update(self.probes())
         runner.metrics, runner.control = self.metrics(), self.control()
+        runner.baselines = self.baselines()
         return runner
 
     def probes(self) -> dict[str, Probe]:
@@ -196,19 +201,23 @@ class SavedProbes:
         """The saved metrics table (``None`` if there was none)."""
         return _metrics(self.document.get("metrics"))
 
+    def baselines(self) -> pd.DataFrame | None:
+        """The saved text baselines table (``None`` if there was none, or the folder predates it)."""
+        return _metrics(self.document.get("baselines"), index=None)
+
     def control(self) -> ControlTask | None:
         """The saved control task (``None`` if there was none)."""
         control = self.document.get("control")
         return None if control is None else ControlTask.from_dict(control, seed=self.seed)
 
 
-def _metrics(split: dict | None) -> pd.DataFrame | None:
+def _metrics(split: dict | None, index: str | None = "probe") -> pd.DataFrame | None:
     if split is None:
         return None
-    frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name="probe"), columns=split["columns"])
+    frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name=index), columns=split["columns"])
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype("Int64")
-    for column in ("C", "alpha"):  # JSON keeps NaN as null
+    for column in ("C", "alpha", *(c for c in frame if c in _NUMERIC)):  # JSON keeps NaN as null
         if column in frame:
             frame[column] = pd.to_numeric(frame[column])
     if "support" in frame:
