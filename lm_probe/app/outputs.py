@@ -6,6 +6,8 @@ when the experiment has no probes. Each run folder then holds:
 
 * ``metrics.csv``: one row per probe (``runner.metrics`` plus ``variant`` and a
   ``setting_<key>`` column per swept setting), in plan order;
+* ``baselines.csv``: ``runner.baselines``, the text baselines of each probe task
+  (majority class, bag of words...: :mod:`lm_probe.probes.baselines`), without ``support``;
 * ``probes/``: the trained probes (``ProbeRunner.load`` reads them back);
 * ``geometry/``: the :class:`~lm_probe.Geometry` bundle and ``cka_matrix.csv``
   (linear CKA between every pair of sites, from the geometry's paired reservoir sample);
@@ -16,7 +18,7 @@ when the experiment has no probes. Each run folder then holds:
   files alone.
 
 With several seeds each seed writes a complete run folder ``seed_<s>/``, and the output
-folder gets the metrics of all seeds (a ``seed`` column) and a report over them.
+folder gets the metrics and baselines of all seeds (a ``seed`` column) and a report over them.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def _write_artifacts(plan: Plan, run: SeedRun) -> list[str]:
     if plan.probes:
         metrics = _metrics_table(plan, run.runner.metrics)
         metrics.to_csv(out / "metrics.csv")
+        if run.runner.baselines is not None:
+            run.runner.baselines.drop(columns=["support"], errors="ignore").to_csv(out / "baselines.csv", index=False)
         ran.append("probes")
         if plan.experiment.probes.save:
             run.runner.save(out / "probes", overwrite=True)
@@ -213,7 +217,8 @@ def _asdict(section: Any) -> dict[str, Any]:
 
 
 def _write_combined(plan: Plan, folders: list[Path]) -> None:
-    """Several seeds: metrics of all seeds in one CSV (a ``seed`` column) and a combined report."""
+    """Several seeds: metrics (and baselines) of all seeds in one CSV each (a ``seed`` column) and a
+    combined report."""
     out = plan.experiment.out
     frames = []
     for run, folder in zip(plan.runs, folders):
@@ -223,6 +228,10 @@ def _write_combined(plan: Plan, folders: list[Path]) -> None:
             frames.append(frame)
     if frames:
         pd.concat(frames).to_csv(out / "metrics.csv")
+    baselines = [pd.read_csv(f / "baselines.csv").assign(seed=run.seed) for run, f in zip(plan.runs, folders)
+                 if (f / "baselines.csv").exists()]
+    if baselines:
+        pd.concat(baselines)[["seed", *baselines[0].columns[:-1]]].to_csv(out / "baselines.csv", index=False)
     metas = [json.loads((f / "run.json").read_text()) for f in folders]
     chances = [m["chance_accuracy"] for m in metas if m.get("chance_accuracy") is not None]
     meta = {**metas[0], "seeds": list(plan.experiment.seeds), "seed_folders": [f.name for f in folders],

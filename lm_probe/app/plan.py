@@ -40,7 +40,7 @@ from .tables import Table, class_counts, read_table
 __all__ = ["Plan", "SeedRun", "plan_experiment", "replay_cache", "RUN_FILES"]
 
 #: The files a run writes in its folder (an existing one means the folder holds a run).
-RUN_FILES = ("metrics.csv", "run.json", "report.html", "config.json", "experiment.toml")
+RUN_FILES = ("metrics.csv", "baselines.csv", "run.json", "report.html", "config.json", "experiment.toml")
 
 
 @dataclass

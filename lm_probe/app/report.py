@@ -9,7 +9,7 @@ fetched from the network (no fonts, scripts or links outside the page). So
 can be mailed or archived as it is.
 
 Sections: the run's metadata; probe accuracy by layer (with selectivity where control
-tasks ran); covariance spectrum metrics by layer; a site-by-site linear CKA heatmap;
+tasks ran) and the text baselines; covariance spectrum metrics by layer; a site-by-site linear CKA heatmap;
 diffusion spectra and spectral gaps; the tables behind them. A section whose consumer did
 not run says so. A small inline script counts the figures that decoded and writes the
 count to ``<body data-figures="loaded/total">``, which the tests read from headless Chromium.
@@ -43,6 +43,7 @@ class RunRecord:
         meta: ``run.json`` (model, data, sites, seeds, consumers, versions, times).
         config_text: The experiment file as given.
         metrics: Probe metrics (``metrics.csv``), or None without probes.
+        baselines: The text baselines (``baselines.csv``), or None.
         geometry: The geometry bundle, or None.
         cka: The site-by-site CKA matrix, or None.
         gauge: The gauge trajectory with an ``eigenvalues`` array per row, or None.
@@ -52,6 +53,7 @@ class RunRecord:
     meta: dict[str, Any]
     config_text: str = ""
     metrics: pd.DataFrame | None = None
+    baselines: pd.DataFrame | None = None
     geometry: GeometryResults | None = None
     cka: pd.DataFrame | None = None
     gauge: pd.DataFrame | None = None
@@ -75,6 +77,8 @@ def load_run(folder: str | Path) -> RunRecord:
     ran = set(meta.get("consumers", []))
     if "probes" in ran:
         record.metrics = pd.read_csv(_needed(folder / "metrics.csv"), index_col=0)
+        if (folder / "baselines.csv").is_file():
+            record.baselines = pd.read_csv(folder / "baselines.csv")
     if "geometry" in ran:
         record.geometry = Geometry.load(_needed(folder / "geometry"))
         record.cka = pd.read_csv(_needed(folder / "geometry" / "cka_matrix.csv"), index_col=0)
@@ -200,6 +204,12 @@ def _probe_section(record: RunRecord) -> str:
     if "seed" in metrics:
         shown.insert(0, "seed")
     parts.append(_table(metrics[shown], "metrics"))
+    if record.baselines is not None:
+        base = record.baselines
+        shown = [c for c in ("seed", "baseline", "target", "input", "accuracy", "f1", "matthews", "r2", "mse",
+                             "loss", "n_train", "n_scored", "score_error") if c in base]
+        parts.append(_table(base[shown], "text baselines (no model: fit on the probes' training rows, scored on "
+                                         "their test rows)", index=False))
     return "\n".join(parts) + "</section>"
 
 
