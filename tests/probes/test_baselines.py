@@ -3,6 +3,7 @@ against an independent reference (numpy, a plain scikit-learn pipeline, a Python
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -86,6 +87,10 @@ def test_baselines_survive_save_and_load(fitted, tmp_path):
     loaded = ProbeRunner.load(runner.save(tmp_path / "probes"))
     pd.testing.assert_frame_equal(loaded.baselines, runner.baselines, check_dtype=False)
     assert ProbeRunner(runner.model, runner.configs, progress=False).baselines is None
+    document = json.loads((tmp_path / "probes" / "probes.json").read_text())
+    del document["baselines"]  # a folder saved before baselines existed
+    (tmp_path / "probes" / "probes.json").write_text(json.dumps(document))
+    assert ProbeRunner.load(tmp_path / "probes").baselines is None
 
 
 # ---------------------------------------------------------------- the table alone
