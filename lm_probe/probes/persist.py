@@ -4,7 +4,8 @@ A saved runner is a folder with ``probes.json`` (schema version, versions, model
 summary, each probe's configuration, training state and the estimator's scalar
 attributes, the metrics) and ``arrays.npz`` (standardization moments and the
 estimator's fitted arrays), read back with ``allow_pickle=False``: loading cannot
-execute code. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
+execute code. A random-init baseline's runner (:mod:`lm_probe.probes.baseline`) is
+saved the same way in ``baseline/`` and loaded back without a model. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
 regressors) round-trips to identical predictions.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,9 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     }
     np.savez(path / "arrays.npz", **arrays)
     (path / "probes.json").write_text(json.dumps(document, indent=2, default=_encode))
+    shutil.rmtree(path / "baseline", ignore_errors=True)  # a replaced save's baseline is not this runner's
+    if getattr(runner, "baseline_runner", None) is not None:  # the random-init copy's probes, in baseline/
+        save_probes(runner.baseline_runner, path / "baseline")
     return path
 
 
@@ -170,6 +175,8 @@ class SavedProbes:
         :attr:`configs` and :attr:`seed`); returns it."""
         runner.probes.update(self.probes())
         runner.metrics, runner.control = self.metrics(), self.control()
+        if (self.path / "baseline" / "probes.json").exists():  # its probes, without a model (no weights saved)
+            runner.baseline_runner = type(runner).load(self.path / "baseline")
         return runner
 
     def probes(self) -> dict[str, Probe]:
