@@ -14,6 +14,9 @@ trained model adds over its architecture is the gap between the two.
 It costs one extra forward per example (the copy is traced on the same batches) and the
 memory of a second copy of the weights. It needs the model's weights, so a remote run,
 or a runner read from a store or any other source, refuses it before any forward pass.
+Only the probes are repeated: other consumers (geometry, gauges) see the trained model
+alone. ``fit_probes`` fits both; ``runner.evaluate(data)`` scores the trained model's
+probes and ``runner.baseline_runner.evaluate(data)`` the copy's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
+from loguru import logger
 
 __all__ = ["BASELINES", "check_baseline", "random_init_copy", "baseline_runner", "with_baseline",
            "then_fit_baseline", "BOOKKEEPING"]
@@ -118,6 +122,7 @@ def then_fit_baseline(fit_probes: Callable[..., Any]) -> Callable[..., Any]:
         fit_probes(runner, *args, **kwargs)
         other = getattr(runner, "baseline_runner", None)
         if other is not None:
+            logger.info("random-init baseline: the same probes on the re-initialized copy, same batches")
             other.fit_probes(*args, **kwargs)
             if runner.metrics is not None and other.metrics is not None:
                 runner.metrics = with_baseline(runner.metrics, other.metrics)

@@ -5,7 +5,8 @@ summary, each probe's configuration, training state and the estimator's scalar
 attributes, the metrics) and ``arrays.npz`` (standardization moments and the
 estimator's fitted arrays), read back with ``allow_pickle=False``: loading cannot
 execute code. A random-init baseline's runner (:mod:`lm_probe.probes.baseline`) is
-saved the same way in ``baseline/`` and loaded back without a model. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
+saved the same way in ``baseline/``; loaded without a model, or with the model's copy
+re-drawn under the saved seed when a model is given. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
 regressors) round-trips to identical predictions.
 """
 
@@ -22,6 +23,7 @@ import pandas as pd
 
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
+from .baseline import random_init_copy
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -175,8 +177,9 @@ class SavedProbes:
         :attr:`configs` and :attr:`seed`); returns it."""
         runner.probes.update(self.probes())
         runner.metrics, runner.control = self.metrics(), self.control()
-        if (self.path / "baseline" / "probes.json").exists():  # its probes, without a model (no weights saved)
-            runner.baseline_runner = type(runner).load(self.path / "baseline")
+        if (self.path / "baseline" / "probes.json").exists():  # no weights saved: the copy is re-drawn, if a model
+            copy = None if runner.model is None else random_init_copy(runner.model, self.seed)
+            runner.baseline_runner = type(runner).load(self.path / "baseline", copy)
         return runner
 
     def probes(self) -> dict[str, Probe]:

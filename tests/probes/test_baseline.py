@@ -205,6 +205,9 @@ def test_save_and_load_keep_the_baseline(fitted, task, tmp_path):
     for name, probe in fitted.baseline_runner.probes.items():
         X = acts[(probe.config.site, probe.config.pool)]
         np.testing.assert_array_equal(loaded.baseline_runner[name].predict_proba(X), probe.predict_proba(X))
+    with_model = ProbeRunner.load(tmp_path / "saved", fitted.model)  # the copy re-drawn under the saved seed
+    again = with_model.baseline_runner.pooled(test)
+    assert all(np.array_equal(again[k], v) for k, v in acts.items())
     plain = ProbeRunner.from_source(NoSource(), fitted.configs)
     plain.save(tmp_path / "saved", overwrite=True)  # a runner without one leaves no stale baseline/
     assert not (tmp_path / "saved" / "baseline").exists() and ProbeRunner.load(tmp_path / "saved").baseline_runner is None
