@@ -4,10 +4,10 @@ A saved runner is a folder with ``probes.json`` (schema version, versions, model
 summary, each probe's configuration, training state and the estimator's scalar
 attributes, the metrics) and ``arrays.npz`` (standardization moments and the
 estimator's fitted arrays), read back with ``allow_pickle=False``: loading cannot
-execute code. A random-init baseline's runner (:mod:`lm_probe.probes.baseline`) is
-saved the same way in ``baseline/``; loaded without a model, or with the model's copy
-re-drawn under the saved seed when a model is given. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
-regressors) round-trips to identical predictions.
+execute code. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
+regressors) round-trips to identical predictions. A random-init baseline's runner
+(:mod:`lm_probe.probes.baseline`) is saved the same way in ``baseline/`` and loaded
+without a model, or, when a model is given, with its copy re-drawn under the saved seed.
 """
 
 from __future__ import annotations
