@@ -45,9 +45,9 @@ def sites(model, layers=(0, 1)):
     return [ProbeConfig(f"{prefix}.{i}.output") for i in layers]
 
 
-@pytest.fixture(scope="module")
-def task():
-    return planted()
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def task(request):
+    return planted(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_a_planted_feature_separates_the_trained_model_from_its_random_init(fitt
     metrics = fitted.metrics
     assert (metrics["accuracy"] >= 0.85).all(), metrics["accuracy"]
     assert (metrics["accuracy"] - metrics["baseline_accuracy"] >= 0.1).all(), metrics[["accuracy", "baseline_accuracy"]]
-    assert (metrics["baseline_loss"] > metrics["loss"] + 0.05).all()
+    assert (metrics["baseline_loss"] > metrics["loss"] + 0.03).all()
     if "codelength_bits" in metrics:
         assert (metrics["baseline_codelength_bits"] > metrics["codelength_bits"]).all()
 
