@@ -43,6 +43,7 @@ from .core.sources import NoSource, Source, StoreSource, TraceSource, read_datas
 from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.baselines import baselines_table
+from .probes.baseline import baseline_runner, then_fit_baseline
 from .probes.checks import check_fit, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
@@ -70,18 +71,21 @@ class ProbeRunner(ProbeFeatures):
             batch on ``device`` (:mod:`lm_probe.probes.backend`); other heads stay on
             scikit-learn. Same loss, penalty, schedule, averaging and early stopping.
         device: Where the torch backend computes (default: the model's device).
+        baseline: ``"random_init"``: also train every probe on a copy of the model with re-initialized
+            weights, on the same batches (one extra forward per example; :mod:`lm_probe.probes.baseline`):
+            ``metrics`` gains ``baseline_accuracy``, ... and :attr:`baseline_runner` is that copy's runner.
         **trace_kwargs: Passed to every ``model.trace`` call; ``remote=True`` runs every
             trace through nnsight's remote execution (NDIF), ``remote="local"`` simulates
             it offline. Only the pooled ``(batch, hidden)`` tensors come back.
 
     Raises:
         SiteError: a site names no module of the model (before any forward pass).
-        ValueError: probe names collide.
+        ValueError: probe names collide; an unknown ``baseline``, or one for a remote run.
     """
 
     def __init__(self, model: Any, configs: Iterable[ProbeConfig] = (), *, consumers: Iterable[Consumer] = (),
                  seed: int = 0, progress: bool = True, backend: str = "sklearn",
-                 device: str | torch.device | None = None, **trace_kwargs: Any) -> None:
+                 device: str | torch.device | None = None, baseline: str | None = None, **trace_kwargs: Any) -> None:
         if not hasattr(model, "trace") or not hasattr(model, "_module"):
             raise TypeError(f"ProbeRunner needs an nnsight model, got {type(model).__name__}; "
                             "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)")
@@ -91,15 +95,16 @@ class ProbeRunner(ProbeFeatures):
         else:
             ship_pooling()
         device = device if device is not None else model_device(model, remote)
-        self._setup(model, configs, consumers, seed, progress, backend, device, trace_kwargs)
+        self._setup(model, configs, consumers, seed, progress, backend, device, trace_kwargs, baseline)
         # with the torch backend on an accelerator the traced tensors stay there
         on_device = self.bank is not None and self.bank.device.type != "cpu" and not remote
         self.source: Source = TraceSource(model, self.sites, to_cpu=not on_device, trace_kwargs=trace_kwargs)
         self._resolve(spec for c in self.all_consumers for spec in c.site_specs())
 
     def _setup(self, model: Any, configs: Iterable[ProbeConfig], consumers: Iterable[Consumer], seed: int,
-               progress: bool, backend: str, device: str | torch.device, trace_kwargs: dict[str, Any]) -> None:
-        """The state of every runner, with a model or without: probes, bank, consumers."""
+               progress: bool, backend: str, device: str | torch.device, trace_kwargs: dict[str, Any],
+               baseline: str | None = None) -> None:
+        """The state of every runner, with a model or without: probes, bank, consumers, baseline."""
         self.model, self.seed, self.progress, self.trace_kwargs = model, seed, progress, trace_kwargs
         self.configs = list(configs)
         check_names(self.configs)
@@ -111,6 +116,9 @@ class ProbeRunner(ProbeFeatures):
         self.baselines: pd.DataFrame | None = None  # text baselines of the last fit (probes.baselines)
         self.control: ControlTask | None = None
         self.cache_info_: dict[str, Any] | None = None
+        self.baseline_runner: ProbeRunner | None = baseline_runner(
+            type(self), baseline, model, self.configs, seed=seed, trace_kwargs=trace_kwargs, progress=progress,
+            backend=backend, device=device)  #: the random-init copy's own runner (``baseline="random_init"``)
 
     @property
     def all_consumers(self) -> list[Consumer]:
@@ -128,6 +136,7 @@ class ProbeRunner(ProbeFeatures):
         return f"ProbeRunner({len(self.probes)} probes, {len(self.consumers)} other consumers, {len(self.sites)} sites)"
 
     # ------------------------------------------------------------------ training
+    @then_fit_baseline  # with a baseline_runner: fit it too, with the same arguments, and add its metrics
     def fit_probes(self, train: ProbeDataset, test: ProbeDataset | None = None, *, batch_size: int = 16,
                    num_epochs: int = 3, val_size: float = 0.1, eval_every: int = 10, patience: int = 5,
                    min_delta: float = 1e-4, warmup_steps: int = 0, max_steps: int | None = None,
@@ -307,7 +316,7 @@ class ProbeRunner(ProbeFeatures):
     @classmethod
     def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,
                    consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
-                   device: str | torch.device | None = None) -> "ProbeRunner":
+                   device: str | torch.device | None = None, baseline: str | None = None) -> "ProbeRunner":
         """A runner that reads pooled activations from a stored run instead of a model.
 
         ``fit_probes`` / ``evaluate`` then work as with the live model (same seed, splits and
@@ -318,22 +327,24 @@ class ProbeRunner(ProbeFeatures):
             run: A :class:`~lm_probe.consumers.store.StoredRun` (``ActivationStore.open(path).run(name)``).
             configs: Probe configurations; their (site, pooling) must be in the run.
             backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
+            baseline: Refused with a ``ValueError`` unless ``None`` (there are no weights to re-initialize).
         """
         configs, consumers = list(configs), list(consumers)
         run.check(requests=[(c.site, c.pool) for c in configs] + requests_of(consumers))
         return cls.from_source(StoreSource(run), configs, seed=seed, consumers=consumers, progress=progress,
-                               backend=backend, device=device)
+                               backend=backend, device=device, baseline=baseline)
 
     @classmethod
     def from_source(cls, source: Source, configs: Iterable[ProbeConfig], *, seed: int = 0,
                     consumers: Iterable[Consumer] = (), progress: bool = True, backend: str = "sklearn",
-                    device: str | torch.device | None = None) -> "ProbeRunner":
+                    device: str | torch.device | None = None, baseline: str | None = None) -> "ProbeRunner":
         """A runner that reads pooled activations from any :class:`~lm_probe.core.sources.Source`
         instead of a model (an ``ArraySource`` of rows pooled once, say; ``NoSource``: none);
         its sites are checked now. The arguments are as for :meth:`from_store`."""
         runner = cls.__new__(cls)
         runner.source = source
-        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {})
+        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {},
+                      baseline)
         runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 

@@ -118,7 +118,9 @@ class Plan:
                 f"decay_patience {p.decay_patience}, backend {p.backend}",
                 "            " + (f"each training example traced once, its pooled rows replayed to the probes "
                                   f"(cache budget {p.cache_budget_mib} MiB)" if p.cache else
-                                  "cache = false: every epoch traced again")]
+                                  "cache = false: every epoch traced again"),
+                *(["baseline:   random_init: every probe also trained on a copy of the model with re-initialized "
+                   "weights, same batches (one extra forward per example)"] if p.baseline == "random_init" else [])]
 
 
 def plan_experiment(experiment: Experiment, *, model: Any = None, progress: bool = True,
@@ -280,7 +282,8 @@ def _seed_run(exp: Experiment, model: Any, examples: ProbeDataset, sites: list[s
         raise ExperimentError("nothing to run: [probes] enabled = false and no [geometry] or [gauges] table")
     try:
         runner = ProbeRunner(model, [p.config for p in probes], consumers=consumers, seed=seed, progress=progress,
-                             backend=exp.probes.backend)
+                             backend=exp.probes.backend,
+                             baseline=None if exp.probes.baseline == "none" else exp.probes.baseline)
     except ValueError as err:
         raise ExperimentError(str(err)) from None
     out = exp.out if len(exp.seeds) == 1 else exp.out / f"seed_{seed}"

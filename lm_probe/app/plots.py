@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_accuracy_by_layer", "plot_diffusion_spectra", "plot_spectral_gap", "plot_probe_metrics_by_layer",
+__all__ = ["plot_accuracy_by_layer", "plot_compression_by_layer", "plot_diffusion_spectra", "plot_spectral_gap", "plot_probe_metrics_by_layer",
            "plot_spectrum_by_layer", "plot_cka_heatmap", "short_site_labels"]
 
 
@@ -20,7 +20,9 @@ def plot_accuracy_by_layer(
     title: str = "Probe accuracy by layer",
     ax: Any = None,
 ) -> Any:
-    """Test accuracy against layer, one line per (site kind, pooling).
+    """Test accuracy against layer, one line per (site kind, pooling); with a
+    ``baseline_accuracy`` column (``baseline="random_init"``), the random-init copy's
+    accuracy beside each line, dashed in the same color.
 
     Args:
         metrics: ``runner.metrics`` (needs ``layer``, ``accuracy``, ``pool``, ``site``).
@@ -45,11 +47,62 @@ def plot_accuracy_by_layer(
         fig = ax.figure
     for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
         group = group.sort_values("layer")
-        ax.plot(group["layer"].astype(int), group["accuracy"], marker="o", label=f"{kind} ({pool})")
+        (line,) = ax.plot(group["layer"].astype(int), group["accuracy"], marker="o", label=f"{kind} ({pool})")
+        if "baseline_accuracy" in group:
+            ax.plot(group["layer"].astype(int), group["baseline_accuracy"], linestyle="--", marker=".",
+                    color=line.get_color(), label=f"{kind} ({pool}), random init")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("layer")
     ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
+
+
+def plot_compression_by_layer(metrics: pd.DataFrame, path: str | Path | None = None, *,
+                              title: str = "Online-code compression by layer", ax: Any = None) -> Any:
+    """Compression (``uniform_bits / codelength_bits``: how many times shorter the probe's
+    online code of the test labels is than the uniform code) against layer, one line per
+    (site kind, pooling), the random-init copy's (``baseline_compression``) dashed beside it.
+
+    Args:
+        metrics: ``runner.metrics`` with ``site``, ``pool``, ``layer`` and ``compression``.
+        path: Save the figure here (PNG, 150 dpi) when given.
+        title: Axes title.
+        ax: Draw into these axes instead of a new figure.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ValueError: no ``compression`` column (the probes measured no online codelength),
+            or no probe with a layer index.
+    """
+    import matplotlib.pyplot as plt
+
+    if "compression" not in metrics:
+        raise ValueError("metrics has no 'compression' column: no online codelength was measured")
+    frame = metrics.dropna(subset=["layer"]).copy()
+    if frame.empty:
+        raise ValueError("no probe has a layer index to plot against; metrics['layer'] is empty")
+    frame["kind"] = [_site_kind(s, layer) for s, layer in zip(frame["site"], frame["layer"])]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    else:
+        fig = ax.figure
+    for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
+        group = group.sort_values("layer")
+        (line,) = ax.plot(group["layer"].astype(int), group["compression"], marker="o", label=f"{kind} ({pool})")
+        if "baseline_compression" in group:
+            ax.plot(group["layer"].astype(int), group["baseline_compression"], linestyle="--", marker=".",
+                    color=line.get_color(), label=f"{kind} ({pool}), random init")
+    ax.axhline(1.0, color="grey", linewidth=0.8, label="uniform code")
+    _integer_layers(ax)
+    ax.set_ylabel("compression (uniform / online bits)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -156,7 +209,9 @@ def plot_probe_metrics_by_layer(
 
     A probe's variant is its ``variant`` column (the swept settings of an experiment),
     else its pooling. With a ``seed`` column holding several seeds, each line is the
-    mean over seeds with a band from the lowest to the highest seed.
+    mean over seeds with a band from the lowest to the highest seed. Where a
+    ``baseline_<column>`` is present (``baseline="random_init"``), the random-init copy's
+    values are drawn dashed in the line's color.
 
     Args:
         metrics: Probe metrics with ``site``, ``layer`` and the ``columns`` (rows with
@@ -179,10 +234,15 @@ def plot_probe_metrics_by_layer(
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), layout="constrained", squeeze=False)
     for ax, column in zip(axes[0], columns):
         stats = frame.groupby(["line", "layer"])[column].agg(["mean", "min", "max"]).reset_index()
+        baseline = frame.groupby(["line", "layer"])[f"baseline_{column}"].mean() if f"baseline_{column}" in frame \
+            else None
         for line, group in stats.groupby("line", sort=True):
-            ax.plot(group["layer"], group["mean"], marker="o", markersize=3, label=line)
+            (drawn,) = ax.plot(group["layer"], group["mean"], marker="o", markersize=3, label=line)
             if "seed" in frame and frame["seed"].nunique() > 1:
                 ax.fill_between(group["layer"], group["min"], group["max"], alpha=0.2)
+            if baseline is not None:
+                ax.plot(group["layer"], baseline.loc[line].reindex(group["layer"]).to_numpy(), linestyle="--",
+                        color=drawn.get_color(), label=f"{line}, random init")
         if chance is not None and column == "accuracy":
             ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
         if column == "selectivity":

@@ -194,12 +194,14 @@ def _probe_section(record: RunRecord) -> str:
             "; selectivity = accuracy - control-task accuracy (Hewitt and Liang)" if has_control else
             "; no control tasks ran (set control = true in [probes] for selectivity)") +
             (f"; dashed: majority-class accuracy {meta['chance_accuracy']:.3f}" if meta.get("chance_accuracy")
-             is not None else "") + ".")
+             is not None else "") + ("; dashed lines: the same probes on a randomly initialized copy of the "
+                                     "model" if f"baseline_{columns[0]}" in metrics else "") + ".")
         parts.append(_figure(record, fig, "probe metrics by layer", caption))
+        parts.append(_compression_figure(record))
     if (~with_layer).any():
         parts.append(f"<p class=note>{int((~with_layer).sum())} probes read sites without a layer index and are "
                      "in the table only.</p>")
-    shown = [c for c in ("pool", "layer", "accuracy", "selectivity", "control_accuracy", "f1",
+    shown = [c for c in ("pool", "layer", "accuracy", "baseline_accuracy", "selectivity", "control_accuracy", "f1",
                          "matthews", "r2", "mse", "pearson", "loss", "n_steps", "stop_reason") if c in metrics]
     if "seed" in metrics:
         shown.insert(0, "seed")
@@ -211,6 +213,19 @@ def _probe_section(record: RunRecord) -> str:
         parts.append(_table(base[shown], "text baselines (no model: fit on the probes' training rows, scored on "
                                          "their test rows)", index=False))
     return "\n".join(parts) + "</section>"
+
+
+def _compression_figure(record: RunRecord) -> str:
+    """Compression by layer, trained and random-init (``""`` without a compression column)."""
+    if "compression" not in record.metrics or not record.metrics["compression"].notna().any():
+        return ""
+    from .plots import plot_compression_by_layer
+
+    fig = plot_compression_by_layer(record.metrics)
+    return _figure(record, fig, "compression by layer",
+                   "Online-code compression of the test labels (uniform bits / the probe's online codelength) "
+                   "by layer" + ("; dashed: the same probes on a randomly initialized copy of the model"
+                                 if "baseline_compression" in record.metrics else "") + ".")
 
 
 def _geometry_section(record: RunRecord) -> str:

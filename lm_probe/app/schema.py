@@ -119,6 +119,10 @@ class ProbesSection:
     backend: str = _key("sklearn", types=(str,), choices=("sklearn", "torch"),
                         help="'sklearn' (each probe's own partial_fit) or 'torch' (all linear classifiers in one "
                              "batched step on the model's device)")
+    baseline: str = _key("none", types=(str,), choices=("none", "random_init"),
+                         help="'random_init': also train every probe on a copy of the model with re-initialized "
+                              "weights, on the same batches (one extra forward per example); metrics gain "
+                              "baseline_accuracy, baseline_loss, ... ('none': no such baseline)")
     estimator: tuple[tuple[str, tuple], ...] = field(default=(), metadata={"internal": True})
 
 

@@ -5,13 +5,16 @@ summary, each probe's configuration, training state and the estimator's scalar
 attributes, the metrics) and ``arrays.npz`` (standardization moments and the
 estimator's fitted arrays), read back with ``allow_pickle=False``: loading cannot
 execute code. Any scikit-learn head lm_probe trains (SGD and MLP classifiers and
-regressors) round-trips to identical predictions.
+regressors) round-trips to identical predictions. A random-init baseline's runner
+(:mod:`lm_probe.probes.baseline`) is saved the same way in ``baseline/`` and loaded
+without a model, or, when a model is given, with its copy re-drawn under the saved seed.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import pandas as pd
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
 from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
+from .baseline import random_init_copy
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -132,6 +136,9 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     }
     np.savez(path / "arrays.npz", **arrays)
     (path / "probes.json").write_text(json.dumps(document, indent=2, default=_encode))
+    shutil.rmtree(path / "baseline", ignore_errors=True)  # a replaced save's baseline is not this runner's
+    if getattr(runner, "baseline_runner", None) is not None:  # the random-init copy's probes, in baseline/
+        save_probes(runner.baseline_runner, path / "baseline")
     return path
 
 
@@ -175,6 +182,9 @@ class SavedProbes:
         runner.probes.update(self.probes())
         runner.metrics, runner.control = self.metrics(), self.control()
         runner.baselines = self.baselines()
+        if (self.path / "baseline" / "probes.json").exists():  # no weights saved: the copy is re-drawn, if a model
+            copy = None if runner.model is None else random_init_copy(runner.model, self.seed)
+            runner.baseline_runner = type(runner).load(self.path / "baseline", copy)
         return runner
 
     def probes(self) -> dict[str, Probe]:

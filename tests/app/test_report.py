@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lm_probe import load_model
@@ -33,13 +34,16 @@ kind = "resid_post"
 pool = ["mean", "last"]
 control = true
 num_epochs = 1
+baseline = "random_init"
 [geometry]
 [gauges]
 n_samples = 24
 knn = 5
 n_eigs = 8
 """
-N_FIGURES = 5  # accuracy and selectivity, spectrum metrics, CKA heatmap, diffusion spectra, spectral gap
+#: accuracy and selectivity (the random-init baseline dashed), compression by layer where the probes
+#: measured an online codelength, spectrum metrics, CKA heatmap, diffusion spectra, spectral gap
+N_FIGURES = 5
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,19 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def n_figures(run_dir) -> int:
+    """:data:`N_FIGURES`, plus the compression figure where the probes measured an online codelength."""
+    return N_FIGURES + int("compression" in pd.read_csv(run_dir / "metrics.csv", nrows=1).columns)
+
+
+@pytest.fixture(scope="module")
 def page(run_dir) -> str:
     return (run_dir / "report.html").read_text()
 
 
-def test_self_contained(page):
+def test_self_contained(page, n_figures):
     sources = re.findall(r"""\bsrc\s*=\s*["']([^"']*)""", page)
-    assert len(sources) == N_FIGURES and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == n_figures and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.findall(r"""\bhref\s*=\s*["']?\s*(?:https?:|//)""", page), "no link leaves the page"
     assert not re.search(r"<link\b|@import|url\(|<iframe|<object|<embed", page)
     assert all(s.startswith("<script>") for s in re.findall(r"<script[^>]*>", page)), "inline scripts only"
@@ -72,6 +82,8 @@ def test_sections_and_metadata(page, run_dir):
         assert f'alt="{alt}"' in page
     assert "GPT2LMHeadModel, 3 layers, hidden size 32" in page
     assert "selectivity = accuracy - control-task accuracy" in page
+    assert "dashed lines: the same probes on a randomly initialized copy of the model" in page
+    assert "<th>baseline_accuracy</th>" in page  # the metrics table
     assert "6 (classification), each with a control-task twin" in page
     assert "transformer.h.2.output/last" in page  # the metrics table
     record = load_run(run_dir)
@@ -129,8 +141,8 @@ def _figures_loaded(tmp_path: Path, html: Path) -> str:
     return match.group(1)
 
 
-def test_every_figure_renders_in_chromium(run_dir, tmp_path):
-    assert _figures_loaded(tmp_path, run_dir / "report.html") == f"{N_FIGURES}/{N_FIGURES}"
+def test_every_figure_renders_in_chromium(run_dir, tmp_path, n_figures):
+    assert _figures_loaded(tmp_path, run_dir / "report.html") == f"{n_figures}/{n_figures}"
     shots = Path(os.environ.get("LM_PROBE_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     shot = shots / "report.png"
@@ -145,11 +157,44 @@ def test_every_figure_renders_in_chromium(run_dir, tmp_path):
     assert dark[: 1200].mean() > 0.2 and dark[1200: 2400].mean() > 0.2, "content all the way down"
 
 
-def test_the_figure_check_can_fail(run_dir, tmp_path):
+def test_the_figure_check_can_fail(run_dir, tmp_path, n_figures):
     """A corrupted image is counted as not rendered (so the check above means something)."""
     page = (run_dir / "report.html").read_text()
     broken = re.sub(r'src="data:image/png;base64,[A-Za-z0-9+/]{40}', 'src="data:image/png;base64,AAAA', page,
                     count=1)
     assert broken != page
     (tmp_path / "broken.html").write_text(broken)
-    assert _figures_loaded(tmp_path, tmp_path / "broken.html") == f"{N_FIGURES - 1}/{N_FIGURES}"
+    assert _figures_loaded(tmp_path, tmp_path / "broken.html") == f"{n_figures - 1}/{n_figures}"
+
+
+def test_compression_by_layer_where_the_metrics_carry_it(run_dir):
+    """The compression figure joins the probes' section once ``metrics`` has a compression
+    column; the plot draws each probe's value, and the random-init copy's dashed."""
+    from lm_probe.app.plots import plot_compression_by_layer
+
+    record = load_run(run_dir)
+    record.figures = []
+    metrics = record.metrics.drop(columns=["compression", "baseline_compression"], errors="ignore")
+    with pytest.raises(ValueError, match="no 'compression' column"):
+        plot_compression_by_layer(metrics)
+    layers = metrics["layer"].to_numpy(float)
+    record.metrics = metrics.assign(compression=1.5 + layers, baseline_compression=1.1 + 0 * layers)
+    html = render_report(record)
+    assert 'alt="compression by layer"' in html and html.count("<img ") == N_FIGURES + 1
+    fig = plot_compression_by_layer(record.metrics)
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    trained, random_init = lines["transformer.h.*.output (mean)"], lines["transformer.h.*.output (mean), random init"]
+    assert trained.get_ydata().tolist() == [1.5, 2.5, 3.5] and random_init.get_ydata().tolist() == [1.1] * 3
+    assert random_init.get_linestyle() == "--" and random_init.get_color() == trained.get_color()
+
+
+def test_the_accuracy_plot_draws_the_random_init_baseline_dashed(run_dir):
+    from lm_probe.app.plots import plot_accuracy_by_layer
+
+    metrics = load_run(run_dir).metrics
+    fig = plot_accuracy_by_layer(metrics)
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    mean = metrics[metrics["pool"] == "mean"].sort_values("layer")
+    baseline = lines["transformer.h.*.output (mean), random init"]
+    np.testing.assert_allclose(baseline.get_ydata(), mean["baseline_accuracy"].to_numpy(float))
+    assert baseline.get_linestyle() == "--"
