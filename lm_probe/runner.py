@@ -42,7 +42,7 @@ from .core.sites import Site
 from .core.sources import NoSource, Source, StoreSource, TraceSource, read_dataset
 from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
-from .probes.checks import check_fit, check_names, check_solver_memory
+from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
@@ -130,7 +130,7 @@ class ProbeRunner(ProbeFeatures):
                    num_epochs: int = 3, val_size: float = 0.1, eval_every: int = 10, patience: int = 5,
                    min_delta: float = 1e-4, warmup_steps: int = 0, max_steps: int | None = None,
                    cache: Cache | None = Cache(), lr_decay: float | None = None,
-                   decay_patience: int = 2) -> "ProbeRunner":
+                   decay_patience: int = 2, ci: float = 0.95, n_boot: int = 1000) -> "ProbeRunner":
         """Train every probe online, with early stopping, then score them on ``test``
         (:attr:`metrics`); returns ``self``.
 
@@ -160,9 +160,10 @@ class ProbeRunner(ProbeFeatures):
                 validations in a row without improvement (so that the averaged SGD converges:
                 :class:`~lm_probe.probes.early_stopping.DecayOnPlateau`); ``None``: constant.
             decay_patience: Validations without improvement before each decay.
+            ci, n_boot: The bootstrap intervals of the test metrics (:meth:`evaluate`).
         """
-        batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size,
-                               num_epochs=num_epochs, eval_every=eval_every, cache=cache)
+        batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size, num_epochs=num_epochs,
+                               eval_every=eval_every, cache=cache, ci=ci, n_boot=n_boot)
         self.metrics, self.cache_info_ = None, None
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
@@ -176,7 +177,7 @@ class ProbeRunner(ProbeFeatures):
         self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
-            self.metrics = self.evaluate(test, batch_size=batch_size)
+            self.metrics = self.evaluate(test, batch_size=batch_size, ci=ci, n_boot=n_boot)
         return self
 
     def _trainers(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, context: RunContext,
@@ -356,8 +357,11 @@ class ProbeRunner(ProbeFeatures):
         return saved.restore(cls.from_source(NoSource(), saved.configs, seed=saved.seed, progress=False))
 
     # ------------------------------------------------------------------ results
-    def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
-        """Score every probe on ``dataset`` (one trace per batch for all probes).
+    def evaluate(self, dataset: ProbeDataset, batch_size: int = 16, *, ci: float = 0.95,
+                 n_boot: int = 1000) -> pd.DataFrame:
+        """Score every probe on ``dataset`` (one trace per batch for all probes), each test
+        metric with a percentile bootstrap interval at coverage ``ci`` over ``n_boot``
+        resamples of the scored rows, seeded by the runner's seed (``n_boot=0``: none).
 
         Rows whose activations are non-finite are left out and counted
         (``n_nonfinite``); a probe that cannot be scored gets NaN metrics and the reason in
@@ -365,15 +369,18 @@ class ProbeRunner(ProbeFeatures):
 
         Returns:
             DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``, ``recall``,
-            ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``, ``n_steps``,
+            ``f1`` (macro), ``matthews``, ``auroc``, ``ece``, ``recall_at_fpr``
+            (:mod:`lm_probe.functional.metrics`), ``<metric>_lo``/``<metric>_hi``, ``site``, ``pool``, ``layer``, ``n_steps``,
             ``stopped_early``, ``stop_reason``, ``n_scored``, ``n_nonfinite`` (rows of ``dataset``
             left out), ``n_nonfinite_fit`` (training and validation rows left out), the solver
             that produced the weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``:
             :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for probes
             with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
         """
+        check_intervals(ci, n_boot)
         acts = self.pooled(dataset, requests_of(self.probes.values()), batch_size, "test")  # checks batch_size
-        return metrics_table(self.probes, acts, dataset, self.sites, self.control)
+        return metrics_table(self.probes, acts, dataset, self.sites, self.control, ci=ci, n_boot=n_boot,
+                             seed=self.seed)
 
     def _resolve(self, specs: Iterable[str]) -> None:
         """Check sites not seen yet against the source (before any forward pass)."""
