@@ -490,6 +490,13 @@ def test_several_seeds_and_same_seed_same_files(full_run, workdir, model):
     assert sorted(combined["seed"].unique()) == [0, 1] and len(combined) == 16
     seed0, seed1 = combined[combined["seed"] == 0], combined[combined["seed"] == 1]
     assert not np.allclose(seed1["loss"], seed0["loss"]), "another seed, another split"
+    for name in ("accuracy", "auroc", "ece", "selectivity", "loss"):  # mean and sample std over the 2 seeds
+        a, b = seed0[name], seed1[name].loc[seed0.index]
+        for frame in (seed0, seed1):
+            np.testing.assert_allclose(frame[f"{name}_seed_mean"].loc[seed0.index], (a + b) / 2, rtol=1e-12)
+            np.testing.assert_allclose(frame[f"{name}_seed_std"].loc[seed0.index], np.abs(a - b) / np.sqrt(2),
+                                       rtol=1e-9, atol=1e-15)
+    assert (combined["accuracy_lo"] <= combined["accuracy"]).all()
     assert (out / "seed_1" / "report.html").is_file() and (out / "report.html").is_file()
     assert 'href="seed_1/report.html"' in (out / "report.html").read_text()
 
