@@ -156,7 +156,8 @@ def plot_probe_metrics_by_layer(
 
     A probe's variant is its ``variant`` column (the swept settings of an experiment),
     else its pooling. With a ``seed`` column holding several seeds, each line is the
-    mean over seeds with a band from the lowest to the highest seed.
+    mean over seeds with a band from the lowest to the highest seed; with one seed, a
+    metric with ``<metric>_lo``/``<metric>_hi`` columns (bootstrap intervals) gets error bars.
 
     Args:
         metrics: Probe metrics with ``site``, ``layer`` and the ``columns`` (rows with
@@ -177,12 +178,21 @@ def plot_probe_metrics_by_layer(
     variant = frame["variant"] if "variant" in frame and (frame["variant"] != "-").any() else frame["pool"]
     frame["line"] = [f"{_site_kind(s, l)} {v}" for s, l, v in zip(frame["site"], frame["layer"], variant)]
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), layout="constrained", squeeze=False)
+    seeds = frame["seed"].nunique() if "seed" in frame else 1
     for ax, column in zip(axes[0], columns):
-        stats = frame.groupby(["line", "layer"])[column].agg(["mean", "min", "max"]).reset_index()
+        bars = seeds == 1 and {f"{column}_lo", f"{column}_hi"} <= set(frame.columns)
+        cols = [column, f"{column}_lo", f"{column}_hi"] if bars else [column]
+        stats = frame.groupby(["line", "layer"])[cols].agg(["mean", "min", "max"]).reset_index()
         for line, group in stats.groupby("line", sort=True):
-            ax.plot(group["layer"], group["mean"], marker="o", markersize=3, label=line)
-            if "seed" in frame and frame["seed"].nunique() > 1:
-                ax.fill_between(group["layer"], group["min"], group["max"], alpha=0.2)
+            mean = group[(column, "mean")]
+            if bars:  # one seed: the bootstrap interval (which need not contain the point) as error bars
+                err = [(mean - group[(f"{column}_lo", "mean")]).clip(lower=0).fillna(0),
+                       (group[(f"{column}_hi", "mean")] - mean).clip(lower=0).fillna(0)]
+                ax.errorbar(group["layer"], mean, yerr=err, marker="o", markersize=3, capsize=2, label=line)
+            else:
+                ax.plot(group["layer"], mean, marker="o", markersize=3, label=line)
+            if seeds > 1:
+                ax.fill_between(group["layer"], group[(column, "min")], group[(column, "max")], alpha=0.2)
         if chance is not None and column == "accuracy":
             ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
         if column == "selectivity":
