@@ -20,7 +20,8 @@ def plot_accuracy_by_layer(
     title: str = "Probe accuracy by layer",
     ax: Any = None,
 ) -> Any:
-    """Test accuracy against layer, one line per (site kind, pooling).
+    """Test accuracy against layer, one line per (site kind, pooling), with error bars from
+    ``accuracy_lo`` to ``accuracy_hi`` where ``metrics`` has them (bootstrap intervals).
 
     Args:
         metrics: ``runner.metrics`` (needs ``layer``, ``accuracy``, ``pool``, ``site``).
@@ -43,9 +44,11 @@ def plot_accuracy_by_layer(
         fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     else:
         fig = ax.figure
+    bars = {"accuracy_lo", "accuracy_hi"} <= set(frame.columns)
     for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
         group = group.sort_values("layer")
-        ax.plot(group["layer"].astype(int), group["accuracy"], marker="o", label=f"{kind} ({pool})")
+        _line(ax, group["layer"].astype(int), group["accuracy"],
+              (group["accuracy_lo"], group["accuracy_hi"]) if bars else None, marker="o", label=f"{kind} ({pool})")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("layer")
@@ -184,13 +187,8 @@ def plot_probe_metrics_by_layer(
         cols = [column, f"{column}_lo", f"{column}_hi"] if bars else [column]
         stats = frame.groupby(["line", "layer"])[cols].agg(["mean", "min", "max"]).reset_index()
         for line, group in stats.groupby("line", sort=True):
-            mean = group[(column, "mean")]
-            if bars:  # one seed: the bootstrap interval (which need not contain the point) as error bars
-                err = [(mean - group[(f"{column}_lo", "mean")]).clip(lower=0).fillna(0),
-                       (group[(f"{column}_hi", "mean")] - mean).clip(lower=0).fillna(0)]
-                ax.errorbar(group["layer"], mean, yerr=err, marker="o", markersize=3, capsize=2, label=line)
-            else:
-                ax.plot(group["layer"], mean, marker="o", markersize=3, label=line)
+            interval = (group[(f"{column}_lo", "mean")], group[(f"{column}_hi", "mean")]) if bars else None
+            _line(ax, group["layer"], group[(column, "mean")], interval, marker="o", markersize=3, label=line)
             if seeds > 1:
                 ax.fill_between(group["layer"], group[(column, "min")], group[(column, "max")], alpha=0.2)
         if chance is not None and column == "accuracy":
@@ -296,3 +294,14 @@ def plot_cka_heatmap(matrix: pd.DataFrame, *, title: str = "Linear CKA between s
     fig.colorbar(image, ax=ax, label="linear CKA")
     ax.set_title(title)
     return fig
+
+
+def _line(ax: Any, x: Any, y: pd.Series, interval: tuple[pd.Series, pd.Series] | None, **style: Any) -> None:
+    """A line, with error bars from ``interval = (lo, hi)`` when given; a bootstrap interval
+    need not contain its point estimate, so a bar starts at the point where it does not."""
+    if interval is None:
+        ax.plot(x, y, **style)
+        return
+    lo, hi = interval
+    err = [(y - lo).clip(lower=0).fillna(0), (hi - y).clip(lower=0).fillna(0)]
+    ax.errorbar(x, y, yerr=err, capsize=2, **style)

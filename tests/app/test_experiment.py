@@ -14,7 +14,7 @@ import torch
 from lm_probe import DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.app.braces import expand_braces, parse_layers
 from lm_probe.app.experiment import load_experiment, parse_experiment
-from lm_probe.app.outputs import cka_matrix, run_plan
+from lm_probe.app.outputs import cka_matrix, run_plan, seed_summary
 from lm_probe.app.plan import plan_experiment
 from lm_probe.app.problems import ExperimentError
 from lm_probe.app.tables import read_table
@@ -558,3 +558,20 @@ def test_the_step_decay_settings_reach_fit_probes(workdir, model, monkeypatch):
         except Exception:  # the spy trained nothing: writing the results may fail after the call
             pass
         assert (seen[-1]["lr_decay"], seen[-1]["decay_patience"]) == expected
+
+
+def test_seed_summary_is_the_mean_and_sample_std_across_seeds():
+    rng = np.random.default_rng(0)
+    rows = [{"probe": p, "seed": s, "accuracy": rng.random(), "selectivity": rng.random() - 0.5, "n_steps": 10 + s,
+             "stop_reason": "patience"} for s in (0, 1, 2) for p in ("a", "b")]
+    frame = pd.DataFrame(rows).set_index("probe")
+    out = seed_summary(frame)
+    assert not {"n_steps_seed_mean", "stop_reason_seed_mean"} & set(out.columns), "test metrics only"
+    for probe in ("a", "b"):
+        for name in ("accuracy", "selectivity"):
+            values = [r[name] for r in rows if r["probe"] == probe]
+            mean = sum(values) / 3
+            std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+            np.testing.assert_allclose(out.loc[probe, f"{name}_seed_mean"], mean, rtol=1e-12)
+            np.testing.assert_allclose(out.loc[probe, f"{name}_seed_std"], std, rtol=1e-12)
+    assert out.loc[["a"], "accuracy"].tolist() == frame.loc[["a"], "accuracy"].tolist()
