@@ -11,7 +11,8 @@ Resamples are processed ``chunk`` at a time: each chunk becomes a ``(chunk, n)``
 row counts (how often each row was drawn), and every metric that sums over rows (accuracy,
 log-loss, per-class counts, binned calibration gaps, regression moments) is one matrix
 product of those counts with per-row features. Rank metrics (AUROC, recall at a false
-positive rate) sort the rows once and sum the counts by tied-score group. All in float64.
+positive rate) sort the positive and negative rows once; on each resample a cumulative sum
+of the negatives' counts, read at each positive's place, gives how many it outranks. All in float64.
 A resample on which a metric is undefined (one class only) gives NaN and is left out of
 its percentiles; a metric NaN on every resample gets a NaN interval.
 """
@@ -78,30 +79,40 @@ def _ratio(num: np.ndarray, den: np.ndarray, empty: float = 0.0) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
 
 
-def _grouped(score: np.ndarray):
-    """Rows sorted by descending score, and the start of each tied-score group in that order."""
-    order = np.argsort(-score, kind="stable")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    return order, starts
+class _Ranked:
+    """The part of a rank metric that does not depend on the resample, for one score and its
+    positive rows: each side's rows by descending score, and for each positive how many
+    negatives (and positives) score above it, or at least as high."""
 
+    def __init__(self, positive: np.ndarray, score: np.ndarray) -> None:
+        pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+        self.pos = pos[np.argsort(-score[pos], kind="stable")]
+        self.neg = neg[np.argsort(-score[neg], kind="stable")]
+        neg_key, pos_key = -score[self.neg], -score[self.pos]  # ascending
+        self.neg_above = np.searchsorted(neg_key, pos_key, side="left")  # negatives scoring > each positive
+        self.neg_at_least = np.searchsorted(neg_key, pos_key, side="right")  # ... >= each positive
+        self.pos_at_least = np.searchsorted(pos_key, pos_key, side="right")  # positives scoring >= each
 
-def _rank_statistics(counts: np.ndarray, positive: np.ndarray, score: np.ndarray, max_fpr: float | None):
-    """AUROC (and, with ``max_fpr``, the largest recall with false-positive rate <= it) of
-    ``score`` for the ``positive`` rows, on every resample: ties count one half."""
-    order, starts = _grouped(score)
-    w = counts[:, order]
-    pos = np.add.reduceat(w * positive[order], starts, axis=1)  # (resamples, groups), descending score
-    neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
-    n_pos, n_neg = pos.sum(1), neg.sum(1)
-    neg_below = n_neg[:, None] - np.cumsum(neg, axis=1)  # negatives with a strictly lower score
-    defined = (n_pos > 0) & (n_neg > 0)
-    auc = np.where(defined, _ratio((pos * (neg_below + neg / 2)).sum(1), n_pos * n_neg, np.nan), np.nan)
-    if max_fpr is None:
-        return auc, None
-    fpr, tpr = _ratio(np.cumsum(neg, 1), n_neg[:, None]), _ratio(np.cumsum(pos, 1), n_pos[:, None])
-    recall = np.where(fpr <= max_fpr, tpr, 0.0).max(axis=1)  # the (0, 0) point of the curve: recall 0
-    return auc, np.where(defined, recall, np.nan)
+    def statistics(self, counts: np.ndarray, max_fpr: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """AUROC on every resample (a tie counts one half) and, with ``max_fpr``, the largest
+        recall at a threshold (an observed positive's score, or above all: recall 0) whose
+        false-positive rate is at most ``max_fpr``; NaN where a resample lacks a class."""
+        wp, wn = counts[:, self.pos], counts[:, self.neg]
+        n_pos, n_neg = wp.sum(1), wn.sum(1)
+        neg_cum = np.zeros((len(counts), len(self.neg) + 1))
+        np.cumsum(wn, axis=1, out=neg_cum[:, 1:])
+        above, at_least = neg_cum[:, self.neg_above], neg_cum[:, self.neg_at_least]
+        defined = (n_pos > 0) & (n_neg > 0)
+        # each positive beats the negatives below it and ties half of those level with it
+        auc = np.where(defined, _ratio((wp * (n_neg[:, None] - (above + at_least) / 2)).sum(1), n_pos * n_neg,
+                                       np.nan), np.nan)
+        if max_fpr is None:
+            return auc, None
+        pos_cum = np.zeros((len(counts), len(self.pos) + 1))
+        np.cumsum(wp, axis=1, out=pos_cum[:, 1:])
+        fpr, tpr = _ratio(at_least, n_neg[:, None]), _ratio(pos_cum[:, self.pos_at_least], n_pos[:, None])
+        recall = np.where(fpr <= max_fpr, tpr, 0.0).max(axis=1, initial=0.0)
+        return auc, np.where(defined, recall, np.nan)
 
 
 def classification_statistics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, *, bins: int = ECE_BINS,
@@ -128,6 +139,7 @@ def classification_statistics(y: np.ndarray, proba: np.ndarray, classes: np.ndar
     gap = (correct - conf)[:, None] * (bin_of[:, None] == np.arange(bins)[None, :])
     row_loss = -np.log(np.clip(proba[true], eps, 1 - eps)) if k else np.zeros(len(y))
     features = np.column_stack([correct, row_loss, true & pred, true, pred, gap]).astype(np.float64)
+    ranked = [_Ranked(true[:, 1], proba[:, 1])] if k == 2 else [_Ranked(true[:, j], proba[:, j]) for j in range(k)]
 
     def statistic(counts: np.ndarray) -> dict[str, np.ndarray]:
         sums = counts @ features
@@ -140,10 +152,9 @@ def classification_statistics(y: np.ndarray, proba: np.ndarray, classes: np.ndar
                "matthews": _ratio(c * n - (t * p).sum(1), np.sqrt(cov)),
                "ece": np.abs(sums[:, 2 + 3 * k:]).sum(1) / n}
         if k == 2:
-            out["auroc"], out["recall_at_fpr"] = _rank_statistics(counts, true[:, 1], proba[:, 1], max_fpr)
+            out["auroc"], out["recall_at_fpr"] = ranked[0].statistics(counts, max_fpr)
         else:
-            out["auroc"] = np.mean([_rank_statistics(counts, true[:, j], proba[:, j], None)[0] for j in range(k)],
-                                   axis=0)
+            out["auroc"] = np.mean([r.statistics(counts, None)[0] for r in ranked], axis=0)
             out["recall_at_fpr"] = np.full(len(counts), np.nan)
         return out
 

@@ -69,10 +69,12 @@ def _sk_classification(y, p, classes):
     return out
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_classification_intervals_equal_a_reference_loop(k):
-    n, n_boot, seed, ci = 37, 150, 4, 0.9
-    y, p = _proba(n, k, seed=k)
+@pytest.mark.parametrize("k, n, n_boot", [(2, 37, 150), (3, 37, 150), (2, 300, 60)])
+def test_classification_intervals_equal_a_reference_loop(k, n, n_boot):
+    """Small sets with many ties; 300 rows: 1% of the negatives is one row, so recall_at_fpr
+    is neither 0 nor 1."""
+    seed, ci = 4, 0.9
+    y, p = _proba(n, k, seed=k, decimals=1 if n < 100 else 2)
     classes = np.arange(k)
     # max_cells=100: chunks of 2 resamples, so the chunking is exercised
     got = bootstrap_interval(classification_statistics(y, p, classes), n, ci=ci, n_boot=n_boot, seed=seed,
