@@ -370,12 +370,16 @@ class ProbeRunner(ProbeFeatures):
         Returns:
             DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``, ``recall``,
             ``f1`` (macro), ``matthews``, ``auroc``, ``ece``, ``recall_at_fpr``
-            (:mod:`lm_probe.functional.metrics`), ``<metric>_lo``/``<metric>_hi``, ``site``, ``pool``, ``layer``, ``n_steps``,
-            ``stopped_early``, ``stop_reason``, ``n_scored``, ``n_nonfinite`` (rows of ``dataset``
-            left out), ``n_nonfinite_fit`` (training and validation rows left out), the solver
-            that produced the weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``:
-            :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for probes
-            with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
+            (:mod:`lm_probe.functional.metrics`), ``<metric>_lo``/``<metric>_hi``, ``site``,
+            ``pool``, ``layer``, ``n_steps``, ``stopped_early``, ``stop_reason``, ``n_scored``,
+            ``n_nonfinite`` (rows of ``dataset`` left out), ``n_nonfinite_fit`` (training and
+            validation rows left out), the solver that produced the weights (``solver``, ``C`` or
+            ``alpha``, ``n_epochs``, ``converged``: :meth:`Probe.solver_summary`);
+            ``control_accuracy`` and ``selectivity`` (with their intervals, the selectivity's
+            paired) for probes with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
+
+        Raises:
+            ValueError: ``ci`` not in (0, 1) or ``n_boot`` not a whole number >= 0 (before any forward).
         """
         check_intervals(ci, n_boot)
         acts = self.pooled(dataset, requests_of(self.probes.values()), batch_size, "test")  # checks batch_size
