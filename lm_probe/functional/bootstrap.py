@@ -19,7 +19,7 @@ its percentiles; a metric NaN on every resample gets a NaN interval.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,8 +31,9 @@ __all__ = ["resample_counts", "bootstrap_interval", "classification_statistics",
 Statistic = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def resample_counts(n: int, n_boot: int, seed: int, chunk: int):
-    """Yield ``(chunk, n)`` float64 matrices of how often each row is drawn, resample by resample."""
+def resample_counts(n: int, n_boot: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """Yield ``(chunk, n)`` float64 matrices of how often each row is drawn, resample by
+    resample (the last chunk may be shorter), ``n_boot`` rows in all."""
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
@@ -51,10 +52,12 @@ def bootstrap_interval(statistic: Statistic, n: int, *, ci: float = 0.95, n_boot
         ci: Coverage of the interval, in (0, 1).
         n_boot: Resamples.
         seed: Seed of ``np.random.default_rng``.
-        max_cells: Resamples are processed in chunks of at most this many ``resample x row`` cells.
+        max_cells: Resamples are processed in chunks of at most this many ``resample x row``
+            cells (the default: 32 MiB per float64 matrix), or one resample if ``n`` is larger.
 
     Returns:
-        ``{name: (lo, hi)}``; NaN bounds where ``n == 0`` or every resample is undefined.
+        ``{name: (lo, hi)}``, with NaN bounds for a statistic undefined on every resample;
+        ``{}`` if ``n`` or ``n_boot`` is 0.
     """
     if n == 0 or n_boot == 0:
         return {}
