@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from lm_probe import ProbeConfig, ProbeRunner
+from lm_probe import IGNORE, ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.functional.metrics import METRIC_COLUMNS
 from lm_probe.probes.control import CONTROL_SUFFIX
+from lm_probe.testing import tiny_tokenizer
 
 from conftest import count_calls
+from test_token_probes import tagged
 
 FIT = dict(batch_size=16, eval_every=2, patience=3, num_epochs=2)
 SITES = ("model.layers.1.output", "model.layers.3.output")
@@ -85,3 +87,21 @@ def test_bad_ci_or_n_boot_fail_before_any_forward(llama, toy, bad):
     finally:
         handle.remove()
     assert calls["n"] == 0
+
+
+def test_selectivity_interval_is_nan_when_the_twin_scores_other_rows(llama):
+    """A test tag never seen in training leaves its tokens out of the probe's rows but not
+    its twin's (the control labels cover every labeled token): no paired interval."""
+    words, tags = tagged(120, seed=5)
+    train = ProbeDataset.from_tagged(words, [["O" if t == "POS" else t for t in ts] for ts in tags], tiny_tokenizer())
+    test = ProbeDataset.from_tagged(words[:30], tags[:30], tiny_tokenizer())
+    code = {"NEG": 0, "O": 1, "POS": 2}  # the training codes (POS unseen)
+    names = np.array(test.label_names)
+    test.token_labels = [np.where(t == IGNORE, IGNORE, [code[n] for n in names[np.maximum(t, 0)]])
+                         for t in test.token_labels]
+    runner = ProbeRunner(llama, [ProbeConfig("model.layers.0.output", pool="none", control=True)], progress=False)
+    row = runner.fit_probes(train, test, num_epochs=1, n_boot=100, batch_size=16, eval_every=5).metrics.iloc[0]
+    assert row["n_unseen_label"] > 0
+    assert np.isnan(row["selectivity_lo"]) and np.isnan(row["selectivity_hi"])
+    assert row["accuracy_lo"] <= row["accuracy"] <= row["accuracy_hi"]
+    assert row["control_accuracy_lo"] <= row["control_accuracy"] <= row["control_accuracy_hi"]
