@@ -22,7 +22,6 @@ probe's settings, scoring and saving live in :mod:`lm_probe.probes`.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Sequence
 
@@ -39,16 +38,17 @@ from .core.dataset import ProbeDataset
 from .core.model import ensure_dispatched
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site
-from .core.sources import NoSource, Source, StoreSource, TraceSource, read_dataset
+from .core.sources import Source, StoreSource, TraceSource, read_dataset
 from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.baselines import baselines_table
 from .probes.baseline import baseline_runner, then_fit_baseline
-from .probes.checks import check_fit, check_names, check_solver_memory
+from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
 from .probes.features import ProbeFeatures
+from .probes.persist import Persistent
 from .probes.fitting import control_task, fit_settings
 from .probes.probe import Probe
 from .probes.scoring import metrics_table
@@ -56,7 +56,7 @@ from .probes.scoring import metrics_table
 __all__ = ["ProbeRunner"]
 
 
-class ProbeRunner(ProbeFeatures):
+class ProbeRunner(ProbeFeatures, Persistent):
     """Train many probes (and feed other consumers) from one forward pass per batch.
 
     Args:
@@ -141,7 +141,7 @@ class ProbeRunner(ProbeFeatures):
                    num_epochs: int = 3, val_size: float = 0.1, eval_every: int = 10, patience: int = 5,
                    min_delta: float = 1e-4, warmup_steps: int = 0, max_steps: int | None = None,
                    cache: Cache | None = Cache(), lr_decay: float | None = None,
-                   decay_patience: int = 2) -> "ProbeRunner":
+                   decay_patience: int = 2, ci: float = 0.95, n_boot: int = 1000) -> "ProbeRunner":
         """Train every probe online, with early stopping, then score them on ``test``
         (:attr:`metrics`); returns ``self``.
 
@@ -171,9 +171,10 @@ class ProbeRunner(ProbeFeatures):
                 validations in a row without improvement (so that the averaged SGD converges:
                 :class:`~lm_probe.probes.early_stopping.DecayOnPlateau`); ``None``: constant.
             decay_patience: Validations without improvement before each decay.
+            ci, n_boot: The bootstrap intervals of the test metrics (:meth:`evaluate`).
         """
-        batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size,
-                               num_epochs=num_epochs, eval_every=eval_every, cache=cache)
+        batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size, num_epochs=num_epochs,
+                               eval_every=eval_every, cache=cache, ci=ci, n_boot=n_boot)
         self.metrics, self.baselines, self.cache_info_ = None, None, None
         fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
         logger.info("training {} probes on {} examples ({} held out for validation)",
@@ -187,7 +188,7 @@ class ProbeRunner(ProbeFeatures):
         self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
-            self.metrics = self.evaluate(test, batch_size=batch_size)
+            self.metrics = self.evaluate(test, batch_size=batch_size, ci=ci, n_boot=n_boot)
             self.baselines = baselines_table(self.probes, fit, test)  # no model: majority, bag of words...
         return self
 
@@ -348,30 +349,12 @@ class ProbeRunner(ProbeFeatures):
         runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Save the probes, their configurations and the metrics (JSON + npz, no pickle;
-        :mod:`lm_probe.probes.persist`); a ``FileExistsError`` if ``path`` is not empty and
-        ``overwrite`` is False."""
-        from .probes.persist import save_probes
-
-        return save_probes(self, path, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> "ProbeRunner":
-        """Load probes saved with :meth:`save`; give ``model`` to trace again, or use
-        ``runner[name].predict(features)`` without one. A ``ValueError`` for a newer schema,
-        or a model of another hidden size."""
-        from .probes.persist import SavedProbes
-
-        saved = SavedProbes(path, model)
-        if model is not None:
-            return saved.restore(cls(model, saved.configs, seed=saved.seed, progress=False))
-        return saved.restore(cls.from_source(NoSource(), saved.configs, seed=saved.seed, progress=False))
-
     # ------------------------------------------------------------------ results
-    def evaluate(self, dataset: ProbeDataset, batch_size: int = 16) -> pd.DataFrame:
-        """Score every probe on ``dataset`` (one trace per batch for all probes).
+    def evaluate(self, dataset: ProbeDataset, batch_size: int = 16, *, ci: float = 0.95,
+                 n_boot: int = 1000) -> pd.DataFrame:
+        """Score every probe on ``dataset`` (one trace per batch for all probes), each test
+        metric with a percentile bootstrap interval at coverage ``ci`` over ``n_boot``
+        resamples of the scored rows, seeded by the runner's seed (``n_boot=0``: none).
 
         Rows whose activations are non-finite are left out and counted
         (``n_nonfinite``); a probe that cannot be scored gets NaN metrics and the reason in
@@ -379,15 +362,22 @@ class ProbeRunner(ProbeFeatures):
 
         Returns:
             DataFrame indexed by probe name with ``loss``, ``accuracy``, ``precision``, ``recall``,
-            ``f1`` (macro), ``matthews``, ``site``, ``pool``, ``layer``, ``n_steps``,
-            ``stopped_early``, ``stop_reason``, ``n_scored``, ``n_nonfinite`` (rows of ``dataset``
-            left out), ``n_nonfinite_fit`` (training and validation rows left out), the solver
-            that produced the weights (``solver``, ``C`` or ``alpha``, ``n_epochs``, ``converged``:
-            :meth:`Probe.solver_summary`); ``control_accuracy`` and ``selectivity`` for probes
-            with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
+            ``f1`` (macro), ``matthews``, ``auroc``, ``ece``, ``recall_at_fpr``
+            (:mod:`lm_probe.functional.metrics`), ``<metric>_lo``/``<metric>_hi``, ``site``,
+            ``pool``, ``layer``, ``n_steps``, ``stopped_early``, ``stop_reason``, ``n_scored``,
+            ``n_nonfinite`` (rows of ``dataset`` left out), ``n_nonfinite_fit`` (training and
+            validation rows left out), the solver that produced the weights (``solver``, ``C`` or
+            ``alpha``, ``n_epochs``, ``converged``: :meth:`Probe.solver_summary`);
+            ``control_accuracy`` and ``selectivity`` (with their intervals, the selectivity's
+            paired) for probes with a control twin (:func:`~lm_probe.probes.scoring.metrics_table`).
+
+        Raises:
+            ValueError: ``ci`` not in (0, 1) or ``n_boot`` not a whole number >= 0 (before any forward).
         """
+        check_intervals(ci, n_boot)
         acts = self.pooled(dataset, requests_of(self.probes.values()), batch_size, "test")  # checks batch_size
-        return metrics_table(self.probes, acts, dataset, self.sites, self.control)
+        return metrics_table(self.probes, acts, dataset, self.sites, self.control, ci=ci, n_boot=n_boot,
+                             seed=self.seed)
 
     def _resolve(self, specs: Iterable[str]) -> None:
         """Check sites not seen yet against the source (before any forward pass)."""

@@ -60,6 +60,10 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert metrics["accuracy"].max() > 0.6, "well above chance (0.5) even on 320 training reviews"
     assert (tmp_path / "accuracy_by_layer.png").stat().st_size > 10_000
     assert "model.layers.12.output" in printed and "best:" in printed
+    best = metrics.loc[metrics["accuracy"].idxmax()]
+    assert f"[{best['accuracy_lo']:.3f}, {best['accuracy_hi']:.3f}]" in printed, "accuracy with its interval"
+    assert metrics["accuracy"].between(metrics["accuracy_lo"], metrics["accuracy_hi"]).all()
+    assert metrics["auroc"].between(0.5, 1).all() and metrics["ece"].between(0, 1).all()
 
 
 def test_demo_rejects_layers_out_of_range(tmp_path, capsys):

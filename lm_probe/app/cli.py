@@ -3,7 +3,7 @@
 * ``lm-probe demo`` is a newcomer's first five minutes: it loads the embedded SmolLM2-135M
   model and the Rotten Tomatoes snippets (both read from PyPI wheels, no hub needed),
   trains one probe per chosen layer from one forward pass per batch, prints the metrics
-  table sorted by layer, and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
+  table sorted by layer (accuracy with its 95% bootstrap interval, AUROC, ECE), and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
 * ``lm-probe run experiment.toml`` runs a declared experiment (:mod:`lm_probe.app.experiment`);
   ``--dry-run`` checks the whole file, model and data included, and prints the plan
   without any forward pass.
@@ -119,6 +119,16 @@ def _write_demo(metrics: Any, train: Any, test: Any, out: Path, pool: str) -> No
     fig = plot_accuracy_by_layer(metrics, out / "accuracy_by_layer.png", chance=chance,
                                  title=f"SmolLM2-135M, Rotten Tomatoes ({len(train)} train, {pool} pooling)")
     plt.close(fig)
+
+
+def _demo_table(metrics: Any) -> Any:
+    """The demo's printed table: accuracy with its 95% bootstrap interval, AUROC, ECE,
+    recall at 1% false positives, f1, loss and how each probe stopped."""
+    table = metrics[["site", "pool", "accuracy"]].copy()
+    table["95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(metrics["accuracy_lo"], metrics["accuracy_hi"])]
+    for column in ("auroc", "ece", "recall_at_fpr", "f1", "loss", "n_steps", "stop_reason"):
+        table[column] = metrics[column]
+    return table
 
 
 RUN_EPILOG = """\
@@ -282,11 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             metrics = run_demo(n_examples=args.n_examples, layers=args.layers, batch_size=args.batch_size,
                                pool=args.pool, out=args.out, seed=args.seed, progress=not args.no_progress)
-            columns = ["site", "pool", "accuracy", "f1", "matthews", "loss", "n_steps", "stop_reason"]
-            print(metrics[columns].to_string(float_format=lambda x: f"{x:.3f}"))
-            best = metrics["accuracy"].idxmax()
-            print(f"\nbest: {best} accuracy {metrics.loc[best, 'accuracy']:.3f}; wrote {args.out}/metrics.csv "
-                  f"and {args.out}/accuracy_by_layer.png")
+            print(_demo_table(metrics).to_string(float_format=lambda x: f"{x:.3f}"))
+            best = metrics.loc[metrics["accuracy"].idxmax()]
+            print(f"\nbest: {best.name} accuracy {best['accuracy']:.3f} (95% CI {best['accuracy_lo']:.3f}-"
+                  f"{best['accuracy_hi']:.3f}); wrote {args.out}/metrics.csv and {args.out}/accuracy_by_layer.png")
         elif args.command == "run":
             run_experiment_command(args.experiment, dry_run=args.dry_run, out=args.out, seeds=args.seed,
                                    overwrite=args.overwrite, progress=not args.no_progress)

@@ -18,7 +18,8 @@ when the experiment has no probes. Each run folder then holds:
   files alone.
 
 With several seeds each seed writes a complete run folder ``seed_<s>/``, and the output
-folder gets the metrics and baselines of all seeds (a ``seed`` column) and a report over them.
+folder gets the metrics and baselines of all seeds (a ``seed`` column; each test metric's
+mean and standard deviation across the seeds: :func:`seed_summary`) and a report over them.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from loguru import logger
 
 from ..core.model import model_metadata
 from ..core.versions import __version__
+from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .plan import RUN_FILES, Plan, SeedRun, replay_cache
 from .schema import SECTIONS
 from .tables import class_counts
 
-__all__ = ["run_plan", "cka_matrix", "resolved_config", "remove_run"]
+__all__ = ["run_plan", "cka_matrix", "resolved_config", "remove_run", "seed_summary"]
 
 
 def run_plan(plan: Plan) -> list[Path]:
@@ -227,7 +229,7 @@ def _write_combined(plan: Plan, folders: list[Path]) -> None:
             frame.insert(0, "seed", run.seed)
             frames.append(frame)
     if frames:
-        pd.concat(frames).to_csv(out / "metrics.csv")
+        seed_summary(pd.concat(frames)).to_csv(out / "metrics.csv")
     baselines = [pd.read_csv(f / "baselines.csv").assign(seed=run.seed) for run, f in zip(plan.runs, folders)
                  if (f / "baselines.csv").exists()]
     if baselines:
@@ -241,6 +243,20 @@ def _write_combined(plan: Plan, folders: list[Path]) -> None:
     from .report import write_report
 
     write_report(out)
+
+
+def seed_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The metrics of every seed (one row per probe and seed, indexed by probe) with
+    ``<metric>_seed_mean`` and ``<metric>_seed_std`` (standard deviation with ddof=1: NaN
+    for a single seed) of each test metric across the seeds, on each of the probe's rows."""
+    frame = metrics.copy()
+    names = [c for c in dict.fromkeys((*METRIC_COLUMNS, *REGRESSION_COLUMNS, "control_accuracy", "selectivity"))
+             if c in frame and pd.api.types.is_numeric_dtype(frame[c])]
+    groups = frame.groupby(level=0, sort=False)
+    for name in names:
+        frame[f"{name}_seed_mean"] = groups[name].transform("mean")
+        frame[f"{name}_seed_std"] = groups[name].transform(lambda v: v.std(ddof=1))
+    return frame
 
 
 def remove_run(out: Path) -> None:

@@ -8,8 +8,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_accuracy_by_layer", "plot_compression_by_layer", "plot_diffusion_spectra", "plot_spectral_gap", "plot_probe_metrics_by_layer",
-           "plot_spectrum_by_layer", "plot_cka_heatmap", "short_site_labels"]
+__all__ = ["plot_accuracy_by_layer", "plot_compression_by_layer", "plot_diffusion_spectra", "plot_spectral_gap",
+           "plot_probe_metrics_by_layer", "plot_spectrum_by_layer", "plot_cka_heatmap", "short_site_labels"]
 
 
 def plot_accuracy_by_layer(
@@ -20,7 +20,8 @@ def plot_accuracy_by_layer(
     title: str = "Probe accuracy by layer",
     ax: Any = None,
 ) -> Any:
-    """Test accuracy against layer, one line per (site kind, pooling); with a
+    """Test accuracy against layer, one line per (site kind, pooling), with error bars from
+    ``accuracy_lo`` to ``accuracy_hi`` where ``metrics`` has them (bootstrap intervals); with a
     ``baseline_accuracy`` column (``baseline="random_init"``), the random-init copy's
     accuracy beside each line, dashed in the same color.
 
@@ -45,12 +46,15 @@ def plot_accuracy_by_layer(
         fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     else:
         fig = ax.figure
+    bars = {"accuracy_lo", "accuracy_hi"} <= set(frame.columns)
     for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
         group = group.sort_values("layer")
-        (line,) = ax.plot(group["layer"].astype(int), group["accuracy"], marker="o", label=f"{kind} ({pool})")
+        color = _line(ax, group["layer"].astype(int), group["accuracy"],
+                      (group["accuracy_lo"], group["accuracy_hi"]) if bars else None, marker="o",
+                      label=f"{kind} ({pool})")
         if "baseline_accuracy" in group:
             ax.plot(group["layer"].astype(int), group["baseline_accuracy"], linestyle="--", marker=".",
-                    color=line.get_color(), label=f"{kind} ({pool}), random init")
+                    color=color, label=f"{kind} ({pool}), random init")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("layer")
@@ -209,9 +213,10 @@ def plot_probe_metrics_by_layer(
 
     A probe's variant is its ``variant`` column (the swept settings of an experiment),
     else its pooling. With a ``seed`` column holding several seeds, each line is the
-    mean over seeds with a band from the lowest to the highest seed. Where a
-    ``baseline_<column>`` is present (``baseline="random_init"``), the random-init copy's
-    values are drawn dashed in the line's color.
+    mean over seeds with a band from the lowest to the highest seed; with one seed, a
+    metric with ``<metric>_lo``/``<metric>_hi`` columns (bootstrap intervals) gets error bars.
+    Where a ``baseline_<column>`` is present (``baseline="random_init"``), the random-init
+    copy's values are drawn dashed in the line's color.
 
     Args:
         metrics: Probe metrics with ``site``, ``layer`` and the ``columns`` (rows with
@@ -232,24 +237,22 @@ def plot_probe_metrics_by_layer(
     variant = frame["variant"] if "variant" in frame and (frame["variant"] != "-").any() else frame["pool"]
     frame["line"] = [f"{_site_kind(s, l)} {v}" for s, l, v in zip(frame["site"], frame["layer"], variant)]
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.8), layout="constrained", squeeze=False)
+    seeds = frame["seed"].nunique() if "seed" in frame else 1
     for ax, column in zip(axes[0], columns):
-        stats = frame.groupby(["line", "layer"])[column].agg(["mean", "min", "max"]).reset_index()
-        baseline = frame.groupby(["line", "layer"])[f"baseline_{column}"].mean() if f"baseline_{column}" in frame \
-            else None
+        bars = seeds == 1 and {f"{column}_lo", f"{column}_hi"} <= set(frame.columns)
+        cols = [column, f"{column}_lo", f"{column}_hi"] if bars else [column]
+        stats = frame.groupby(["line", "layer"])[cols].agg(["mean", "min", "max"]).reset_index()
+        baseline = (frame.groupby(["line", "layer"])[f"baseline_{column}"].mean()
+                    if f"baseline_{column}" in frame else None)
         for line, group in stats.groupby("line", sort=True):
-            (drawn,) = ax.plot(group["layer"], group["mean"], marker="o", markersize=3, label=line)
-            if "seed" in frame and frame["seed"].nunique() > 1:
-                ax.fill_between(group["layer"], group["min"], group["max"], alpha=0.2)
+            interval = (group[(f"{column}_lo", "mean")], group[(f"{column}_hi", "mean")]) if bars else None
+            color = _line(ax, group["layer"], group[(column, "mean")], interval, marker="o", markersize=3, label=line)
+            if seeds > 1:
+                ax.fill_between(group["layer"], group[(column, "min")], group[(column, "max")], alpha=0.2)
             if baseline is not None:
                 ax.plot(group["layer"], baseline.loc[line].reindex(group["layer"]).to_numpy(), linestyle="--",
-                        color=drawn.get_color(), label=f"{line}, random init")
-        if chance is not None and column == "accuracy":
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-        if column == "selectivity":
-            ax.axhline(0, color="grey", linewidth=0.8)
-        _integer_layers(ax)
-        ax.set_ylabel(column)
-        ax.grid(alpha=0.3)
+                        color=color, label=f"{line}, random init")
+        _panel(ax, column, chance)
     handles, labels = axes[0][0].get_legend_handles_labels()
     axes[0][0].legend(handles, labels, fontsize="x-small", ncol=1 + len(labels) // 12)
     fig.suptitle(title)
@@ -346,3 +349,25 @@ def plot_cka_heatmap(matrix: pd.DataFrame, *, title: str = "Linear CKA between s
     fig.colorbar(image, ax=ax, label="linear CKA")
     ax.set_title(title)
     return fig
+
+
+def _line(ax: Any, x: Any, y: pd.Series, interval: tuple[pd.Series, pd.Series] | None, **style: Any) -> str:
+    """A line, with error bars from ``interval = (lo, hi)`` when given (a bootstrap interval
+    need not contain its point estimate, so a bar starts at the point where it does not);
+    returns the line's color."""
+    if interval is None:
+        return ax.plot(x, y, **style)[0].get_color()
+    lo, hi = interval
+    err = [(y - lo).clip(lower=0).fillna(0), (hi - y).clip(lower=0).fillna(0)]
+    return ax.errorbar(x, y, yerr=err, capsize=2, **style).lines[0].get_color()
+
+
+def _panel(ax: Any, column: str, chance: float | None) -> None:
+    """A metric panel's reference lines (chance on accuracy, zero on selectivity), labels and grid."""
+    if chance is not None and column == "accuracy":
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    if column == "selectivity":
+        ax.axhline(0, color="grey", linewidth=0.8)
+    _integer_layers(ax)
+    ax.set_ylabel(column)
+    ax.grid(alpha=0.3)

@@ -193,6 +193,8 @@ def _probe_section(record: RunRecord) -> str:
         caption = (f"Test {columns[0]} of each probe by layer" + (
             "; selectivity = accuracy - control-task accuracy (Hewitt and Liang)" if has_control else
             "; no control tasks ran (set control = true in [probes] for selectivity)") +
+            ("; error bars: 95% percentile bootstrap interval over test examples" if seeds == 1 and
+             f"{columns[0]}_lo" in metrics else "") +
             (f"; dashed: majority-class accuracy {meta['chance_accuracy']:.3f}" if meta.get("chance_accuracy")
              is not None else "") + ("; dashed lines: the same probes on a randomly initialized copy of the "
                                      "model" if f"baseline_{columns[0]}" in metrics else "") + ".")
@@ -201,8 +203,10 @@ def _probe_section(record: RunRecord) -> str:
     if (~with_layer).any():
         parts.append(f"<p class=note>{int((~with_layer).sum())} probes read sites without a layer index and are "
                      "in the table only.</p>")
-    shown = [c for c in ("pool", "layer", "accuracy", "baseline_accuracy", "selectivity", "control_accuracy", "f1",
-                         "matthews", "r2", "mse", "pearson", "loss", "n_steps", "stop_reason") if c in metrics]
+    shown = [c for c in ("pool", "layer", "accuracy", "accuracy_lo", "accuracy_hi", "baseline_accuracy",
+                         "selectivity", "selectivity_lo", "selectivity_hi", "control_accuracy", "f1", "matthews",
+                         "auroc", "auroc_lo", "auroc_hi", "ece", "recall_at_fpr", "r2", "r2_lo", "r2_hi", "mse",
+                         "pearson", "loss", "n_steps", "stop_reason") if c in metrics]
     if "seed" in metrics:
         shown.insert(0, "seed")
     parts.append(_table(metrics[shown], "metrics"))

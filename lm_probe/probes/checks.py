@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from ..core.batching import check_batch_size
 
 from ..core.dataset import ProbeDataset
@@ -21,11 +23,11 @@ from ..core.replay import Cache
 from .config import ProbeConfig
 from .probe import Probe
 
-__all__ = ["check_fit", "check_names", "check_labels", "check_solver_memory", "class_names"]
+__all__ = ["check_fit", "check_intervals", "check_names", "check_labels", "check_solver_memory", "class_names"]
 
 
 def check_fit(probes: Sequence[Probe], train: ProbeDataset, test: ProbeDataset | None, *, batch_size: int,
-              num_epochs: int, eval_every: int, cache: Any) -> int:
+              num_epochs: int, eval_every: int, cache: Any, ci: float = 0.95, n_boot: int = 1000) -> int:
     """``fit_probes``' arguments and data, checked before anything runs.
 
     Returns:
@@ -40,10 +42,20 @@ def check_fit(probes: Sequence[Probe], train: ProbeDataset, test: ProbeDataset |
         raise ValueError(f"num_epochs and eval_every must be at least 1, got {num_epochs}, {eval_every}")
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(f"cache must be lm_probe.Cache(...) or None, got {type(cache).__name__}")
+    check_intervals(ci, n_boot)
     check_labels(probes, train, "training")
     if test is not None:
         check_labels(probes, test, "test", default=tuple(train.classes.tolist()))
     return batch_size
+
+
+def check_intervals(ci: Any, n_boot: Any) -> None:
+    """Refuse a bootstrap coverage outside (0, 1) or a resample count that is not an int >= 0."""
+    if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1:
+        raise ValueError(f"ci must be a coverage strictly between 0 and 1, e.g. ci=0.95, got {ci!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot must be a whole number of bootstrap resamples >= 0 (0: no intervals), "
+                         f"e.g. n_boot=1000, got {n_boot!r}")
 
 
 def check_names(configs: Iterable[ProbeConfig]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.model import model_metadata
+from ..core.sources import NoSource
 from ..core.versions import __version__, check_schema_version
 from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .baseline import random_init_copy
@@ -30,7 +31,7 @@ from .control import ControlTask
 from .early_stopping import StopReason
 from .probe import Probe
 
-__all__ = ["save_probes", "SavedProbes", "SCHEMA_VERSION"]
+__all__ = ["Persistent", "save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS)
@@ -233,3 +234,24 @@ def _metrics(split: dict | None, index: str | None = "probe") -> pd.DataFrame | 
     if "support" in frame:
         frame["support"] = [None if v is None else {int(k): c for k, c in v.items()} for v in frame["support"]]
     return frame
+
+
+class Persistent:
+    """The runner's :meth:`save` and :meth:`load` (a mixin: it uses the runner's probes,
+    configurations, metrics and seed, and its constructors)."""
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the probes, their configurations and the metrics (JSON + npz, no pickle;
+        :mod:`lm_probe.probes.persist`); a ``FileExistsError`` if ``path`` is not empty and
+        ``overwrite`` is False."""
+        return save_probes(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> Any:
+        """Load probes saved with :meth:`save`; give ``model`` to trace again, or use
+        ``runner[name].predict(features)`` without one. A ``ValueError`` for a newer schema,
+        or a model of another hidden size."""
+        saved = SavedProbes(path, model)
+        if model is not None:
+            return saved.restore(cls(model, saved.configs, seed=saved.seed, progress=False))
+        return saved.restore(cls.from_source(NoSource(), saved.configs, seed=saved.seed, progress=False))

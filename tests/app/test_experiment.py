@@ -14,7 +14,7 @@ import torch
 from lm_probe import DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.app.braces import expand_braces, parse_layers
 from lm_probe.app.experiment import load_experiment, parse_experiment
-from lm_probe.app.outputs import cka_matrix, run_plan
+from lm_probe.app.outputs import cka_matrix, run_plan, seed_summary
 from lm_probe.app.plan import plan_experiment
 from lm_probe.app.problems import ExperimentError
 from lm_probe.app.tables import read_table
@@ -490,6 +490,13 @@ def test_several_seeds_and_same_seed_same_files(full_run, workdir, model):
     assert sorted(combined["seed"].unique()) == [0, 1] and len(combined) == 16
     seed0, seed1 = combined[combined["seed"] == 0], combined[combined["seed"] == 1]
     assert not np.allclose(seed1["loss"], seed0["loss"]), "another seed, another split"
+    for name in ("accuracy", "auroc", "ece", "selectivity", "loss"):  # mean and sample std over the 2 seeds
+        a, b = seed0[name], seed1[name].loc[seed0.index]
+        for frame in (seed0, seed1):
+            np.testing.assert_allclose(frame[f"{name}_seed_mean"].loc[seed0.index], (a + b) / 2, rtol=1e-12)
+            np.testing.assert_allclose(frame[f"{name}_seed_std"].loc[seed0.index], np.abs(a - b) / np.sqrt(2),
+                                       rtol=1e-9, atol=1e-15)
+    assert (combined["accuracy_lo"] <= combined["accuracy"]).all()
     assert (out / "seed_1" / "report.html").is_file() and (out / "report.html").is_file()
     assert 'href="seed_1/report.html"' in (out / "report.html").read_text()
 
@@ -513,7 +520,9 @@ def test_regression_task(tmp_path, model):
     plan = plan_experiment(load_experiment(write(tmp_path, text)), model=model, progress=False)
     run_plan(plan)
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv", index_col=0)
-    assert {"r2", "mse", "pearson"} <= set(metrics.columns) and len(metrics) == 2
+    assert {"r2", "mse", "pearson", "r2_lo", "r2_hi", "pearson_lo", "mse_hi"} <= set(metrics.columns)
+    assert len(metrics) == 2
+    assert (metrics["mse_lo"] <= metrics["mse"]).all() and (metrics["mse"] <= metrics["mse_hi"]).all()
 
 
 def test_torch_backend_from_the_file(tmp_path, workdir, model):
@@ -551,3 +560,20 @@ def test_the_step_decay_settings_reach_fit_probes(workdir, model, monkeypatch):
         except Exception:  # the spy trained nothing: writing the results may fail after the call
             pass
         assert (seen[-1]["lr_decay"], seen[-1]["decay_patience"]) == expected
+
+
+def test_seed_summary_is_the_mean_and_sample_std_across_seeds():
+    rng = np.random.default_rng(0)
+    rows = [{"probe": p, "seed": s, "accuracy": rng.random(), "selectivity": rng.random() - 0.5, "n_steps": 10 + s,
+             "stop_reason": "patience"} for s in (0, 1, 2) for p in ("a", "b")]
+    frame = pd.DataFrame(rows).set_index("probe")
+    out = seed_summary(frame)
+    assert not {"n_steps_seed_mean", "stop_reason_seed_mean"} & set(out.columns), "test metrics only"
+    for probe in ("a", "b"):
+        for name in ("accuracy", "selectivity"):
+            values = [r[name] for r in rows if r["probe"] == probe]
+            mean = sum(values) / 3
+            std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+            np.testing.assert_allclose(out.loc[probe, f"{name}_seed_mean"], mean, rtol=1e-12)
+            np.testing.assert_allclose(out.loc[probe, f"{name}_seed_std"], std, rtol=1e-12)
+    assert out.loc[["a"], "accuracy"].tolist() == frame.loc[["a"], "accuracy"].tolist()

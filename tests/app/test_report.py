@@ -86,6 +86,9 @@ def test_sections_and_metadata(page, run_dir):
     assert "<th>baseline_accuracy</th>" in page  # the metrics table
     assert "6 (classification), each with a control-task twin" in page
     assert "transformer.h.2.output/last" in page  # the metrics table
+    assert "error bars: 95% percentile bootstrap interval" in page
+    for column in ("accuracy_lo", "accuracy_hi", "selectivity_lo", "auroc", "ece", "recall_at_fpr"):
+        assert f"<th>{column}</th>" in page, column
     record = load_run(run_dir)
     assert list(record.cka.index) == ["transformer.h.0.output", "transformer.h.1.output", "transformer.h.2.output"]
     assert record.gauge["eigenvalues"].map(len).tolist() == [8, 8, 8]
@@ -198,3 +201,24 @@ def test_the_accuracy_plot_draws_the_random_init_baseline_dashed(run_dir):
     baseline = lines["transformer.h.*.output (mean), random init"]
     np.testing.assert_allclose(baseline.get_ydata(), mean["baseline_accuracy"].to_numpy(float))
     assert baseline.get_linestyle() == "--"
+
+
+
+
+def test_accuracy_error_bars_span_the_bootstrap_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.container import ErrorbarContainer
+
+    from lm_probe.app.plots import plot_probe_metrics_by_layer
+
+    metrics = pd.DataFrame({"site": [f"model.layers.{i}.output" for i in range(3)], "pool": "mean",
+                            "layer": [0, 1, 2], "accuracy": [0.6, 0.7, 0.8], "accuracy_lo": [0.5, 0.65, 0.81],
+                            "accuracy_hi": [0.7, 0.75, 0.9]})
+    fig = plot_probe_metrics_by_layer(metrics, ("accuracy",))
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1
+    segments = bars[0].lines[2][0].get_segments()
+    # each bar from lo to hi; a lower bound above the point (0.81 > 0.8) is drawn from the point
+    np.testing.assert_allclose([(s[0][1], s[1][1]) for s in segments], [(0.5, 0.7), (0.65, 0.75), (0.8, 0.9)])
