@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
+from .codelength import Codelength
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -111,7 +112,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "random_state": probe.random_state, "n": n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
-            "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_,
+            "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_, "codelength": probe.codelength_.to_dict(),
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
@@ -184,6 +185,8 @@ class SavedProbes:
                 probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
                 probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
                 probe.n_epochs_ = entry.get("n_epochs", 0)
+                if entry.get("codelength") is not None:  # saved before issue 17: a fresh (empty) one
+                    probe.codelength_ = Codelength.from_dict(entry["codelength"])
                 if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
                     probe.n_rows_ = entry["n_rows"]
                     probe.reset_estimator_alpha()

@@ -42,7 +42,9 @@ def metrics_table(probes: Mapping[str, Probe], acts: Mapping[Request, np.ndarray
 
     Returns:
         DataFrame indexed by probe name, twins folded into their probe's row
-        (``control_accuracy``, ``selectivity``).
+        (``control_accuracy``, ``selectivity``, ``control_compression``); the online
+        codelength of each probe's training labels beside its metrics (``codelength_bits``,
+        ``uniform_bits``, ``compression``, ``n_coded``: :mod:`lm_probe.probes.codelength`).
     """
     rows = []
     for name, probe in probes.items():
@@ -54,6 +56,7 @@ def metrics_table(probes: Mapping[str, Probe], acts: Mapping[Request, np.ndarray
             twin_row = score(twin, acts, dataset, sites, control)
             rows[-1]["control_accuracy"] = twin_row["accuracy"]
             rows[-1]["selectivity"] = rows[-1]["accuracy"] - twin_row["accuracy"]
+            rows[-1]["control_compression"] = twin_row["compression"]
     frame = pd.DataFrame(rows).set_index("probe")
     frame["layer"] = frame["layer"].astype("Int64")
     return frame
@@ -67,7 +70,7 @@ def score(probe: Probe, acts: Mapping[Request, np.ndarray], dataset: ProbeDatase
     X, y, unseen, nonfinite = scored_rows(probe, acts[probe.requests[0]], dataset, classes, "test", control)
     info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
             "n_scored": len(y), "n_unseen_label": unseen, "n_nonfinite": nonfinite,
-            "n_nonfinite_fit": probe.n_nonfinite_}
+            "n_nonfinite_fit": probe.n_nonfinite_, **probe.codelength_.compute()}
     columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS
     if probe.n_steps_ == 0:
         logger.warning("probe {!r} has no metrics: it never trained ({}; {} training rows had non-finite "
