@@ -114,19 +114,21 @@ def test_replayed_epochs_do_not_change_it():
     assert thrice.n_steps_ == 3 * once.n_coded // 16 and thrice.codelength_ == once
 
 
-def test_bank_codes_each_probe_with_its_own_weights():
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_bank_codes_each_probe_with_its_own_weights(n_classes):
     """One row per batch and per step: the bank is scikit-learn's per-example SGD (to
     float32), and each probe, the defaults and a different step, is coded with its own."""
-    X, y = rows(n=96)
-    configs = [ProbeConfig("s", classes=[0, 1], name="p"), ProbeConfig("s", classes=[0, 1], name="q", eta0=0.05)]
+    X, y = rows(n=96, n_classes=n_classes)
+    classes = list(range(n_classes))
+    configs = [ProbeConfig("s", classes=classes, name="p"), ProbeConfig("s", classes=classes, name="q", eta0=0.05)]
     probes = [Probe(c, random_state=0) for c in configs]
     bank = ProbeBank(probes, rows_per_step=1)
-    bank.start(RunContext(training={c.name: Training(classes=(0, 1)) for c in configs}))
+    bank.start(RunContext(training={c.name: Training(classes=tuple(classes)) for c in configs}))
     for i in range(len(y)):
         bank.update(PooledBatch({SITE: X[i:i + 1]}, y[i:i + 1], step=i, index=np.arange(i, i + 1)))
     bank.finish()
     for p, eta0 in zip(probes, (0.003, 0.05)):
-        expected = reference_bits(X, y, 1, [0, 1], eta0=eta0, shuffle=False)
+        expected = reference_bits(X, y, 1, classes, eta0=eta0, shuffle=False)
         assert p.codelength_.n_coded == len(y)
         assert p.codelength_.bits == pytest.approx(expected, rel=2e-6)
     assert probes[0].codelength_.bits != pytest.approx(probes[1].codelength_.bits, rel=1e-3)
@@ -143,6 +145,34 @@ def test_bank_with_batches_is_close_to_the_sklearn_backend():
     feed(bank, X, y, batch=16)
     assert banked.codelength_.n_coded == p.codelength_.n_coded == len(y)
     assert banked.codelength_.bits == pytest.approx(p.codelength_.bits, rel=0.02)
+
+
+@pytest.mark.parametrize("head", ["softmax", "mlp"])
+def test_other_heads_code_with_their_own_probabilities(head):
+    """Each batch after the first is coded with the head's ``predict_proba`` at that moment
+    (a copy of the probe stepped on the batches before it)."""
+    X, y = rows(n=64)
+    p = feed(probe(head=head), X, y, batch=16)
+    replay = probe(head=head)
+    replay.start(RunContext(training={"p": Training(classes=(0, 1))}))
+    expected = 16.0  # the first batch: uniform, 1 bit per label
+    for i in range(0, 64, 16):
+        if i:
+            at = copy.deepcopy(replay).partial_fit(X[i:i + 16], y[i:i + 16])  # moments with the batch
+            at.estimator_ = replay.estimator_  # ... and the weights before its step
+            expected += log_loss(y[i:i + 16], at.predict_proba(X[i:i + 16]), labels=[0, 1], normalize=False) / np.log(2)
+        replay.partial_fit(X[i:i + 16], y[i:i + 16])
+    assert p.codelength_.bits == pytest.approx(expected, rel=1e-9) and p.codelength_.n_coded == 64
+
+
+def test_fit_probes_codelength_does_not_depend_on_num_epochs(gpt2, toy):
+    train, test = toy
+    configs = [ProbeConfig("transformer.h.2.output", name="lin")]
+    fit = dict(batch_size=16, eval_every=5, patience=50)
+    one = ProbeRunner(gpt2, configs, progress=False).fit_probes(train, num_epochs=1, **fit)["lin"]
+    three = ProbeRunner(gpt2, configs, progress=False).fit_probes(train, num_epochs=3, **fit)["lin"]
+    assert three.n_epochs_ == 3 and one.n_epochs_ == 1
+    assert three.codelength_ == one.codelength_ and one.codelength_.n_coded > 0
 
 
 def test_no_codelength_for_regression_and_lbfgs():
