@@ -79,13 +79,18 @@ class Codelength:
                 or ``None`` (no model yet: ``log2 K`` bits per label).
             y: ``(rows,)`` labels, each one of ``classes``.
             classes: The sorted classes of ``proba``'s columns.
+
+        Raises:
+            ValueError: a label is not one of ``classes``.
         """
         if self.reason is not None or len(y) == 0:
             return
-        if proba is None:
-            self.bits += uniform_bits(len(y), self.n_classes)
-        else:
-            self.bits += label_bits(proba, np.searchsorted(np.asarray(classes), np.asarray(y)))
+        classes, y = np.asarray(classes), np.asarray(y)
+        index = np.searchsorted(classes, y).clip(max=len(classes) - 1)
+        if np.any(classes[index] != y):
+            raise ValueError(f"labels {sorted(set(y[classes[index] != y].tolist()))} are not among the classes "
+                             f"{classes.tolist()}: they cannot be coded")
+        self.bits += uniform_bits(len(y), self.n_classes) if proba is None else label_bits(proba, index)
         self.n_coded += len(y)
 
     def code_probe(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:

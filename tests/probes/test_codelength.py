@@ -202,6 +202,9 @@ def test_codelength_state_round_trips():
     assert Codelength.from_dict(state.to_dict()) == state
     none = Codelength(0, reason="a regression probe")
     assert Codelength.from_dict(none.to_dict()) == none
+    with pytest.raises(ValueError, match=r"labels \[5\] are not among the classes \[0, 1, 2\]"):
+        state.code(None, np.array([0, 5]), np.array([0, 1, 2]))
+    assert state == Codelength(3, 12.5, 40)  # nothing added
 
 
 def test_metrics_save_and_load(gpt2, toy, tmp_path):
