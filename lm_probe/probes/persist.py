@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..core.model import model_metadata
 from ..core.versions import __version__, check_schema_version
-from .codelength import Codelength
+from .codelength import CODELENGTH_COLUMNS, Codelength
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -211,7 +211,7 @@ def _metrics(split: dict | None) -> pd.DataFrame | None:
     frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name="probe"), columns=split["columns"])
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype("Int64")
-    for column in ("C", "alpha"):  # JSON keeps NaN as null
+    for column in ("C", "alpha", *CODELENGTH_COLUMNS, "control_compression"):  # JSON keeps NaN as null
         if column in frame:
             frame[column] = pd.to_numeric(frame[column])
     if "support" in frame:
