@@ -15,7 +15,9 @@ trace left them (no copy to the host). What is learned is the same model as
   scikit-learn backend keeps it (:func:`lm_probe.functional.sgd.asgd_weight`);
 * standardization with running float64 moments of the probe's own training rows,
   updated with each batch before the step;
-* ``class_weight`` as a dict.
+* ``class_weight`` as a dict;
+* the online codelength of the first epoch's labels, each probe coded with its own
+  weights before its step (:mod:`lm_probe.probes.codelength`).
 
 scikit-learn steps once per example; the bank steps once per batch with the summed
 gradient of its rows (each example still moves the weights by ``eta0`` times its own
@@ -43,6 +45,7 @@ from sklearn.linear_model import SGDClassifier
 
 from ..core.consumer import Consumer, Group, NotComputedError, PooledBatch, RunContext
 from ..core.labels import labeled
+from ..functional.codelength import ovr_proba
 from ..functional.sgd import asgd_weight, logistic_sgd_step, masked_moments, ovr_targets
 from .probe import Probe
 
@@ -183,6 +186,23 @@ class _Group:
         return (torch.as_tensor(np.stack(T_list), device=self.device),
                 torch.as_tensor(np.stack(w_list), device=self.device))
 
+    def code(self, idx: np.ndarray, it: torch.Tensor, Xs: torch.Tensor, masks: np.ndarray,
+             targets: list[np.ndarray]) -> None:
+        """Add the batch's labels to the codelength of probes ``idx`` before their step: under
+        each probe's current weights (the averaged ones once averaging has started, as the
+        probe predicts), on ``Xs``, the rows standardized with the moments that include the
+        batch; scores in float64 from the float32 weights; the uniform code before a probe's
+        first step (see :mod:`lm_probe.probes.codelength`)."""
+        averaged = torch.as_tensor((self.average_from[idx] > 0) & (self.seen[idx] >= self.average_from[idx]),
+                                   device=self.device)
+        W = torch.where(averaged[:, None, None], self.W_avg[it], self.W[it]).double()
+        b = torch.where(averaged[:, None], self.b_avg[it], self.b[it]).double()
+        Z = (torch.einsum("prd,pkd->prk", Xs.double(), W) + b[:, None, :]).cpu().numpy()
+        for j, k in enumerate(idx):
+            probe, rows = self.probes[k], masks[j]
+            proba = None if probe.n_steps_ == 0 else ovr_proba(Z[j][rows])
+            probe.codelength_.code(proba, targets[j][rows], probe.classes_)
+
     def descend(self, idx: np.ndarray, it: torch.Tensor, Xs: torch.Tensor, T: torch.Tensor, weight: torch.Tensor,
                 masks: np.ndarray, rows_per_step: int) -> None:
         """The SGD steps of probes ``idx`` on the batch: rows in order, ``rows_per_step``
@@ -285,9 +305,12 @@ class ProbeBank(Group):
         it = torch.as_tensor(idx, device=self.device)
         Xs = g.standardized(it, X, mask, masks, slot)
         T, weight = g.targets_and_weights(idx, targets, masks)
+        if batch.epoch == 0:  # online codelength: each row coded once, before the step on it
+            g.code(idx, it, Xs, masks, targets)
         g.descend(idx, it, Xs, T, weight, masks, self.rows_per_step)
         for j, k in enumerate(idx):
             probe = g.probes[k]
+            probe.n_epochs_ = max(probe.n_epochs_, batch.epoch + 1)
             if probe.note_step():  # its validation is scored now: on the bank's current weights
                 self._sync(g, int(k))
             probe.after_step()

@@ -26,6 +26,7 @@ from ..core.sources import NoSource
 from ..core.versions import __version__, check_schema_version
 from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .baseline import random_init_copy
+from .codelength import CODELENGTH_COLUMNS, Codelength
 from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
@@ -34,7 +35,7 @@ from .probe import Probe
 __all__ = ["Persistent", "save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-_NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS)
+_NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS, *CODELENGTH_COLUMNS, "control_compression")
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
                   "solver", "Cs", "cv", "scoring", *PER_PROBE)
 
@@ -118,7 +119,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "random_state": probe.random_state, "n": n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
-            "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_,
+            "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_, "codelength": probe.codelength_.to_dict(),
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
@@ -200,6 +201,8 @@ class SavedProbes:
                 probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
                 probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
                 probe.n_epochs_ = entry.get("n_epochs", 0)
+                if entry.get("codelength") is not None:  # saved before issue 17: a fresh (empty) one
+                    probe.codelength_ = Codelength.from_dict(entry["codelength"])
                 if entry.get("n_rows") is not None:  # alpha="auto" was resolved with the fit's row count
                     probe.n_rows_ = entry["n_rows"]
                     probe.reset_estimator_alpha()
@@ -228,7 +231,7 @@ def _metrics(split: dict | None, index: str | None = "probe") -> pd.DataFrame | 
     frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name=index), columns=split["columns"])
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype("Int64")
-    for column in ("C", "alpha", *(c for c in frame if c in _NUMERIC)):  # JSON keeps NaN as null
+    for column in ("C", "alpha", *(c for c in frame if c in _NUMERIC)):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column])
     if "support" in frame:

@@ -34,6 +34,7 @@ from ..core.labels import labeled
 from ..functional.metrics import classification_metrics, regression_metrics
 from ..functional.sgd import asgd_average
 from ..functional.stats import welford_update
+from .codelength import Codelength
 from .config import ProbeConfig, default_alpha
 from .early_stopping import StopReason
 from .lbfgs import FitRows, row_keys, solve
@@ -70,6 +71,7 @@ class Probe(Consumer):
         n_nonfinite_: Training and validation rows left out for non-finite activations
             (each training row counted once, in the first epoch, whatever the number of
             epochs).
+        codelength_: The online codelength of the first epoch's labels (:class:`Codelength`).
     """
 
     def __init__(self, config: ProbeConfig, classes: Iterable[int] | None = None,
@@ -107,6 +109,7 @@ class Probe(Consumer):
         self.stopped_reason_ = StopReason.NONE
         self._best: tuple | None = None
         self.history_: list[tuple[int, float]] = []
+        self.codelength_ = Codelength.for_probe(self)  # online codelength of the first epoch's labels
         settings = self._training
         self._val, self._relabel = settings.validation, settings.relabel
         self._stopper = copy.deepcopy(settings.early_stopping)
@@ -179,10 +182,12 @@ class Probe(Consumer):
             return X
         return (X - self.mean_) / self.scale_
 
-    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> "Probe":
-        """One step on a batch ``X (rows, hidden)``, targets ``y (rows,)``."""
+    def partial_fit(self, X: np.ndarray, y: np.ndarray, *, code: bool = False) -> "Probe":
+        """One step on ``X (rows, hidden)``, ``y (rows,)``; ``code``: first add the labels to :attr:`codelength_`."""
         if self.config.standardize:
             self._n, self._mean, self._m2 = welford_update(self._n, self._mean, self._m2, X)
+        if code:  # before the step, standardized with the moments that include the batch
+            self.codelength_.code_probe(self, X, y)
         est = self.estimator_
         if self._running is not None:  # step from the plain SGD weights, not their average
             est.coef_, est.intercept_ = self._running[0].copy(), self._running[1].copy()
@@ -264,7 +269,7 @@ class Probe(Consumer):
         if self._lbfgs:
             self._collect(X, y, row_keys(batch, self.config.pool == "none", keep))
             return
-        self.partial_fit(X, y)
+        self.partial_fit(X, y, code=batch.epoch == 0)  # each row coded once, in the first epoch
         self.after_step()
 
     # ------------------------------------------------------------ solver="lbfgs"

@@ -50,7 +50,10 @@ def metrics_table(probes: Mapping[str, Probe], acts: Mapping[Request, np.ndarray
 
     Returns:
         DataFrame indexed by probe name, twins folded into their probe's row
-        (``control_accuracy``, ``selectivity``, and their intervals).
+        (``control_accuracy``, ``selectivity``, and their intervals; ``control_compression``);
+        the online codelength of each probe's training labels beside its metrics
+        (``codelength_bits``, ``uniform_bits``, ``compression``, ``n_coded``:
+        :mod:`lm_probe.probes.codelength`).
     """
     rows, boot = [], dict(ci=ci, n_boot=n_boot, seed=seed)
     for name, probe in probes.items():
@@ -63,6 +66,7 @@ def metrics_table(probes: Mapping[str, Probe], acts: Mapping[Request, np.ndarray
             twin_row, twin_keep, twin_correct = _scored(twin, acts, dataset, sites, control, **boot)
             rows[-1]["control_accuracy"] = twin_row["accuracy"]
             rows[-1]["selectivity"] = rows[-1]["accuracy"] - twin_row["accuracy"]
+            rows[-1]["control_compression"] = twin_row["compression"]
             if n_boot:
                 paired = correct is not None and twin_correct is not None and np.array_equal(keep, twin_keep)
                 bounds = _bounds(mean_statistics({"selectivity": correct - twin_correct}), len(correct),
@@ -92,7 +96,7 @@ def _scored(probe: Probe, acts: Mapping[Request, np.ndarray], dataset: ProbeData
     X, y = acts[probe.requests[0]][keep], y[keep]
     info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
             "n_scored": len(y), "n_unseen_label": unseen, "n_nonfinite": nonfinite,
-            "n_nonfinite_fit": probe.n_nonfinite_}
+            "n_nonfinite_fit": probe.n_nonfinite_, **probe.codelength_.compute()}
     columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS
     empty = dict.fromkeys([*columns, *(f"{c}_{end}" for c in columns for end in ("lo", "hi") if n_boot)], np.nan)
     if probe.n_steps_ == 0:

@@ -109,7 +109,8 @@ def test_sections_that_did_not_run_say_so(run_dir):
     html = render_report(record)
     assert "Geometry did not run here (no [geometry] table in the experiment file)" in html
     assert "No diffusion gauge ran here" in html
-    assert html.count("<img ") == 1
+    assert html.count("<img ") == 2  # the probes' metrics by layer and their compression by layer
+    assert 'alt="compression by layer"' in html
 
 
 def test_not_a_run_folder(tmp_path):

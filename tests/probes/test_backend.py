@@ -129,6 +129,9 @@ def test_torch_backend_matches_sklearn_backend(both):
     for name in linear:
         assert [s for s, _ in th[name].history_][:3] == [s for s, _ in sk[name].history_][:3]
     assert th.metrics.loc["0mean", "accuracy"] > 0.8
+    # the epochs each probe ran, as the scikit-learn backend counts them (the bank once left 0)
+    assert (th.metrics.loc[linear, "n_epochs"] > 0).all()
+    assert th.metrics.loc[linear, "n_epochs"].tolist() == sk.metrics.loc[linear, "n_epochs"].tolist()
 
 
 def test_only_linear_classifiers_are_banked(both):

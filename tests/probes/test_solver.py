@@ -174,9 +174,9 @@ def test_the_decay_shrinks_the_step_the_estimator_takes(backend, monkeypatch):
     steps = []
     original = Probe.partial_fit
 
-    def spy(self, X, y):  # the step size each scikit-learn step is taken with
+    def spy(self, X, y, **kwargs):  # the step size each scikit-learn step is taken with
         steps.append(self.estimator_.eta0)
-        return original(self, X, y)
+        return original(self, X, y, **kwargs)
 
     monkeypatch.setattr(Probe, "partial_fit", spy)
     data, source = synthetic(n=800, d=10, noise=0.5)
