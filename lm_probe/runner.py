@@ -189,7 +189,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size, ci=ci, n_boot=n_boot)
-            self.baselines = baselines_table(self.probes, fit, test)  # no model: majority, bag of words...
+            self.baselines = baselines_table(self.probes, fit, test, ci=ci, n_boot=n_boot, seed=self.seed)
         return self
 
     def _trainers(self, train: ProbeDataset, fit: ProbeDataset, val: ProbeDataset | None, context: RunContext,

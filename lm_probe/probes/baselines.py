@@ -33,9 +33,10 @@ from loguru import logger
 
 from ..core.dataset import ProbeDataset
 from ..core.labels import labeled
-from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS, classification_metrics, regression_metrics
+from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
 from .control import is_control
 from .probe import Probe
+from .scoring import regression_with_intervals, scored_with_intervals
 
 __all__ = ["baselines_table", "majority_proba", "token_identity_proba", "bag_of_words", "BOW_MAX_ITER"]
 
@@ -160,8 +161,9 @@ def _predictors(target: str, classes: tuple[int, ...] | None, fit: ProbeDataset,
 
 
 def _score(name: str, predict: Callable[[Any], Any], y_fit: np.ndarray, y_test: np.ndarray,
-           classes: tuple[int, ...] | None) -> dict[str, Any]:
-    """One baseline's metrics row; NaN metrics and ``score_error`` when it fails."""
+           classes: tuple[int, ...] | None, **boot: Any) -> dict[str, Any]:
+    """One baseline's metrics row, with the probes' bootstrap intervals (``boot``: ``ci``,
+    ``n_boot``, ``seed``); NaN metrics and ``score_error`` when it fails."""
     columns = METRIC_COLUMNS if classes is not None else REGRESSION_COLUMNS
     if len(y_test) == 0 or len(y_fit) == 0:
         logger.warning("baseline {!r} has no {} rows", name, "test" if len(y_fit) else "fit")
@@ -169,14 +171,15 @@ def _score(name: str, predict: Callable[[Any], Any], y_fit: np.ndarray, y_test: 
     try:
         pred = predict(y_fit)
         if classes is None:
-            return regression_metrics(y_test, pred)
-        return classification_metrics(y_test, pred, np.asarray(classes))
+            return regression_with_intervals(y_test, pred, **boot)
+        return scored_with_intervals(y_test, pred, np.asarray(classes), **boot)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:  # keep the other baselines
         logger.warning("baseline {!r} could not be fit or scored: {}: {}", name, type(err).__name__, err)
         return {**dict.fromkeys(columns, np.nan), "score_error": f"{type(err).__name__}: {err}"}
 
 
-def baselines_table(probes: Mapping[str, Probe], fit: ProbeDataset, test: ProbeDataset) -> pd.DataFrame:
+def baselines_table(probes: Mapping[str, Probe], fit: ProbeDataset, test: ProbeDataset, *, ci: float = 0.95,
+                    n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Every baseline of every distinct task of ``probes`` (control twins left out),
     fit on ``fit`` and scored on ``test``.
 
@@ -184,13 +187,15 @@ def baselines_table(probes: Mapping[str, Probe], fit: ProbeDataset, test: ProbeD
         probes: The probes by name (their classes are those of the fit).
         fit: The rows the probes trained on (training set less validation).
         test: The rows they are scored on.
+        ci, n_boot, seed: The percentile bootstrap intervals of the test metrics, as the
+            probes get them (``<metric>_lo``/``<metric>_hi``; ``n_boot=0``: none).
 
     Returns:
         One row per baseline and task: ``baseline``, ``target`` (``labels`` or
         ``token_labels``), ``task``, ``input`` (what the baseline reads: ``labels``,
         ``text`` or ``token_ids``), ``probes`` (the probes of the task, comma-separated),
         the metric columns of ``runner.metrics`` (``loss``, ``accuracy``, ..., or ``r2``,
-        ``mse``, ...), ``n_train`` (fit rows), ``n_scored`` (test rows) and
+        ``mse``, ..., each with its interval), ``n_train`` (fit rows), ``n_scored`` (test rows) and
         ``score_error`` where a baseline failed.
     """
     tasks: dict[tuple, list[str]] = {}
@@ -202,7 +207,7 @@ def baselines_table(probes: Mapping[str, Probe], fit: ProbeDataset, test: ProbeD
         keep_fit, y_fit = _rows(fit, target, classes)
         keep_test, y_test = _rows(test, target, classes)
         for baseline, kind, predict in _predictors(target, classes, fit, test, keep_fit, keep_test):
+            scored = _score(baseline, predict, y_fit, y_test, classes, ci=ci, n_boot=n_boot, seed=seed)
             rows.append({"baseline": baseline, "target": target, "task": task, "input": kind,
-                         "probes": ",".join(names), **_score(baseline, predict, y_fit, y_test, classes),
-                         "n_train": len(y_fit), "n_scored": len(y_test)})
+                         "probes": ",".join(names), **scored, "n_train": len(y_fit), "n_scored": len(y_test)})
     return pd.DataFrame(rows)

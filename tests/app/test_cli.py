@@ -201,7 +201,7 @@ def test_run_writes_the_outputs_and_refuses_to_overwrite(folder, capsys, tmp_pat
     assert list(metrics.index) == ["model.layers.0.output", "model.layers.1.output"]
     assert '"seeds": [\n    3\n  ]' in (out / "run.json").read_text()
     assert main(["run", "--no-progress", "--out", str(out), str(folder / "exp.toml")]) == 1
-    assert "already holds a run (metrics.csv, run.json, report.html" in capsys.readouterr().err
+    assert "already holds a run (metrics.csv, baselines.csv, run.json, report.html" in capsys.readouterr().err
     assert main(["run", "--no-progress", "--out", str(out), "--overwrite", str(folder / "exp.toml")]) == 0
 
 

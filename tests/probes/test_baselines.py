@@ -68,6 +68,23 @@ def test_majority_is_the_majority_share_of_the_test_set(fitted):
     assert got["probes"] == SITE and got["task"] == "classification" and got["input"] == "labels"
 
 
+def test_baselines_carry_the_probes_bootstrap_intervals(fitted):
+    """The majority baseline's accuracy interval equals percentiles of a slow loop over
+    resamples drawn as the bootstrap documents (row indices floor(u * n), seeded by the
+    runner's seed), on the same test rows."""
+    runner, fit, test = fitted
+    got = row(runner.baselines, "majority")
+    correct = (test.labels == np.argmax(np.bincount(fit.labels, minlength=2))).astype(float)
+    rng, n = np.random.default_rng(runner.seed), len(correct)
+    values = [correct[np.minimum(np.floor(rng.random(n) * n).astype(int), n - 1)].mean() for _ in range(1000)]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    assert (got["accuracy_lo"], got["accuracy_hi"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+    for name in ("majority", "bag_of_words"):
+        scored = row(runner.baselines, name)
+        for metric in ("accuracy", "f1", "loss", "auroc"):
+            assert scored[f"{metric}_lo"] <= scored[metric] + 1e-12 <= scored[f"{metric}_hi"] + 2e-12, (name, metric)
+
+
 def test_bag_of_words_equals_an_independent_pipeline(fitted):
     runner, fit, test = fitted
     pipe = make_pipeline(CountVectorizer(), LogisticRegression(C=1.0, max_iter=BOW_MAX_ITER))
