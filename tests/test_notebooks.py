@@ -119,6 +119,11 @@ def test_quickstart(kernel_specs, tmp_path):
     assert s["n_test"] == 48
     assert s["best_accuracy"] > 0.6 and s["best_accuracy"] > s["chance"] + 0.1
     assert s["best_layer"] in (0, 3, 6, 9, 12)
+    # the reviewer's table: the trained model's probes code the labels shorter than uniform and
+    # than the random-init copy's, and the majority baseline is the chance the notebook computed
+    assert s["review_mean_compression"] > 1.0 > s["review_mean_baseline_compression"]
+    assert s["review_mean_accuracy"] > s["review_mean_baseline_accuracy"]
+    assert s["review_majority"] == pytest.approx(s["chance"], abs=1e-12)
 
 
 @pytest.mark.slow

@@ -258,6 +258,8 @@ def _parse_probes(table: Any, problems: Problems) -> ProbesSection | None:
             problems.add(f"[probes] {key} = [] sweeps over nothing; give at least one value")
     if isinstance(section.val_size, float) and section.val_size >= 1:
         problems.add(f"[probes] val_size = {section.val_size} must be a share below 1 or a number of examples")
+    if not 0 < section.ci < 1:
+        problems.add(f"[probes] ci = {section.ci} must be a coverage strictly between 0 and 1, e.g. 0.95")
     extra = {k: v for k, v in table.items() if k not in own}
     heads = _as_tuple(section.head) or ("linear",)
     valid = set.intersection(*[_estimator_params(h, section.task) for h in heads])

@@ -75,7 +75,7 @@ def _run_seed(plan: Plan, run: SeedRun) -> Path:
                               val_size=p.val_size, eval_every=p.eval_every, patience=p.patience,
                               min_delta=p.min_delta, warmup_steps=p.warmup_steps, max_steps=p.max_steps,
                               lr_decay=p.lr_decay or None, decay_patience=p.decay_patience,
-                              cache=replay_cache(p, exp.base))
+                              cache=replay_cache(p, exp.base), ci=p.ci, n_boot=p.n_boot)
     else:
         run.runner.collect(run.examples, batch_size=data.batch_size)
     out = run.out
@@ -194,7 +194,8 @@ def _metadata(plan: Plan, seeds: list[int], started: datetime, seconds: float, c
                  "batch_size": exp.data.batch_size, "label_names": plan.table.label_names},
         "sites": plan.sites, "probes": [p.name for p in plan.probes], "task": exp.probes.task,
         "site_layers": {spec: site.layer for spec, site in plan.runs[0].runner.sites.items()},
-        "consumers": consumers, "chance_accuracy": chance, "versions": _versions(),
+        "consumers": consumers, "chance_accuracy": chance, "ci": exp.probes.ci, "n_boot": exp.probes.n_boot,
+        "versions": _versions(),
     }
 
 

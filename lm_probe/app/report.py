@@ -193,8 +193,8 @@ def _probe_section(record: RunRecord) -> str:
         caption = (f"Test {columns[0]} of each probe by layer" + (
             "; selectivity = accuracy - control-task accuracy (Hewitt and Liang)" if has_control else
             "; no control tasks ran (set control = true in [probes] for selectivity)") +
-            ("; error bars: 95% percentile bootstrap interval over test examples" if seeds == 1 and
-             f"{columns[0]}_lo" in metrics else "") +
+            (f"; error bars: {100 * meta.get('ci', 0.95):g}% percentile bootstrap interval over test examples"
+             if seeds == 1 and f"{columns[0]}_lo" in metrics else "") +
             (f"; dashed: majority-class accuracy {meta['chance_accuracy']:.3f}" if meta.get("chance_accuracy")
              is not None else "") + ("; dashed lines: the same probes on a randomly initialized copy of the "
                                      "model" if f"baseline_{columns[0]}" in metrics else "") + ".")

@@ -123,6 +123,11 @@ class ProbesSection:
                          help="'random_init': also train every probe on a copy of the model with re-initialized "
                               "weights, on the same batches (one extra forward per example); metrics gain "
                               "baseline_accuracy, baseline_loss, ... ('none': no such baseline)")
+    ci: float = _key(0.95, types=(float,), minimum=0,
+                     help="coverage of the percentile bootstrap interval of every test metric (<metric>_lo, "
+                          "<metric>_hi), strictly between 0 and 1")
+    n_boot: int = _key(1000, types=(int,), minimum=0,
+                       help="bootstrap resamples of the test examples per interval (0: no intervals)")
     estimator: tuple[tuple[str, tuple], ...] = field(default=(), metadata={"internal": True})
 
 

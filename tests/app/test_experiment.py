@@ -167,6 +167,8 @@ def test_unknown_keys_are_named_at_every_level(tmp_path, tables, match):
     ({"probes": "num_epochs = 0"}, r"\[probes\]: num_epochs = 0 must be at least 1"),
     ({"probes": "hidden_size = [32, 0]"}, r"hidden_size \(each item\) = 0 must be at least 1"),
     ({"probes": "val_size = 1.5"}, "val_size = 1.5 must be a share below 1"),
+    ({"probes": "ci = 1.0"}, r"ci = 1.0 must be a coverage strictly between 0 and 1"),
+    ({"probes": "n_boot = -1"}, r"\[probes\]: n_boot = -1 must be at least 0"),
     ({"gauges": "n_samples = 1"}, r"\[gauges\]: n_samples = 1 must be at least 2"),
     ({"top": "seed = 0\nseeds = [1, 2]"}, "give seed = N or seeds"),
     ({"top": "seeds = [1, 1]"}, "lists a seed twice"),
@@ -335,6 +337,25 @@ def test_solver_sweep_runs_both_solvers_on_one_trace(workdir, model):
     assert sorted(set(metrics["solver"])) == ["lbfgs", "sgd"]
     lbfgs = metrics[metrics["solver"] == "lbfgs"]
     assert lbfgs["C"].notna().all() and (lbfgs["n_epochs"] == 1).all() and lbfgs["alpha"].isna().all()
+
+
+def test_interval_keys_reach_the_metrics(workdir, model):
+    """``[probes] ci`` and ``n_boot`` set the intervals: a wider coverage on the same resamples
+    gives a wider interval around the same point, and n_boot = 0 gives none."""
+    def run(name, keys):
+        text = experiment_text(probes=f'pool = "mean"\nnum_epochs = 1\n{keys}', geometry=None, gauges=None)
+        run_plan(plan_experiment(load_experiment(write(workdir, text, f"{name}.toml"), out=workdir / name),
+                                 model=model, progress=False))
+        return pd.read_csv(workdir / name / "metrics.csv", index_col=0), json.loads((workdir / name / "run.json")
+                                                                                   .read_text())
+    narrow, meta = run("o_ci80", "ci = 0.8\nn_boot = 200")
+    wide, _ = run("o_ci99", "ci = 0.99\nn_boot = 200")
+    none, _ = run("o_nboot0", "n_boot = 0")
+    assert (meta["ci"], meta["n_boot"]) == (0.8, 200)
+    assert narrow["accuracy"].tolist() == wide["accuracy"].tolist() == none["accuracy"].tolist()
+    assert (wide["accuracy_lo"] <= narrow["accuracy_lo"]).all() and (wide["accuracy_hi"] >= narrow["accuracy_hi"]).all()
+    assert ((wide["accuracy_hi"] - wide["accuracy_lo"]) > (narrow["accuracy_hi"] - narrow["accuracy_lo"])).any()
+    assert not [c for c in none.columns if c.endswith(("_lo", "_hi"))]
 
 
 def test_lbfgs_with_an_sgd_argument_is_refused(workdir, model):
