@@ -35,43 +35,21 @@ def plot_accuracy_by_layer(
     Returns:
         The matplotlib ``Figure``.
     """
-    import matplotlib.pyplot as plt
-
-    frame = metrics.dropna(subset=["layer"]).copy()
-    if frame.empty:
-        raise ValueError("no probe has a layer index to plot against; metrics['layer'] is empty")
-    # the site with its block index removed names the kind of site: model.layers.*.output
-    frame["kind"] = [s.replace(f".{int(layer)}.", ".*.", 1) for s, layer in zip(frame["site"], frame["layer"])]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
-    else:
-        fig = ax.figure
-    bars = {"accuracy_lo", "accuracy_hi"} <= set(frame.columns)
-    for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
-        group = group.sort_values("layer")
-        color = _line(ax, group["layer"].astype(int), group["accuracy"],
-                      (group["accuracy_lo"], group["accuracy_hi"]) if bars else None, marker="o",
-                      label=f"{kind} ({pool})")
-        if "baseline_accuracy" in group:
-            ax.plot(group["layer"].astype(int), group["baseline_accuracy"], linestyle="--", marker=".",
-                    color=color, label=f"{kind} ({pool}), random init")
+    fig, ax = _axes(ax)
+    _lines_by_kind(ax, _layer_frame(metrics), "accuracy")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("layer")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    if path is not None:
-        fig.savefig(path, dpi=150)
-    return fig
+    return _finish(fig, ax, title, path)
 
 
 def plot_compression_by_layer(metrics: pd.DataFrame, path: str | Path | None = None, *,
                               title: str = "Online-code compression by layer", ax: Any = None) -> Any:
     """Compression (``uniform_bits / codelength_bits``: how many times shorter the probe's
-    online code of the test labels is than the uniform code) against layer, one line per
-    (site kind, pooling), the random-init copy's (``baseline_compression``) dashed beside it.
+    online code of its first-epoch training labels is than the uniform code) against layer,
+    one line per (site kind, pooling), the random-init copy's (``baseline_compression``)
+    dashed beside it.
 
     Args:
         metrics: ``runner.metrics`` with ``site``, ``pool``, ``layer`` and ``compression``.
@@ -86,27 +64,51 @@ def plot_compression_by_layer(metrics: pd.DataFrame, path: str | Path | None = N
         ValueError: no ``compression`` column (the probes measured no online codelength),
             or no probe with a layer index.
     """
-    import matplotlib.pyplot as plt
-
     if "compression" not in metrics:
         raise ValueError("metrics has no 'compression' column: no online codelength was measured")
+    fig, ax = _axes(ax)
+    _lines_by_kind(ax, _layer_frame(metrics), "compression")
+    ax.axhline(1.0, color="grey", linewidth=0.8, label="uniform code")
+    _integer_layers(ax)
+    ax.set_ylabel("compression (uniform / online bits)")
+    return _finish(fig, ax, title, path)
+
+
+def _layer_frame(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The probes with a layer index, each with its site ``kind`` (:func:`_site_kind`)."""
     frame = metrics.dropna(subset=["layer"]).copy()
     if frame.empty:
         raise ValueError("no probe has a layer index to plot against; metrics['layer'] is empty")
     frame["kind"] = [_site_kind(s, layer) for s, layer in zip(frame["site"], frame["layer"])]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
-    else:
-        fig = ax.figure
+    return frame
+
+
+def _axes(ax: Any) -> tuple[Any, Any]:
+    """``(figure, axes)``: ``ax`` and its figure, or a new figure of the by-layer size."""
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+
+
+def _lines_by_kind(ax: Any, frame: pd.DataFrame, column: str) -> None:
+    """``column`` against layer, one line per (site kind, pooling), with error bars from
+    ``<column>_lo``/``<column>_hi`` where present, and the random-init copy's
+    ``baseline_<column>`` dashed in the line's color where present."""
+    bars = {f"{column}_lo", f"{column}_hi"} <= set(frame.columns)
     for (kind, pool), group in frame.groupby(["kind", "pool"], sort=True):
         group = group.sort_values("layer")
-        (line,) = ax.plot(group["layer"].astype(int), group["compression"], marker="o", label=f"{kind} ({pool})")
-        if "baseline_compression" in group:
-            ax.plot(group["layer"].astype(int), group["baseline_compression"], linestyle="--", marker=".",
-                    color=line.get_color(), label=f"{kind} ({pool}), random init")
-    ax.axhline(1.0, color="grey", linewidth=0.8, label="uniform code")
-    _integer_layers(ax)
-    ax.set_ylabel("compression (uniform / online bits)")
+        layer = group["layer"].astype(int)
+        color = _line(ax, layer, group[column], (group[f"{column}_lo"], group[f"{column}_hi"]) if bars else None,
+                      marker="o", label=f"{kind} ({pool})")
+        if f"baseline_{column}" in group:
+            ax.plot(layer, group[f"baseline_{column}"], linestyle="--", marker=".", color=color,
+                    label=f"{kind} ({pool}), random init")
+
+
+def _finish(fig: Any, ax: Any, title: str, path: str | Path | None) -> Any:
+    """Title, grid and legend; the figure saved to ``path`` (PNG, 150 dpi) when given."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
