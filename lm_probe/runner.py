@@ -35,7 +35,7 @@ from .core.batching import check_batch_size
 from .core.clock import Clock
 from .core.consumer import Consumer, PooledBatch, Request, RunContext, requests_of, start_consumer
 from .core.dataset import ProbeDataset
-from .core.distributed import data_parallel, fingerprint
+from .core.distributed import data_parallel, fingerprint, is_writer
 from .core.model import ensure_dispatched
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site
@@ -244,7 +244,8 @@ class ProbeRunner(ProbeFeatures, Persistent):
 
     def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
         """The pass's :class:`~lm_probe.core.consumer.RunContext` (the sites as a read-only view)."""
-        return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size)
+        return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size,
+                          writer=is_writer(self.source))
 
     def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
         """Start each consumer with ``context``, then check the sites ``start()`` added."""
@@ -358,8 +359,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
         its sites are checked now. The arguments are as for :meth:`from_store`."""
         runner = cls.__new__(cls)
         runner.source = source
-        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {},
-                      baseline)
+        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {}, baseline)
         runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 

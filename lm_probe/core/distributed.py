@@ -40,7 +40,7 @@ from .consumer import HostArrays, Request
 from .dataset import ProbeDataset
 from .sites import Site
 
-__all__ = ["DataParallelSource", "DistributedMismatchError", "data_parallel", "fingerprint", "is_writer", "shard_rows"]
+__all__ = ["DataParallelSource", "DistributedMismatchError", "data_parallel", "fingerprint", "is_writer", "wait_for_writer", "shard_rows"]
 
 
 class DistributedMismatchError(ValueError):
@@ -204,4 +204,10 @@ def fingerprint(model: Any, configs: Sequence[Any], consumers: Sequence[Any], **
 def is_writer(source: Any) -> bool:
     """Whether this process writes files for a runner reading ``source`` (rank 0, or no ranks)."""
     return getattr(source, "rank", 0) == 0
+
+
+def wait_for_writer(source: Any) -> None:
+    """Under data parallelism, wait until every rank gets here (rank 0 has written its files)."""
+    if isinstance(source, DataParallelSource):
+        source.barrier()
 

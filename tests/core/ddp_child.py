@@ -14,8 +14,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from lm_probe import Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
-from lm_probe.core.consumer import Consumer
+from lm_probe import ActivationStore, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe.consumers.store import StoredRun
+from lm_probe.core.consumer import Consumer, NotComputedError
 from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
 
 SITES = ["model.layers.1.output", "model.layers.3.output"]
@@ -38,9 +39,10 @@ def configs(sites=SITES):
     return [ProbeConfig(sites[0], name="l1"), ProbeConfig(sites[1], pool="last", name="l3", control=True)]
 
 
-def run(batch_size, **runner_kwargs):
+def run(batch_size, folder, **runner_kwargs):
     """Fit (train 102: fit 91, validation 11; test 13), then pool a 1-example and the test set,
-    and collect a geometry over the test set. Returns plain results."""
+    collect a geometry and a store (``folder/store``) over the test set and save the probes
+    (``folder/probes``). Returns plain results."""
     train, test, one = data(102, 0), data(13, 1), data(1, 2)
     geometry = Geometry(["model.layers.2.output"])
     runner = ProbeRunner(model(), configs(), consumers=[geometry], progress=False, **runner_kwargs)
@@ -48,7 +50,13 @@ def run(batch_size, **runner_kwargs):
     acts = runner.pooled(test, batch_size=batch_size)
     tokens = runner.pooled(test, [("model.layers.1.output", "none")], batch_size=batch_size)
     collected = Geometry(["model.layers.2.output"])
-    runner.collect(test, [collected], batch_size=batch_size)
+    store = ActivationStore(Path(folder, "store"), ["model.layers.2.output"], chunk_rows=5)
+    runner.collect(test, [collected, store], batch_size=batch_size)
+    runner.save(Path(folder, "probes"))
+    try:
+        wrote = isinstance(store.compute(), StoredRun)
+    except NotComputedError:  # the ranks other than 0 write nothing
+        wrote = False
     return {
         "metrics": runner.metrics,
         "probes": {name: dict(coef=p.coef_, intercept=p.intercept_, n_steps=p.n_steps_,
@@ -60,7 +68,7 @@ def run(batch_size, **runner_kwargs):
         "geometry_fit": geometry.compute().eigenvalues,
         "geometry_collect": collected.compute().eigenvalues,
         "cache": runner.cache_info_["examples"],
-        "world": runner.world,
+        "world": runner.world, "wrote": wrote,
     }
 
 
@@ -91,7 +99,7 @@ def main(scenario, out):
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     if scenario == "equal":
-        result = run(batch_size=8)
+        result = run(batch_size=8, folder=out)
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     elif scenario == "mismatch":
         sites = SITES if rank == 0 else ["model.layers.0.output", SITES[1]]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ddp_child
-from lm_probe import ProbeRunner
+from lm_probe import ActivationStore, ProbeRunner
 from lm_probe.core.distributed import DistributedMismatchError, _differences, shard_rows
 from lm_probe.core.sources import TraceSource
 
@@ -64,8 +64,9 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path):
     done, _ = torchrun("equal", tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1)]
-    one = ddp_child.run(batch_size=16)
+    one = ddp_child.run(batch_size=16, folder=tmp_path / "one")
     assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
+    assert [r["wrote"] for r in ranks] == [True, False] and one["wrote"]
     for got in ranks:
         # activations: the 13 test rows (one global batch smaller than 2b: shards of 7 and 6), every
         # token, and a single example (rank 1's shard is empty)
@@ -90,6 +91,16 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path):
             for site, values in one[key].items():
                 np.testing.assert_allclose(got[key][site], values, rtol=1e-5, atol=1e-9)
     assert all(p["stop"] == "patience" for p in one["probes"].values())  # early stopping was exercised
+    # rank 0 alone wrote the store and the saved probes: the same as one process's
+    two_store = ActivationStore.open(tmp_path / "store").run("default")
+    one_store = ActivationStore.open(tmp_path / "one" / "store").run("default")
+    np.testing.assert_array_equal(two_store.example_ids, one_store.example_ids)
+    np.testing.assert_array_equal(two_store.labels, one_store.labels)
+    np.testing.assert_allclose(two_store.array("model.layers.2.output")[:], one_store.array("model.layers.2.output")[:],
+                               rtol=0, atol=1e-6)
+    saved = ProbeRunner.load(tmp_path / "probes")
+    for name, probe in one["probes"].items():
+        np.testing.assert_allclose(saved[name].coef_, probe["coef"], rtol=1e-5, atol=1e-6)
     # both ranks ran the same probe updates on the same rows: bit for bit the same weights
     for name in one["probes"]:
         np.testing.assert_array_equal(ranks[0]["probes"][name]["coef"], ranks[1]["probes"][name]["coef"])
