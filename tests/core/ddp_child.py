@@ -2,7 +2,7 @@
 and the same run in one process for the reference.
 
 ``python ddp_child.py SCENARIO OUT``: ``equal`` writes this rank's results to
-``OUT/rank<r>.pkl``; ``mismatch`` gives rank 1 other sites; ``raise`` makes a consumer raise on
+``OUT/rank<r>.pkl``; ``mismatch`` gives rank 1 other sites; ``data`` other examples; ``raise`` makes a consumer raise on
 rank 1 at its second batch.
 """
 
@@ -104,6 +104,9 @@ def main(scenario, out):
     elif scenario == "mismatch":
         sites = SITES if rank == 0 else ["model.layers.0.output", SITES[1]]
         ProbeRunner(model(), configs(sites), progress=False)
+    elif scenario == "data":  # the same runner, other examples on rank 1
+        runner = ProbeRunner(model(), configs(), progress=False)
+        runner.evaluate(data(20, rank), batch_size=4)
     elif scenario == "raise":
         runner = ProbeRunner(model(), [], consumers=[RaiseOnRank1(rank)], progress=False)
         runner.collect(data(40, 0), batch_size=4)

@@ -113,6 +113,12 @@ def test_mismatched_sites_fail_at_start_on_every_rank(tmp_path):
     assert "set up differently" in done.stderr and "model.layers.0.output" in done.stderr
 
 
+def test_other_data_on_a_rank_fails_at_its_first_batch_before_its_rows_are_used(tmp_path):
+    done, _ = torchrun("data", tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("DistributedMismatchError: the ranks made different batches") >= 2
+
+
 def test_an_exception_on_rank_1_ends_both_ranks(tmp_path):
     done, seconds = torchrun("raise", tmp_path)
     assert done.returncode != 0
