@@ -35,6 +35,7 @@ from .core.batching import check_batch_size
 from .core.clock import Clock
 from .core.consumer import Consumer, PooledBatch, Request, RunContext, requests_of, start_consumer
 from .core.dataset import ProbeDataset
+from .core.distributed import data_parallel, fingerprint, is_writer
 from .core.model import ensure_dispatched
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site
@@ -77,15 +78,19 @@ class ProbeRunner(ProbeFeatures, Persistent):
         **trace_kwargs: Passed to every ``model.trace`` call; ``remote=True`` runs every
             trace through nnsight's remote execution (NDIF), ``remote="local"`` simulates
             it offline. Only the pooled ``(batch, hidden)`` tensors come back.
+        distributed: After ``torch.distributed.init_process_group`` (``None``: detected; ``False``: alone), each rank
+            traces a shard of every ``world x batch_size`` batch, all see its rows (:mod:`lm_probe.core.distributed`).
 
     Raises:
         SiteError: a site names no module of the model (before any forward pass).
-        ValueError: probe names collide; an unknown ``baseline``, or one for a remote run.
+        ValueError: probe names collide; an unknown ``baseline``, or one for a remote run; data-parallel
+            ranks set up differently (``DistributedMismatchError``).
     """
 
     def __init__(self, model: Any, configs: Iterable[ProbeConfig] = (), *, consumers: Iterable[Consumer] = (),
                  seed: int = 0, progress: bool = True, backend: str = "sklearn",
-                 device: str | torch.device | None = None, baseline: str | None = None, **trace_kwargs: Any) -> None:
+                 device: str | torch.device | None = None, baseline: str | None = None,
+                 distributed: bool | None = None, **trace_kwargs: Any) -> None:
         if not hasattr(model, "trace") or not hasattr(model, "_module"):
             raise TypeError(f"ProbeRunner needs an nnsight model, got {type(model).__name__}; "
                             "wrap it first: model = lm_probe.load_model(hf_model, tokenizer=tokenizer)")
@@ -98,7 +103,10 @@ class ProbeRunner(ProbeFeatures, Persistent):
         self._setup(model, configs, consumers, seed, progress, backend, device, trace_kwargs, baseline)
         # with the torch backend on an accelerator the traced tensors stay there
         on_device = self.bank is not None and self.bank.device.type != "cpu" and not remote
-        self.source: Source = TraceSource(model, self.sites, to_cpu=not on_device, trace_kwargs=trace_kwargs)
+        setup = fingerprint(model, self.configs, self.all_consumers, seed=seed, backend=backend, baseline=baseline)
+        self.source: Source = data_parallel(TraceSource(model, self.sites, to_cpu=not on_device,
+                                                        trace_kwargs=trace_kwargs), distributed, setup)
+        self.progress = progress and getattr(self.source, "rank", 0) == 0
         self._resolve(spec for c in self.all_consumers for spec in c.site_specs())
 
     def _setup(self, model: Any, configs: Iterable[ProbeConfig], consumers: Iterable[Consumer], seed: int,
@@ -119,6 +127,11 @@ class ProbeRunner(ProbeFeatures, Persistent):
         self.baseline_runner: ProbeRunner | None = baseline_runner(
             type(self), baseline, model, self.configs, seed=seed, trace_kwargs=trace_kwargs, progress=progress,
             backend=backend, device=device)  #: the random-init copy's own runner (``baseline="random_init"``)
+
+    @property
+    def world(self) -> int:
+        """Processes that share each batch (the data-parallel ranks; 1 in one process)."""
+        return getattr(self.source, "world_size", 1)
 
     @property
     def all_consumers(self) -> list[Consumer]:
@@ -154,7 +167,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
         Args:
             train: Training examples; a stratified ``val_size`` share is held out once.
             test: Examples for :attr:`metrics` and :attr:`baselines` (``None`` leaves them ``None``).
-            batch_size: Examples per forward pass (and per probe step).
+            batch_size: Examples per forward pass (and per probe step, times :attr:`world`).
             num_epochs: Passes of the probes over the training examples at most (replayed
                 epochs cost no forward; with ``cache=None`` every epoch traces again).
             val_size: Validation share (0 disables validation and early stopping).
@@ -185,7 +198,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
         trainers = self._trainers(train, fit, val, context, (cache or Cache()).memory_budget, eval_every=eval_every,
                                   decay=decay, stopping=dict(patience=patience, min_delta=min_delta,
                                                              warmup_steps=warmup_steps, max_steps=max_steps))
-        self._train(fit, trainers, num_epochs, cache, batch_size=batch_size, shuffle=True, by_length=True,
+        self._train(fit, trainers, num_epochs, cache, batch_size=batch_size * self.world, shuffle=True, by_length=True,
                     validate_every=eval_every if val is not None else None)
         if test is not None:
             self.metrics = self.evaluate(test, batch_size=batch_size, ci=ci, n_boot=n_boot)
@@ -231,7 +244,8 @@ class ProbeRunner(ProbeFeatures, Persistent):
 
     def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
         """The pass's :class:`~lm_probe.core.consumer.RunContext` (the sites as a read-only view)."""
-        return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size)
+        return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size,
+                          writer=is_writer(self.source))
 
     def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
         """Start each consumer with ``context``, then check the sites ``start()`` added."""
@@ -258,8 +272,8 @@ class ProbeRunner(ProbeFeatures, Persistent):
         self._start(consumers, self._context(dataset, batch_size))  # start() may add model-dependent sites
         clock = Clock(self.pooled)
         clock.emit(consumers, "start", 0, 0)
-        step = self._pass(dataset, consumers, self.source, range(1), clock, batch_size=batch_size, shuffle=False,
-                          by_length=False, max_tokens=max_tokens)
+        step = self._pass(dataset, consumers, self.source, range(1), clock, batch_size=batch_size * self.world,
+                          shuffle=False, by_length=False, max_tokens=max_tokens)
         clock.end(consumers, step, 1 if step else 0)
         return self
 
@@ -312,7 +326,8 @@ class ProbeRunner(ProbeFeatures, Persistent):
         """
         requests = list(requests) if requests is not None else requests_of(self.probes.values())
         self._resolve([spec for spec, _ in requests])
-        return read_dataset(self.source, dataset, requests, batch_size, progress=self.progress, desc=desc)
+        return read_dataset(self.source, dataset, requests, check_batch_size(batch_size) * self.world,
+                            progress=self.progress, desc=desc)
 
     @classmethod
     def from_store(cls, run: Any, configs: Iterable[ProbeConfig], *, seed: int = 0,
@@ -344,8 +359,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
         its sites are checked now. The arguments are as for :meth:`from_store`."""
         runner = cls.__new__(cls)
         runner.source = source
-        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {},
-                      baseline)
+        runner._setup(None, configs, consumers, seed, progress, backend, torch.device(device or "cpu"), {}, baseline)
         runner._resolve(spec for c in runner.all_consumers for spec in c.site_specs())
         return runner
 

@@ -64,6 +64,9 @@ class ActivationStore(Consumer):
         tags: User tags recorded in the metadata, e.g. ``{"task": "sentiment"}``.
         overwrite: Replace an existing run of the same name (refused otherwise).
         chunk_rows: Examples per chunk file.
+
+    Under data parallelism rank 0 alone writes (``RunContext.writer``); on the other ranks the
+    store checks and writes nothing, and :meth:`compute` refuses (open the run rank 0 wrote).
     """
 
     def __init__(self, path: str | Path, sites: Sequence[str], *, pool: str = "mean", run: str = "default",
@@ -90,19 +93,22 @@ class ActivationStore(Consumer):
         self._meta: dict[str, Any] = {}
         self._data: Any = None
         self._written = False
+        self._writer = True
 
     def start(self, context: RunContext) -> None:
         """Check the run folder (before any forward pass) and record the metadata."""
         model, sites, data = context.model, context.sites, context.data
         target = self.run_path
+        self.reset()
+        self._data, self._writer = data, context.writer
+        if not self._writer:
+            return
         if target.exists() and any(target.iterdir()):
             if not self.overwrite:
                 raise FileExistsError(f"the store already has a run {self.run!r} at {target}; "
                                       "pass overwrite=True to replace it or choose another run=")
             shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
-        self.reset()
-        self._data = data
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,
@@ -117,6 +123,8 @@ class ActivationStore(Consumer):
     def update(self, batch: PooledBatch) -> None:
         if self._data is None:
             raise RuntimeError("the store was not started: run it through runner.collect(...) or fit_probes")
+        if not self._writer:
+            return
         self._buffer.append({
             **{f"site_{k}": np.asarray(batch.acts[(s, self.pool)], np.float32) for k, s in enumerate(self.sites)},
             "labels": np.asarray(batch.labels), "example_ids": self._data.example_ids[batch.index],
@@ -144,7 +152,7 @@ class ActivationStore(Consumer):
 
     def finish(self) -> None:
         """Flush the last chunk and write the manifest and metadata."""
-        if self._data is None:
+        if self._data is None or not self._writer:
             return
         self._flush(final=True)
         self._meta["n_examples"] = int(sum(c["rows"] for c in self._chunks))
@@ -155,6 +163,9 @@ class ActivationStore(Consumer):
 
     def compute(self) -> "StoredRun":
         """The written run, opened for reading."""
+        if not self._writer:
+            raise NotComputedError("on data-parallel ranks other than 0 the store writes nothing: open the run "
+                                   "rank 0 wrote with ActivationStore.open(path) after torch.distributed.barrier()")
         if not self._written:
             raise NotComputedError("the store has not finished a pass yet")
         return StoredRun(self.run_path)

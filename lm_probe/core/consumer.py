@@ -96,6 +96,8 @@ class RunContext:
             decided for each probe (classes, cached validation rows, early stopping...);
             empty for other consumers and in ``collect``. A probe missing here trains
             with the defaults of :class:`~lm_probe.probes.training.Training`.
+        writer: Whether this process writes files: ``False`` on the data-parallel ranks other
+            than 0 (:mod:`lm_probe.core.distributed`), which see the same rows as rank 0.
     """
 
     model: Any = None
@@ -103,6 +105,7 @@ class RunContext:
     data: Any = None
     batch_size: int | None = None
     training: Mapping[str, Any] = field(default_factory=dict)
+    writer: bool = True
 
     def as_keywords(self) -> dict[str, Any]:
         """The keywords of the earlier ``start(**context)`` form (without ``runner``)."""

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.distributed import is_writer, wait_for_writer
 from ..core.model import model_metadata
 from ..core.sources import NoSource
 from ..core.versions import __version__, check_schema_version
@@ -246,8 +247,10 @@ class Persistent:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Save the probes, their configurations and the metrics (JSON + npz, no pickle;
         :mod:`lm_probe.probes.persist`); a ``FileExistsError`` if ``path`` is not empty and
-        ``overwrite`` is False."""
-        return save_probes(self, path, overwrite=overwrite)
+        ``overwrite`` is False. Under data parallelism rank 0 writes and every rank waits for it."""
+        written = save_probes(self, path, overwrite=overwrite) if is_writer(self.source) else Path(path)
+        wait_for_writer(self.source)
+        return written
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> Any:
