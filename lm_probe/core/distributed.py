@@ -40,7 +40,8 @@ from .consumer import HostArrays, Request
 from .dataset import ProbeDataset
 from .sites import Site
 
-__all__ = ["DataParallelSource", "DistributedMismatchError", "data_parallel", "fingerprint", "is_writer", "wait_for_writer", "shard_rows"]
+__all__ = ["DataParallelSource", "DistributedMismatchError", "data_parallel", "fingerprint", "is_writer",
+           "wait_for_writer", "shard_rows"]
 
 
 class DistributedMismatchError(ValueError):
