@@ -8,6 +8,9 @@
   ``--dry-run`` checks the whole file, model and data included, and prints the plan
   without any forward pass.
 * ``lm-probe report RUN_DIR`` rebuilds a run's ``report.html`` from its files.
+* ``torchrun --nproc-per-node K -m lm_probe run experiment.toml`` runs an experiment data
+  parallel (:mod:`lm_probe.app.launch`): the metrics of one process with ``batch_size`` K times
+  larger; rank 0 alone prints and writes the run folder.
 
 Errors are one line (``lm-probe: error: ...``, exit code 1; an experiment with several
 problems gets one line per problem, all found in one run) unless ``--debug`` is given, which
@@ -248,18 +251,24 @@ def run_experiment_command(experiment: str | Path, *, dry_run: bool = False, out
         ExperimentError: every problem found in the file, its model and its data, together.
     """
     from .experiment import load_experiment
+    from .launch import agree, process_group
     from .outputs import run_plan
     from .plan import plan_experiment
 
-    # strict=False: the file's problems are reported together with the model's and the data's
-    experiment = load_experiment(experiment, out=out, seeds=seeds, strict=False)
-    plan = plan_experiment(experiment, progress=progress, overwrite=overwrite)
-    print(plan.describe(), flush=True)
-    if dry_run:
-        print("\ndry run: the file, model, sites and data are valid; no forward pass was run.")
-        return []
-    folders = run_plan(plan)
-    print(f"\nwrote {folders[-1] / 'metrics.csv' if plan.probes else folders[-1]} and {folders[-1] / 'report.html'}")
+    with process_group() as rank:  # under torchrun: data parallel, rank 0 prints and writes
+        # strict=False: the file's problems are reported together with the model's and the data's
+        plan = agree(lambda: plan_experiment(load_experiment(experiment, out=out, seeds=seeds, strict=False),
+                                             progress=progress, overwrite=overwrite))
+        if rank == 0:
+            print(plan.describe(), flush=True)
+        if dry_run:
+            if rank == 0:
+                print("\ndry run: the file, model, sites and data are valid; no forward pass was run.")
+            return []
+        folders = run_plan(plan)
+        if rank == 0:
+            print(f"\nwrote {folders[-1] / 'metrics.csv' if plan.probes else folders[-1]} and "
+                  f"{folders[-1] / 'report.html'}")
     return folders
 
 
@@ -288,6 +297,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.debug else "INFO",
                format="<green>{time:HH:mm:ss}</green> {level: <7} {message}")
+    if args.command != "run":
+        return _command(args)
+    from .launch import process_group
+
+    with process_group():  # under torchrun: the group lives until every rank has reported its error
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; returns the exit code (errors printed on one line)."""
+    from .launch import settle
+
     try:
         if args.command == "demo":
             metrics = run_demo(n_examples=args.n_examples, layers=args.layers, batch_size=args.batch_size,
@@ -309,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        print(f"lm-probe: error: {_one_line(err)}", file=sys.stderr)
+        sys.stderr.write(f"lm-probe: error: {_one_line(err)}\n")  # one write: ranks' lines do not interleave
+        sys.stderr.flush()
+        settle(err)  # under torchrun: every rank says it before torchrun stops the others
         return 1
     return 0

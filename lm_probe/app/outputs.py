@@ -20,6 +20,9 @@ when the experiment has no probes. Each run folder then holds:
 With several seeds each seed writes a complete run folder ``seed_<s>/``, and the output
 folder gets the metrics and baselines of all seeds (a ``seed`` column; each test metric's
 mean and standard deviation across the seeds: :func:`seed_summary`) and a report over them.
+
+Under data parallelism (``torchrun ... -m lm_probe run``) every rank runs the plan and rank 0
+alone writes these files; the other ranks wait for it at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 import pandas as pd
 from loguru import logger
 
+from ..core.distributed import is_writer, wait_for_writer
 from ..core.model import model_metadata
 from ..core.versions import __version__
 from ..functional.metrics import METRIC_COLUMNS, REGRESSION_COLUMNS
@@ -53,18 +57,21 @@ def run_plan(plan: Plan) -> list[Path]:
     Returns:
         The run folders written (one per seed; with several seeds, the combined folder last).
     """
-    exp = plan.experiment
-    if plan.overwrite:
+    exp, source = plan.experiment, plan.runs[0].runner.source
+    writer = is_writer(source)  # under torchrun: rank 0 writes, the other ranks only trace
+    if plan.overwrite and writer:
         for folder in {exp.out, *(run.out for run in plan.runs)}:
             remove_run(folder)
-    written = [_run_seed(plan, run) for run in plan.runs]
+    written = [_run_seed(plan, run, writer) for run in plan.runs]
     if len(plan.runs) > 1:
-        _write_combined(plan, written)
+        if writer:
+            _write_combined(plan, written)
         written.append(exp.out)
+    wait_for_writer(source)  # the other ranks end once rank 0 has written every file
     return written
 
 
-def _run_seed(plan: Plan, run: SeedRun) -> Path:
+def _run_seed(plan: Plan, run: SeedRun, writer: bool = True) -> Path:
     exp, started = plan.experiment, datetime.now(timezone.utc)
     clock = time.perf_counter()
     logger.info("seed {}: {} probes on {} training examples", run.seed, len(plan.probes), len(run.train))
@@ -79,6 +86,10 @@ def _run_seed(plan: Plan, run: SeedRun) -> Path:
     else:
         run.runner.collect(run.examples, batch_size=data.batch_size)
     out = run.out
+    if not writer:  # a rank other than 0: it joins the wait of the probes rank 0 saves, writes nothing
+        if plan.probes and exp.probes.save:
+            run.runner.save(out / "probes", overwrite=True)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     consumers = _write_artifacts(plan, run)
     chance = _chance(run) if plan.probes and exp.probes.task == "classification" else None

@@ -32,6 +32,7 @@ from ..core.replay import Cache
 from ..core.trigger import Trigger
 from ..runner import ProbeRunner
 from .braces import expand_in
+from .launch import rank_device
 from .problems import ExperimentError, Problems
 from .schema import Experiment, GaugesSection, GeometrySection, ProbesSection
 from .sweep import ProbeSpec, check_estimator, expand_sites, probe_specs
@@ -229,8 +230,9 @@ def _load_model(exp: Experiment) -> Any:
     kwargs: dict[str, Any] = {}
     if exp.model.dtype:
         kwargs["dtype"] = getattr(torch, exp.model.dtype)
-    if exp.model.device:
-        kwargs["device_map"] = exp.model.device
+    device = rank_device(exp.model.device)  # under torchrun with CUDA: this rank's GPU
+    if device:
+        kwargs["device_map"] = device
     if name in EMBEDDED_MODELS:
         tried = "the embedded model"
     elif folder.exists():
