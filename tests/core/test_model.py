@@ -30,6 +30,34 @@ def test_local_folder_like_a_hub_id(tmp_path):
     np.testing.assert_allclose(feats["model.layers.1.output"][0], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", "auto"])
+def test_device_map_is_passed_to_the_loader(tmp_path, monkeypatch, device_map):
+    """``load_model(folder, device_map=...)`` hands ``device_map`` to transformers' ``from_pretrained``
+    (accelerate's placement: here every weight on the CPU, the only device), and the features equal
+    transformers' own hidden states."""
+    from transformers import PreTrainedModel
+
+    hf, tok = tiny_model("llama", seed=4), tiny_tokenizer()
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    seen, original = [], PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    model = load_model(str(tmp_path / "m"), device_map=device_map)
+    assert seen and set(seen) == {device_map}
+    assert {p.device.type for p in model._module.parameters()} == {"cpu"}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    feats = ProbeRunner(model, [ProbeConfig("model.layers.1.output")], progress=False).get_probe_features(
+        ids, torch.ones_like(ids))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, output_hidden_states=True).hidden_states[2][0].mean(0).numpy()
+    np.testing.assert_allclose(feats["model.layers.1.output"][0], ref, atol=1e-5)
+
+
 def test_hf_model_with_tokenizer_and_nnsight_model_pass_through():
     hf = tiny_model("gpt2").train()
     model = load_model(hf, tokenizer=tiny_tokenizer())
