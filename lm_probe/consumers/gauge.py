@@ -16,7 +16,10 @@ layers (a frozen model) and across training steps (a model being trained).
   pass; later firings record them again.
 * For a model being trained, :meth:`DiffusionGauge.measure` pools the subset on the
   model's current weights (``lm_probe.integrations.GaugeCallback`` calls it from a
-  ``transformers.Trainer``).
+  ``transformers.Trainer``). Under data parallelism (an initialized process group of K ranks,
+  every rank calling ``measure``) each rank traces its share of each batch of K x
+  ``batch_size`` subset examples and the rows are gathered
+  (:mod:`lm_probe.core.distributed`), as one process with ``batch_size`` K times larger.
 
 Custom gauges add trajectory columns by overriding :meth:`DiffusionGauge.extra_metrics`
 or passing ``extra_metrics=fn`` (``fn(result) -> dict``).
@@ -34,6 +37,7 @@ from loguru import logger
 from ..core.batching import check_batch_size
 from ..core.consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
 from ..core.dataset import ProbeDataset
+from ..core.distributed import data_parallel
 from ..core.model import ensure_dispatched
 from ..core.pooling import check_pool
 from ..core.sites import resolve_sites
@@ -148,7 +152,7 @@ class DiffusionGauge(Consumer):
 
     # ------------------------------------------------------------------ measuring a model in training
     def measure(self, model: Any, step: int, *, epoch: int = 0, event: str = "manual",
-                data: ProbeDataset | None = None) -> pd.DataFrame:
+                data: ProbeDataset | None = None, distributed: bool | None = None) -> pd.DataFrame:
         """Measure on ``model``'s current weights (a model being trained) and record at ``step``.
 
         Args:
@@ -158,9 +162,15 @@ class DiffusionGauge(Consumer):
             event: A label for the trajectory.
             data: Examples to draw the subset from, the first time (default: ``data=``
                 given at construction).
+            distributed: After ``torch.distributed.init_process_group`` (``None``: detected;
+                ``False``: alone), every rank must call ``measure`` with the same model, step
+                and subset: each traces its share of every ``world x batch_size`` batch.
 
         Returns:
             The rows recorded for this step.
+
+        Raises:
+            DistributedMismatchError: the ranks' sites, subset or step differ (before any forward).
         """
         from nnsight import NNsight
 
@@ -174,8 +184,11 @@ class DiffusionGauge(Consumer):
             traced = ensure_dispatched(wrapped)
             sites = resolve_sites(traced._module, self.sites)
             requests = [(s, self.pool) for s in self.sites]
-            acts = read_dataset(TraceSource(traced, sites), self._subset, requests, self.batch_size, progress=False,
-                                desc="gauge")
+            setup = {"gauge sites": list(self.sites), "pool": self.pool, "step": step,
+                     "subset": self._subset.example_ids.tolist()}
+            source = data_parallel(TraceSource(traced, sites), distributed, setup)
+            acts = read_dataset(source, self._subset, requests, self.batch_size * getattr(source, "world_size", 1),
+                                progress=False, desc="gauge")
         finally:
             module.train(was_training)
         results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}

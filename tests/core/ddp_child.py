@@ -3,7 +3,7 @@ and the same run in one process for the reference.
 
 ``python ddp_child.py SCENARIO OUT``: ``equal`` writes this rank's results to
 ``OUT/rank<r>.pkl``; ``mismatch`` gives rank 1 other sites; ``data`` other examples; ``raise`` makes a consumer raise on
-rank 1 at its second batch.
+rank 1 at its second batch; ``gauge`` writes ``OUT/gauge<r>.pkl``, a DiffusionGauge.measure of a model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from lm_probe import ActivationStore, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe import ActivationStore, DiffusionGauge, Geometry, ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.consumers.store import StoredRun
 from lm_probe.core.consumer import Consumer, NotComputedError
 from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
@@ -72,6 +72,18 @@ def run(batch_size, folder, **runner_kwargs):
     }
 
 
+def gauge(batch_size):
+    """``DiffusionGauge.measure`` on a transformers model (as during training): its spectra and the
+    examples this process's model ran forward."""
+    hf = tiny_model("llama", layers=4, hidden=32, seed=0)
+    rows = []
+    hf.model.embed_tokens.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    g = DiffusionGauge(SITES, n_samples=20, knn=5, n_eigs=6, data=data(30, 3), batch_size=batch_size, seed=0)
+    g.measure(hf, step=1)
+    return {"eigenvalues": [list(e) for e in g.trajectory["eigenvalues"]], "rows": sum(rows),
+            "gap": g.trajectory["spectral_gap"].tolist(), "sites": g.trajectory["site"].tolist()}
+
+
 class RaiseOnRank1(Consumer):
     """Raises at its second batch on rank 1."""
 
@@ -107,6 +119,8 @@ def main(scenario, out):
     elif scenario == "data":  # the same runner, other examples on rank 1
         runner = ProbeRunner(model(), configs(), progress=False)
         runner.evaluate(data(20, rank), batch_size=4)
+    elif scenario == "gauge":
+        Path(out, f"gauge{rank}.pkl").write_bytes(pickle.dumps(gauge(batch_size=4)))
     elif scenario == "raise":
         runner = ProbeRunner(model(), [], consumers=[RaiseOnRank1(rank)], progress=False)
         runner.collect(data(40, 0), batch_size=4)

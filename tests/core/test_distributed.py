@@ -124,3 +124,17 @@ def test_an_exception_on_rank_1_ends_both_ranks(tmp_path):
     assert done.returncode != 0
     assert "RuntimeError: boom on rank 1" in done.stderr
     assert seconds < 60  # torchrun ends rank 0 at once, well before the 60 s collective timeout
+
+
+def test_a_gauge_measuring_a_model_shards_its_subset_over_the_ranks(tmp_path):
+    """DiffusionGauge.measure under 2 ranks with batch_size 4: each rank runs half of the 20 subset
+    examples forward, and both get the spectra of one process with batch_size 8."""
+    done, _ = torchrun("gauge", tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = ddp_child.gauge(batch_size=8)
+    assert one["rows"] == 20 and len(one["eigenvalues"]) == 2
+    for rank in (0, 1):
+        got = pickle.loads((tmp_path / f"gauge{rank}.pkl").read_bytes())
+        assert got["rows"] == 10 and got["sites"] == one["sites"]  # batches of 8, 8, 4: shares of 4, 4, 2
+        np.testing.assert_allclose(got["eigenvalues"], one["eigenvalues"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got["gap"], one["gap"], rtol=0, atol=1e-9)
