@@ -120,6 +120,9 @@ def test_an_output_folder_that_holds_a_run_stops_both_ranks_before_any_forward(f
     lines = [line for line in done.stderr.splitlines() if line.startswith("lm-probe: error: ")]
     assert len(lines) == 2 and all(f"the output folder {held} already holds a run" in x for x in lines)
     assert sorted(p.name for p in held.iterdir()) == ["metrics.csv"]
+
+
+def test_a_missing_experiment_file_is_reported_by_both_ranks(folder):
     missing = torchrun(str(folder / "missing.toml"))
     lines = [line for line in missing.stderr.splitlines() if line.startswith("lm-probe: error: ")]
     assert missing.returncode != 0 and len(lines) == 2 and "does not exist" in lines[0]
