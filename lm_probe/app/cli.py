@@ -3,7 +3,8 @@
 * ``lm-probe demo`` is a newcomer's first five minutes: it loads the embedded SmolLM2-135M
   model and the Rotten Tomatoes snippets (both read from PyPI wheels, no hub needed),
   trains one probe per chosen layer from one forward pass per batch, prints the metrics
-  table sorted by layer (accuracy with its 95% bootstrap interval, AUROC, ECE), and writes ``metrics.csv`` and ``accuracy_by_layer.png``.
+  table sorted by layer (accuracy with its 95% bootstrap interval, AUROC, ECE), and writes
+  ``metrics.csv`` and ``accuracy_by_layer.png``.
 * ``lm-probe run experiment.toml`` runs a declared experiment (:mod:`lm_probe.app.experiment`);
   ``--dry-run`` checks the whole file, model and data included, and prints the plan
   without any forward pass.

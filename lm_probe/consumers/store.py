@@ -225,7 +225,8 @@ class StoredRun:
                 self._good.append(chunk)
         self._mmaps = {name: [np.load(self.path / c["folder"] / f"{name}.npy", mmap_mode="r") for c in self._good]
                        for name in self._good[0]["bytes"]} if self._good else {}
-        ids = np.concatenate([np.asarray(p) for p in self._mmaps.get("example_ids", [])]) if self._good else np.array([], int)
+        ids = (np.concatenate([np.asarray(p) for p in self._mmaps.get("example_ids", [])]) if self._good
+               else np.array([], int))
         self._row_of = {int(i): r for r, i in enumerate(ids)}
 
     def _check_chunk(self, chunk: dict) -> str:
