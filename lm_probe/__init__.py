@@ -36,6 +36,7 @@ _EXPORTS = {
     "ProbeConfig": "probes.config",
     "ProbeDataset": "core.dataset",
     "ProbeRunner": "runner",
+    "RouterStats": "consumers.router",
     "Site": "core.sites",
     "SiteError": "core.sites",
     "StopReason": "probes.early_stopping",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .consumers.geometry import Geometry
     from .consumers.geometry_results import GeometryResults
     from .consumers.lens import LogitLens
+    from .consumers.router import RouterStats
     from .consumers.store import ActivationStore
     from .core.architectures import Architecture, describe
     from .core.consumer import Consumer, NotComputedError, PooledBatch

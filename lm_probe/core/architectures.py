@@ -61,6 +61,8 @@ from typing import Any, Union
 
 import torch
 
+from .routers import router_paths
+
 __all__ = ["Architecture", "KINDS", "describe", "sites", "find_blocks", "find_final_norm", "find_unembedding"]
 
 #: The roles :func:`sites` understands, in execution order within a block.
@@ -183,7 +185,8 @@ def sites(model: Any, kind: str, layers: Layers = "all") -> list[str]:
         model: An nnsight model or a plain ``torch.nn.Module``.
         kind: ``"resid_pre"`` (block input), ``"resid_post"`` (block output),
             ``"attn_out"`` / ``"mlp_out"`` (the update each writes into the residual
-            stream) or ``"embed"`` (token embedding output; one site).
+            stream), ``"embed"`` (token embedding output; one site) or ``"router"``
+            (the mixture-of-experts routers' logits, of the chosen blocks that have one).
         layers: ``"all"``, a block index, a list of indices, a ``range`` or a
             ``slice``. Negative indices count from the end; the result follows the
             given order with repeats dropped. Ignored for ``"embed"``.
@@ -195,8 +198,13 @@ def sites(model: Any, kind: str, layers: Layers = "all") -> list[str]:
 
     Raises:
         ValueError: an unknown kind, an index out of range (the message gives the
-            number of layers), or a model whose structure cannot be found.
+            number of layers), a model whose structure cannot be found, or ``"router"``
+            for a model without mixture-of-experts routers.
     """
+    if kind == "router":  # the blocks without a router (dense layers of a MoE model) are skipped
+        arch = describe(model)
+        found = router_paths(_torch_module(model), arch.blocks)
+        return [f"{found[i]}.output" for i in _layer_indices(layers, arch) if i in found]
     _check_kind(kind)
     arch = describe(model)
     if kind == "embed":

@@ -108,6 +108,8 @@ def read_pooled(
         with model.trace(**inputs, **trace_kwargs) as tracer:
             for site, pools in plan:
                 hidden = _tensor(getattr(site.envoy(model), site.attr))
+                if hidden.ndim == 2 and hidden.shape[0] == mask.numel():  # (batch * tokens, d): MoE routers
+                    hidden = hidden.reshape(*mask.shape, hidden.shape[1])
                 for how in pools:
                     value = pool(hidden, mask, how)
                     pooled[(site.name, how)] = (value.cpu() if to_cpu else value).save()
