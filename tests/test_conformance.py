@@ -18,7 +18,7 @@ from sklearn.metrics import log_loss
 
 import lm_probe
 from lm_probe import (ActivationStore, Cache, Consumer, DiffusionGauge, Geometry, LogitLens, PooledBatch, Probe,
-                      ProbeConfig, ProbeDataset, Trigger)
+                      ProbeConfig, ProbeDataset, RouterStats, Trigger)
 from lm_probe.core.consumer import Group, RunContext
 from lm_probe.core.replay import ReplayCache
 from lm_probe.probes.backend import ProbeBank
@@ -124,6 +124,31 @@ def lens_case(request):
 
     return dict(make=make, batches=recorder.batches, same=same, context=context,
                 reference=lambda r: lens_ref.check_tables(r, logits[:, 1:], final, sites, [1, 2, 3], targets))
+
+
+@case("router_stats", RouterStats)
+def router_case(request):
+    """Router logits of two layers (6 experts, top-2), one token row with a NaN left out at both."""
+    rng = np.random.default_rng(5)
+    logits = {s: rng.normal(size=(80, 6)) * np.linspace(0.5, 2, 6) for s in ("r0.output", "r1.output")}
+    logits["r1.output"][17, 2] = np.nan
+    batches = [PooledBatch({(s, "none"): v[lo:lo + 10].astype(np.float32) for s, v in logits.items()})
+               for lo in range(0, 80, 10)]
+
+    def reference(table):
+        for row, X in zip(table.itertuples(), logits.values()):
+            X = np.delete(X.astype(np.float32).astype(np.float64), 17, axis=0)
+            P = np.exp(X - X.max(1, keepdims=True)) / np.exp(X - X.max(1, keepdims=True)).sum(1, keepdims=True)
+            order = np.argsort(-P, axis=1, kind="stable")
+            load = np.bincount(order[:, :2].ravel(), minlength=6) / (2 * len(X))
+            np.testing.assert_allclose(row.load, load, atol=1e-15)
+            np.testing.assert_allclose(row.top1_load, np.bincount(order[:, 0], minlength=6) / len(X), atol=1e-15)
+            assert row.entropy_bits == pytest.approx(-(load * np.log2(load)).sum(), rel=1e-12)
+            assert row.cv == pytest.approx(load.std() / load.mean(), rel=1e-12)
+            assert row.mean_top1_prob == pytest.approx(P.max(1).mean(), rel=1e-12) and row.n_tokens == 79
+
+    return dict(make=lambda: RouterStats(list(logits), top_k=2), batches=batches,
+                same=lambda a, b: pd.testing.assert_frame_equal(a, b), reference=reference)
 
 
 @case("diffusion_gauge", DiffusionGauge)
