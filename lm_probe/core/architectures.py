@@ -204,7 +204,10 @@ def sites(model: Any, kind: str, layers: Layers = "all") -> list[str]:
     if kind == "router":  # the blocks without a router (dense layers of a MoE model) are skipped
         arch = describe(model)
         found = router_paths(_torch_module(model), arch.blocks)
-        return [f"{found[i]}.output" for i in _layer_indices(layers, arch) if i in found]
+        chosen = [f"{found[i]}.output" for i in _layer_indices(layers, arch) if i in found]
+        if not chosen:
+            raise ValueError(f"layers={layers!r} has no router; {arch.model_class} routes in blocks {sorted(found)}")
+        return chosen
     _check_kind(kind)
     arch = describe(model)
     if kind == "embed":

@@ -13,20 +13,28 @@ from lm_probe.core.architectures import sites
 from lm_probe.core.consumer import RunContext
 from lm_probe.testing import tiny_model, tiny_tokenizer
 
-FAMILIES = ("mixtral", "qwen2_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-def build(family: str) -> torch.nn.Module:
+def build(family: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   max_position_embeddings=64, num_experts_per_tok=2, initializer_range=0.3, pad_token_id=0)
     if family == "mixtral":
         from transformers import MixtralConfig, MixtralForCausalLM
         return MixtralForCausalLM(MixtralConfig(intermediate_size=24, num_local_experts=4, **common)).eval()
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=8, num_experts=4,
+                                                  **common)).eval()
+    if family == "olmoe":
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+        return OlmoeForCausalLM(OlmoeConfig(intermediate_size=8, num_experts=4, eos_token_id=1, **common)).eval()
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=8,
                                               shared_expert_intermediate_size=12, num_experts=4,
-                                              decoder_sparse_step=1, mlp_only_layers=[], **common)).eval()
+                                              decoder_sparse_step=1, **{"mlp_only_layers": [], **extra},
+                                              **common)).eval()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -80,6 +88,13 @@ def test_router_sites(moe):
     family, model = moe
     assert sites(model, "router") == ["model.layers.0.mlp.gate.output", "model.layers.1.mlp.gate.output"]
     assert sites(model, "router", layers=-1) == ["model.layers.1.mlp.gate.output"]
+
+
+def test_dense_layers_of_a_moe_model_are_skipped():
+    model = build("qwen2_moe", mlp_only_layers=[0])
+    assert sites(model, "router") == ["model.layers.1.mlp.gate.output"]
+    with pytest.raises(ValueError, match=r"no router; Qwen2MoeForCausalLM routes in blocks \[1\]"):
+        sites(model, "router", layers=[0])
 
 
 def test_model_without_routers_gives_a_clear_error():
