@@ -143,3 +143,13 @@ def test_one_site_and_bad_sites(moe):
         RouterStats(["model.layers.0.output"]).start(RunContext(model=model))
     with pytest.raises(ValueError, match="top_k"):
         RouterStats(top_k=0)
+
+
+def test_remote_execution_gives_the_same_stats():
+    model = lm_probe.load_model(build("mixtral"), tokenizer=tiny_tokenizer(pad=True))
+    ids = examples(6)
+    data = ProbeDataset(ids, np.zeros(len(ids), np.int64), pad_token_id=0)
+    local, remote = RouterStats(), RouterStats()
+    ProbeRunner(model, progress=False).collect(data, [local], batch_size=3)
+    ProbeRunner(model, progress=False, remote="local").collect(data, [remote], batch_size=3)
+    np.testing.assert_array_equal(np.stack(local.compute()["load"]), np.stack(remote.compute()["load"]))
