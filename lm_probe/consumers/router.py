@@ -82,8 +82,8 @@ class RouterStats(Consumer):
         """Find the routers and their top-k from ``context.model``, before any forward pass.
 
         Raises:
-            ValueError: the model has no routers, a site is not a router, or there is no
-                model and ``sites`` or ``top_k`` is missing.
+            ValueError: the model has no routers, a site is not a router, ``top_k`` exceeds
+                a router's experts, or there is no model and ``sites`` or ``top_k`` is missing.
         """
         model, self._epoch_over = context.model, False
         if model is None:
@@ -103,6 +103,10 @@ class RouterStats(Consumer):
         self.top_k_ = {spec: self.top_k or router_top_k(hf, hf.get_submodule(site.path))
                        for spec, site in resolved.items()}
         self.layers_ = {spec: site.layer for spec, site in resolved.items()}
+        for spec, site in resolved.items():
+            n_experts = hf.get_submodule(site.path).weight.shape[0]
+            if self.top_k_[spec] > n_experts:
+                raise ValueError(f"top_k={self.top_k_[spec]} exceeds the {n_experts} experts of {spec!r}")
 
     def update(self, batch: PooledBatch) -> None:
         if not self.top_k_:

@@ -143,6 +143,10 @@ def test_one_site_and_bad_sites(moe):
         RouterStats(["model.layers.0.output"]).start(RunContext(model=model))
     with pytest.raises(ValueError, match="top_k"):
         RouterStats(top_k=0)
+    with pytest.raises(ValueError, match="top_k=5 exceeds the 4 experts"):
+        RouterStats(top_k=5).start(RunContext(model=model))
+    with pytest.raises(ValueError, match="needs both sites= and top_k="):
+        RouterStats(top_k=2).start(RunContext())
 
 
 def test_remote_execution_gives_the_same_stats():
