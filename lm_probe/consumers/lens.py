@@ -42,7 +42,7 @@ import torch
 from loguru import logger
 
 from ..core.architectures import find_blocks, find_final_norm, find_unembedding
-from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
+from ..core.consumer import FirstEpochOnly, NotComputedError, PooledBatch, Request, RunContext, finite_rows
 from ..core.sites import resolve_sites
 
 __all__ = ["LogitLens", "lens_logits"]
@@ -78,7 +78,7 @@ def lens_logits(hidden: torch.Tensor, norm: torch.nn.Module, head: torch.nn.Modu
 
 
 # ---------------------------------------------------------------------- consumer
-class LogitLens(Consumer):
+class LogitLens(FirstEpochOnly):
     """Top-k tokens, logit differences and agreement of the logit lens at block outputs.
 
     Args:
@@ -197,15 +197,6 @@ class LogitLens(Consumer):
             if data is not None and len(self.targets) != len(data):
                 raise ValueError(f"targets has {len(self.targets)} entries but the dataset has {len(data)} "
                                  "examples; give one target token id per example")
-
-    @property
-    def active(self) -> bool:
-        """``False`` after the first epoch: a frozen model gives the same lens every epoch."""
-        return not self._epoch_over
-
-    def on_event(self, event: str, step: int, epoch: int) -> None:
-        if event == "epoch_end":
-            self._epoch_over = True
 
     def update(self, batch: PooledBatch) -> None:
         if self._bound is None:

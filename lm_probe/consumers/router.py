@@ -25,14 +25,14 @@ import torch
 from loguru import logger
 
 from ..core.architectures import sites as model_sites
-from ..core.consumer import Consumer, NotComputedError, PooledBatch, Request, RunContext, finite_rows
+from ..core.consumer import FirstEpochOnly, NotComputedError, PooledBatch, Request, RunContext, finite_rows
 from ..core.routers import router_top_k
 from ..core.sites import resolve_sites
 
 __all__ = ["RouterStats"]
 
 
-class RouterStats(Consumer):
+class RouterStats(FirstEpochOnly):
     """Per-layer expert load, load-balance entropy and CV, and mean top-1 router probability.
 
     Args:
@@ -68,15 +68,6 @@ class RouterStats(Consumer):
         self._state: dict[str, dict[str, np.ndarray | float | int]] = {}
         self.n_nonfinite_ = 0
         self._epoch_over = False
-
-    @property
-    def active(self) -> bool:
-        """``False`` after the first epoch: a frozen model routes the same way every epoch."""
-        return not self._epoch_over
-
-    def on_event(self, event: str, step: int, epoch: int) -> None:
-        if event == "epoch_end":
-            self._epoch_over = True
 
     def start(self, context: RunContext) -> None:
         """Find the routers and their top-k from ``context.model``, before any forward pass.

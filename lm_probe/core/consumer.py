@@ -69,7 +69,7 @@ import torch
 if TYPE_CHECKING:
     from .sites import Site
 
-__all__ = ["Consumer", "PooledBatch", "NotComputedError", "Request", "RunContext", "SubsetRequest", "HostArrays",
+__all__ = ["Consumer", "FirstEpochOnly", "PooledBatch", "NotComputedError", "Request", "RunContext", "SubsetRequest", "HostArrays",
            "finite_rows", "requests_of", "start_consumer"]
 
 Request = tuple[str, str]  #: (site spec as written, pooling name)
@@ -284,6 +284,23 @@ class Consumer:
     def site_specs(self) -> list[str]:
         """Sites to check against the model before any forward pass."""
         return [spec for spec, _ in self.requests]
+
+
+class FirstEpochOnly(Consumer):
+    """A consumer of what a frozen model computes: active in the first epoch only (later
+    epochs would pool the same rows again); :meth:`start` or :meth:`reset` of a subclass
+    sets ``_epoch_over = False`` for a new pass."""
+
+    _epoch_over = False
+
+    @property
+    def active(self) -> bool:
+        """``False`` after the first epoch."""
+        return not self._epoch_over
+
+    def on_event(self, event: str, step: int, epoch: int) -> None:
+        if event == "epoch_end":
+            self._epoch_over = True
 
 
 class Group(Consumer):
