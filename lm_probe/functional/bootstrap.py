@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .metrics import ECE_BINS, MAX_FPR
+from .metrics import ECE_BINS, MAX_FPR, confidence_bins
 
 __all__ = ["resample_counts", "bootstrap_interval", "classification_statistics", "regression_statistics",
            "mean_statistics"]
@@ -138,8 +138,7 @@ def classification_statistics(y: np.ndarray, proba: np.ndarray, classes: np.ndar
     pred = np.arange(k)[None, :] == top[:, None]
     correct = (true & pred).any(1)
     conf = proba.max(1)
-    bin_of = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], conf, side="left"), 0, bins - 1)
-    gap = (correct - conf)[:, None] * (bin_of[:, None] == np.arange(bins)[None, :])
+    gap = (correct - conf)[:, None] * (confidence_bins(conf, bins)[:, None] == np.arange(bins)[None, :])
     row_loss = -np.log(np.clip(proba[true], eps, 1 - eps)) if k else np.zeros(len(y))
     features = np.column_stack([correct, row_loss, true & pred, true, pred, gap]).astype(np.float64)
     ranked = [_Ranked(true[:, 1], proba[:, 1])] if k == 2 else [_Ranked(true[:, j], proba[:, j]) for j in range(k)]

@@ -15,7 +15,8 @@ from sklearn import metrics as skm
 ECE_BINS = 15
 MAX_FPR = 0.01
 
-__all__ = ["classification_metrics", "regression_metrics", "expected_calibration_error", "recall_at_fpr",
+__all__ = ["classification_metrics", "regression_metrics", "prediction_loss", "expected_calibration_error",
+           "recall_at_fpr", "confidence_bins",
            "METRIC_COLUMNS", "REGRESSION_COLUMNS", "ECE_BINS", "MAX_FPR"]
 
 METRIC_COLUMNS = ("loss", "accuracy", "precision", "recall", "f1", "matthews", "auroc", "ece", "recall_at_fpr")
@@ -49,7 +50,7 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray
             if present else np.nan
         at_fpr = np.nan
     return {
-        "loss": float(skm.log_loss(y, np.asarray(proba, np.float64), labels=labels)),
+        "loss": prediction_loss(y, proba, classes),
         "accuracy": float(skm.accuracy_score(y, pred)),
         "precision": float(skm.precision_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "recall": float(skm.recall_score(y, pred, labels=labels, average="macro", zero_division=0)),
@@ -65,9 +66,25 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """``loss`` (= ``mse``), ``r2``, ``mse`` and ``pearson`` of predictions against targets."""
     y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    mse = float(skm.mean_squared_error(y, pred))
+    mse = prediction_loss(y, pred)
     pearson = float(np.corrcoef(y, pred)[0, 1]) if len(y) > 1 and y.std() > 0 and pred.std() > 0 else float("nan")
     return {"loss": mse, "r2": float(skm.r2_score(y, pred)), "mse": mse, "pearson": pearson}
+
+
+def prediction_loss(y: np.ndarray, out: np.ndarray, classes: np.ndarray | None = None) -> float:
+    """The ``loss`` of :func:`classification_metrics` (log-loss of ``(n, n_classes)``
+    probabilities over ``classes``) or, with ``classes=None``, of :func:`regression_metrics`
+    (mean squared error of predictions): what a probe is validated on, without the other
+    metrics."""
+    if classes is None:
+        return float(skm.mean_squared_error(np.asarray(y, np.float64), np.asarray(out, np.float64)))
+    return float(skm.log_loss(y, np.asarray(out, np.float64), labels=list(classes)))
+
+
+def confidence_bins(conf: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """The bin of each top-class confidence among ``bins`` equal-width bins
+    ``(k / bins, (k + 1) / bins]`` (the first bin also takes 0)."""
+    return np.clip(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], conf, side="left"), 0, bins - 1)
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -86,8 +103,7 @@ def expected_calibration_error(y: np.ndarray, proba: np.ndarray, classes: np.nda
         return float("nan")
     correct = np.asarray(classes)[np.argmax(proba, axis=1)] == np.asarray(y)
     conf = proba.max(axis=1)
-    bin_of = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], conf, side="left"), 0, bins - 1)
-    gaps = np.bincount(bin_of, weights=correct - conf, minlength=bins)
+    gaps = np.bincount(confidence_bins(conf, bins), weights=correct - conf, minlength=bins)
     return float(np.abs(gaps).sum() / len(conf))
 
 

@@ -31,7 +31,7 @@ from sklearn.exceptions import NotFittedError
 
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
 from ..core.labels import labeled
-from ..functional.metrics import classification_metrics, regression_metrics
+from ..functional.metrics import classification_metrics, prediction_loss, regression_metrics
 from ..functional.sgd import asgd_average
 from ..functional.stats import welford_update
 from .codelength import Codelength
@@ -332,7 +332,8 @@ class Probe(Consumer):
         """Score the cached validation set; snapshot on improvement; maybe stop."""
         if self._val is None or self._stopper is None:
             return
-        loss = self.score(*self._val)["loss"]
+        X, y = self._val  # the loss alone: score() would also compute every test metric
+        loss = prediction_loss(y, self.predict_proba(X) if self.is_classifier else self.predict(X), self.classes_)
         self.history_.append((self.n_steps_, loss))
         stop, reason = self._stopper.check(loss, self.n_steps_)
         if self._decay is not None and decide:
@@ -370,9 +371,7 @@ class Probe(Consumer):
         """Training summary: steps, best validation loss, stop reason."""
         self._check_fitted()
         return {
-            "n_steps": self.n_steps_,
-            "best_val_loss": self.best_loss_,
-            "best_step": self.best_step_,
+            "n_steps": self.n_steps_, "best_val_loss": self.best_loss_, "best_step": self.best_step_,
             "stopped_early": self.stopped_reason_ in (StopReason.PATIENCE, StopReason.NON_FINITE),
             "stop_reason": str(self.stopped_reason_),
             "n_nonfinite": self.n_nonfinite_,
