@@ -35,7 +35,7 @@ from .core.batching import check_batch_size
 from .core.clock import Clock
 from .core.consumer import Consumer, PooledBatch, Request, RunContext, requests_of, start_consumer
 from .core.dataset import ProbeDataset
-from .core.distributed import data_parallel, fingerprint, is_writer
+from .core.distributed import data_parallel, fingerprint, is_writer, world_size
 from .core.model import ensure_dispatched
 from .core.replay import Cache, ReplayCache
 from .core.sites import Site
@@ -43,7 +43,7 @@ from .core.sources import Source, StoreSource, TraceSource, read_dataset
 from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.baselines import baselines_table
-from .probes.baseline import baseline_runner, then_fit_baseline
+from .probes.baseline import baseline_runner, check_baseline, then_fit_baseline
 from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
@@ -101,13 +101,14 @@ class ProbeRunner(ProbeFeatures, Persistent):
             ship_pooling()
         device = device if device is not None else model_device(model, remote)
         self._setup(model, configs, consumers, seed, progress, backend, device, trace_kwargs, baseline)
-        # with the torch backend on an accelerator the traced tensors stay there
-        on_device = self.bank is not None and self.bank.device.type != "cpu" and not remote
+        on_device = self.bank is not None and self.bank.device.type != "cpu" and not remote  # tensors stay there
         setup = fingerprint(model, self.configs, self.all_consumers, seed=seed, backend=backend, baseline=baseline)
         self.source: Source = data_parallel(TraceSource(model, self.sites, to_cpu=not on_device,
                                                         trace_kwargs=trace_kwargs), distributed, setup)
-        self.progress = progress and getattr(self.source, "rank", 0) == 0
-        self._resolve(spec for c in self.all_consumers for spec in c.site_specs())
+        self.progress = progress and is_writer(self.source)
+        self._resolve(spec for c in self.all_consumers for spec in c.site_specs())  # before the copy is made
+        self.baseline_runner = baseline_runner(type(self), baseline, model, self.configs, seed=seed, progress=progress,
+                                               trace_kwargs=trace_kwargs, backend=backend, device=device)
 
     def _setup(self, model: Any, configs: Iterable[ProbeConfig], consumers: Iterable[Consumer], seed: int,
                progress: bool, backend: str, device: str | torch.device, trace_kwargs: dict[str, Any],
@@ -124,14 +125,13 @@ class ProbeRunner(ProbeFeatures, Persistent):
         self.baselines: pd.DataFrame | None = None  # text baselines of the last fit (probes.baselines)
         self.control: ControlTask | None = None
         self.cache_info_: dict[str, Any] | None = None
-        self.baseline_runner: ProbeRunner | None = baseline_runner(
-            type(self), baseline, model, self.configs, seed=seed, trace_kwargs=trace_kwargs, progress=progress,
-            backend=backend, device=device)  #: the random-init copy's own runner (``baseline="random_init"``)
+        check_baseline(baseline, has_model=model is not None, remote=bool(trace_kwargs.get("remote")))
+        self.baseline_runner: ProbeRunner | None = None  #: the random-init copy's runner (``baseline="random_init"``)
 
     @property
     def world(self) -> int:
         """Processes that share each batch (the data-parallel ranks; 1 in one process)."""
-        return getattr(self.source, "world_size", 1)
+        return world_size(self.source)
 
     @property
     def all_consumers(self) -> list[Consumer]:

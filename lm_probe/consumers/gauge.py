@@ -37,7 +37,7 @@ from loguru import logger
 from ..core.batching import check_batch_size
 from ..core.consumer import Consumer, NotComputedError, Request, RunContext, SubsetRequest
 from ..core.dataset import ProbeDataset
-from ..core.distributed import data_parallel
+from ..core.distributed import data_parallel, world_size
 from ..core.model import ensure_dispatched
 from ..core.pooling import check_pool
 from ..core.sites import resolve_sites
@@ -187,7 +187,7 @@ class DiffusionGauge(Consumer):
             setup = {"gauge sites": list(self.sites), "pool": self.pool, "step": step,
                      "subset": self._subset.example_ids.tolist()}
             source = data_parallel(TraceSource(traced, sites), distributed, setup)
-            acts = read_dataset(source, self._subset, requests, self.batch_size * getattr(source, "world_size", 1),
+            acts = read_dataset(source, self._subset, requests, self.batch_size * world_size(source),
                                 progress=False, desc="gauge")
         finally:
             module.train(was_training)

@@ -41,7 +41,7 @@ from .dataset import ProbeDataset
 from .sites import Site
 
 __all__ = ["DataParallelSource", "DistributedMismatchError", "data_parallel", "fingerprint", "is_writer",
-           "wait_for_writer", "shard_rows"]
+           "wait_for_writer", "world_size", "shard_rows"]
 
 
 class DistributedMismatchError(ValueError):
@@ -200,6 +200,11 @@ def fingerprint(model: Any, configs: Sequence[Any], consumers: Sequence[Any], **
                       config.to_json_string() if hasattr(config, "to_json_string") else None),
             "probe configs": [repr(sorted(vars(c).items())) for c in configs],
             "sites": [(type(c).__name__, list(c.site_specs())) for c in consumers], **values}
+
+
+def world_size(source: Any) -> int:
+    """Processes that share each batch read from ``source`` (its ranks; 1 in one process)."""
+    return getattr(source, "world_size", 1)
 
 
 def is_writer(source: Any) -> bool:

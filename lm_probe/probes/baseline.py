@@ -40,10 +40,24 @@ BOOKKEEPING = frozenset({"site", "pool", "layer", "head", "n_scored", "n_unseen_
                          "stopped_early", "stop_reason", "score_error", "support", "variant", "seed"})
 
 
-def check_baseline(value: str | None) -> str | None:
-    """``value`` if it names a baseline (or is ``None``); else a ``ValueError`` listing the valid ones."""
-    if value is not None and value not in BASELINES:
+def check_baseline(value: str | None, *, has_model: bool = True, remote: bool = False) -> str | None:
+    """``value`` if it names a baseline (or is ``None``) that a runner with (``has_model``) or
+    without a model, traced remotely or not, can train.
+
+    Raises:
+        ValueError: an unknown baseline (listing the valid ones); no model (a runner from a
+            store or a source); a remote run (its weights are on the server).
+    """
+    if value is None:
+        return None
+    if value not in BASELINES:
         raise ValueError(f"baseline must be None or one of {list(BASELINES)}, got {value!r}")
+    if not has_model:
+        raise ValueError("baseline='random_init' re-initializes the model's weights, and a runner that reads a "
+                         "store or another source has no model; build ProbeRunner(model, ..., baseline=...) instead")
+    if remote:
+        raise ValueError("baseline='random_init' needs the model's weights here to re-initialize a copy; "
+                         "a remote run (remote=...) has none: run it locally")
     return value
 
 
@@ -88,17 +102,10 @@ def baseline_runner(cls: type, baseline: str | None, model: Any, configs: Iterab
     """The baseline's own runner (``cls(copy, configs, seed=seed, **settings)``), or ``None``.
 
     Raises:
-        ValueError: an unknown baseline; no model (a runner from a store or a source); a
-            remote run (its weights are on the server). All before any forward pass.
+        ValueError: as :func:`check_baseline`, before any forward pass.
     """
-    if check_baseline(baseline) is None:
+    if check_baseline(baseline, has_model=model is not None, remote=bool(trace_kwargs.get("remote"))) is None:
         return None
-    if model is None:
-        raise ValueError("baseline='random_init' re-initializes the model's weights, and a runner that reads a "
-                         "store or another source has no model; build ProbeRunner(model, ..., baseline=...) instead")
-    if trace_kwargs.get("remote"):
-        raise ValueError("baseline='random_init' needs the model's weights here to re-initialize a copy; "
-                         "a remote run (remote=...) has none: run it locally")
     return cls(random_init_copy(model, seed), configs, seed=seed, **settings, **trace_kwargs)
 
 

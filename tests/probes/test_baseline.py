@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, log_loss
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, load_model
+from lm_probe.core.sites import SiteError
 from lm_probe.core.sources import NoSource
 from lm_probe.probes.baseline import check_baseline, random_init_copy, with_baseline
 from lm_probe.testing import WORDS, tiny_model, tiny_tokenizer
@@ -191,6 +192,18 @@ def test_unknown_baselines_and_runs_without_weights_are_refused_before_any_forwa
         handle.remove()
     assert calls["n"] == 0
     assert check_baseline(None) is None and check_baseline("random_init") == "random_init"
+
+
+def test_a_bad_site_is_refused_before_the_model_is_copied(task, monkeypatch):
+    """The site check comes first: a typo costs no deep copy and no re-initialization."""
+    import lm_probe.probes.baseline as baseline_module
+
+    model, _ = task
+    copies = []
+    monkeypatch.setattr(baseline_module, "random_init_copy", lambda *a, **k: copies.append(a))
+    with pytest.raises(SiteError, match="no_such_module"):
+        ProbeRunner(model, [ProbeConfig("no_such_module.output")], baseline="random_init")
+    assert copies == []
 
 
 # ---------------------------------------------------------------- persistence, experiment files
