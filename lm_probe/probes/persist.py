@@ -36,7 +36,7 @@ from .probe import Probe
 __all__ = ["Persistent", "save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-_NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS, *CODELENGTH_COLUMNS, "control_compression")
+_NUMERIC = (*METRIC_COLUMNS, *REGRESSION_COLUMNS, *CODELENGTH_COLUMNS, "selectivity", "n_epochs")
 _CONFIG_FIELDS = ("site", "classes", "pool", "name", "standardize", "head", "task", "hidden_size", "control",
                   "solver", "Cs", "cv", "scoring", *PER_PROBE)
 
@@ -226,15 +226,24 @@ class SavedProbes:
         return None if control is None else ControlTask.from_dict(control, seed=self.seed)
 
 
+def _numeric(column: str) -> bool:
+    """Whether a metrics column holds numbers: a known numeric column, with or without the
+    ``baseline_`` / ``control_`` prefix and the ``_lo`` / ``_hi`` / ``_mean`` / ``_std`` suffix
+    (so an all-NaN column, which JSON stores as nulls, reads back as floats, not objects)."""
+    stem = column.removeprefix("baseline_")
+    for suffix in ("_lo", "_hi", "_mean", "_std"):
+        stem = stem.removesuffix(suffix)
+    return stem in ("C", "alpha", *_NUMERIC) or stem.removeprefix("control_") in _NUMERIC
+
+
 def _metrics(split: dict | None, index: str | None = "probe") -> pd.DataFrame | None:
     if split is None:
         return None
     frame = pd.DataFrame(split["data"], index=pd.Index(split["index"], name=index), columns=split["columns"])
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype("Int64")
-    for column in ("C", "alpha", *(c for c in frame if c in _NUMERIC)):
-        if column in frame:
-            frame[column] = pd.to_numeric(frame[column])
+    for column in [c for c in frame if _numeric(c)]:
+        frame[column] = pd.to_numeric(frame[column])
     if "support" in frame:
         frame["support"] = [None if v is None else {int(k): c for k, c in v.items()} for v in frame["support"]]
     return frame

@@ -75,3 +75,21 @@ def test_refusals(trained, tmp_path):
     (tmp_path / "run" / "probes.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="schema 7.*upgrade lm_probe"):
         ProbeRunner.load(tmp_path / "run")
+
+
+def test_all_nan_metric_columns_read_back_as_numbers():
+    """JSON stores an all-NaN column as nulls; pandas would read it back as objects. Every
+    numeric metric column, prefixed (baseline_, control_) or suffixed (_lo, _hi, _mean, _std),
+    reads back as floats; text columns stay text."""
+    from lm_probe.probes.persist import _metrics
+
+    frame = pd.DataFrame({"accuracy": [0.5, 0.75], "baseline_recall_at_fpr": [np.nan, np.nan],
+                          "control_accuracy_lo": [np.nan, np.nan], "selectivity_hi": [np.nan, np.nan],
+                          "auroc_std": [np.nan, np.nan], "site": ["a", "b"], "stopped_reason": [None, None]},
+                         index=pd.Index(["p", "q"], name="probe"))
+    split = json.loads(frame.to_json(orient="split"))
+    back = _metrics(split)
+    for column in ("accuracy", "baseline_recall_at_fpr", "control_accuracy_lo", "selectivity_hi", "auroc_std"):
+        assert back[column].dtype == np.float64, column
+    assert back["site"].tolist() == ["a", "b"] and back["stopped_reason"].isna().all()
+    pd.testing.assert_frame_equal(back.drop(columns="stopped_reason"), frame.drop(columns="stopped_reason"))
