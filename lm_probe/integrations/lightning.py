@@ -18,7 +18,8 @@ Steps 3 and 4 run a :class:`~lm_probe.ProbeRunner` over the pooled rows
 (:class:`~lm_probe.core.sources.ArraySource`), so the model runs once per subset example per
 measurement, whatever is measured. A step is measured at most once (a checkpoint saved at a
 step already measured adds nothing). The counters are the trigger's: ``step`` is
-``trainer.global_step`` (optimizer steps completed) and ``epoch`` the epochs completed.
+``trainer.global_step`` (optimizer steps completed) and ``epoch`` the epochs completed
+(``trainer.current_epoch``; one more at the ``"epoch_end"`` event of the epoch just ended).
 
 Lightning is an optional dependency: ``pip install "lm_probe[lightning]"``.
 """
@@ -79,7 +80,13 @@ class ProbeCallback(Callback):
             gauge's first site).
         test_size: The probes' test share of the subset.
         batch_size: Examples per forward pass when pooling the subset.
-        fit_kwargs: Passed to :meth:`ProbeRunner.fit_probes` (``num_epochs``, ``val_size``...).
+        fit_kwargs: Passed to :meth:`ProbeRunner.fit_probes` (``num_epochs``, ``val_size``...;
+            here ``n_boot`` defaults to 0: no bootstrap intervals at each measurement).
+
+    Raises:
+        ValueError: nothing to measure, ``n_samples`` against the gauges', ``pool="none"``, a
+            subset the probes' split cannot stratify (all before training); ``SiteError``: a
+            site names no module of the measured model (at ``setup``, before any step).
 
     Attributes:
         firings: ``(step, event)`` of each measurement, in order.
@@ -110,6 +117,7 @@ class ProbeCallback(Callback):
         self.test_size, self.batch_size = test_size, check_batch_size(batch_size)
         self.fit_kwargs = dict(fit_kwargs or {})
         self.subset = probe_subset(probe_data, self._n_samples(probe_data, n_samples), seed)
+        self._split = self.subset.tt_split(test_size, seed=seed) if self.probes else None  # fails early
         self.site = site if site is not None else (self.gauges[0].sites[0] if self.gauges else None)
         if site is not None and not any(site in g.sites for g in self.gauges):
             raise ValueError(f"site {site!r} is no gauge's site; gauge sites: {[s for g in self.gauges for s in g.sites]}")
@@ -239,7 +247,7 @@ class ProbeCallback(Callback):
     def _fit_probes(self, runner: ProbeRunner, stamp: dict[str, Any]) -> None:
         if not self.probes:
             return
-        train, test = self.subset.tt_split(self.test_size, seed=self.seed)
+        train, test = self._split
         settings = {"batch_size": self.batch_size, "n_boot": 0, **self.fit_kwargs}
         runner.fit_probes(train, test, **settings)
         table = runner.metrics.rename_axis("probe").reset_index()

@@ -192,6 +192,9 @@ def test_clear_errors_before_training(data):
         ProbeCallback(data, trigger=Trigger(on_end=True), gauges=gauge(), n_samples=30)
     with pytest.raises(ValueError, match="pool='none'"):
         ProbeCallback(data, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE, pool="none")])
+    few = data.subset(np.arange(8))
+    with pytest.raises(ValueError, match="cannot split 8 examples"):  # probes' split checked before training
+        ProbeCallback(few, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE)], test_size=0.05)
     with pytest.raises(TypeError, match="trigger must be a Trigger"):
         ProbeCallback(data, trigger="every step", gauges=gauge())
     cb = ProbeCallback(data, trigger=Trigger(every_n_steps=1), gauges=DiffusionGauge(["transformer.h.9.output"],
