@@ -47,10 +47,22 @@ from ..core.trigger import Trigger
 if TYPE_CHECKING:
     from ..functional.diffusion import DiffusionResult
 
-__all__ = ["DiffusionGauge", "N_SAMPLES"]
+__all__ = ["DiffusionGauge", "N_SAMPLES", "probe_subset"]
 
 #: Examples in a gauge's probe subset unless told otherwise (the API's and the experiment file's default).
 N_SAMPLES = 512
+
+
+def probe_subset(data: ProbeDataset | None, n_samples: int, seed: int) -> ProbeDataset:
+    """The fixed probe subset: ``n_samples`` examples of ``data`` drawn without replacement
+    with ``seed``, in dataset order (the same examples for the same data, size and seed)."""
+    if data is None:
+        raise ValueError("the gauge has no data to draw its probe subset from: pass data=... "
+                         "to DiffusionGauge or to measure()")
+    if n_samples > len(data):
+        raise ValueError(f"n_samples={n_samples} is larger than the {len(data)} examples available; "
+                         f"lower n_samples or give more data")
+    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), n_samples, replace=False)))
 
 
 class DiffusionGauge(Consumer):
@@ -191,9 +203,32 @@ class DiffusionGauge(Consumer):
                                 progress=False, desc="gauge")
         finally:
             module.train(was_training)
-        results = {s: self._diffuse(acts[(s, self.pool)], s) for s in self.sites}
+        layers = {s: sites[s].layer for s in self.sites}
+        return self.record({s: acts[(s, self.pool)] for s in self.sites}, step, epoch=epoch, event=event, layers=layers)
+
+    def record(self, rows: dict[str, np.ndarray], step: int, *, epoch: int = 0, event: str = "manual",
+               layers: dict[str, int | None] | None = None) -> pd.DataFrame:
+        """Record a measurement from the probe subset's rows pooled elsewhere (a training-loop
+        callback that pools them once for several consumers, say).
+
+        Args:
+            rows: ``{site: (n_samples, hidden) array}`` for every site of the gauge, pooled
+                with the gauge's ``pool``.
+            step, epoch, event: As for :meth:`measure`.
+            layers: ``{site: layer index}`` for the trajectory's ``layer`` column.
+
+        Returns:
+            The rows recorded for this step.
+        """
+        missing = [s for s in self.sites if s not in rows]
+        if missing:
+            raise ValueError(f"no rows for the gauge's sites {missing}")
+        wrong = {s: len(rows[s]) for s in self.sites if len(rows[s]) != self.n_samples}
+        if wrong:
+            raise ValueError(f"the gauge's n_samples is {self.n_samples}, got rows per site {wrong}")
+        results = {s: self._diffuse(rows[s], s) for s in self.sites}
         start = len(self._rows)
-        self._record(step, epoch, event, results, {s: sites[s].layer for s in self.sites})
+        self._record(step, epoch, event, results, layers or {})
         return pd.DataFrame(self._rows[start:])
 
     def maybe_measure(self, model: Any, event: str, step: int, epoch: int) -> bool:
@@ -229,14 +264,7 @@ class DiffusionGauge(Consumer):
 
     # ------------------------------------------------------------------ internals
     def _choose(self, data: ProbeDataset | None) -> ProbeDataset:
-        if data is None:
-            raise ValueError("the gauge has no data to draw its probe subset from: pass data=... "
-                             "to DiffusionGauge or to measure()")
-        if self.n_samples > len(data):
-            raise ValueError(f"n_samples={self.n_samples} is larger than the {len(data)} examples available; "
-                             f"lower n_samples or give more data")
-        index = np.sort(np.random.default_rng(self.seed).choice(len(data), self.n_samples, replace=False))
-        return data.subset(index)
+        return probe_subset(data, self.n_samples, self.seed)
 
     def _diffuse(self, X: np.ndarray, site: str) -> DiffusionResult:
         bad = ~np.isfinite(X).all(1)

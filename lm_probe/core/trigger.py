@@ -2,7 +2,7 @@
 
 A consumer that measures during training (a geometry snapshot, a diffusion gauge, a
 checkpoint) needs to say *when*: every N steps, every N epochs, at given steps, on
-each validation, at the end, or before training starts. :class:`Trigger` holds those
+each validation, on each checkpoint save, at the end, or before training starts. :class:`Trigger` holds those
 conditions and answers one question, :meth:`Trigger.fires`, for one training event.
 It holds no state, so its tests are tables of events, with no model or trainer.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 __all__ = ["Trigger", "EVENTS"]
 
 #: The training events a trigger is asked about.
-EVENTS = ("start", "step", "epoch_end", "validation", "end")
+EVENTS = ("start", "step", "epoch_end", "validation", "checkpoint", "end")
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -41,11 +41,12 @@ class Trigger:
       or ``step`` is in ``at_steps``;
     * ``"epoch_end"``: fires if ``every_n_epochs`` divides ``epoch``;
     * ``"validation"``: fires if ``on_validation``;
+    * ``"checkpoint"``: a checkpoint is being saved; fires if ``on_checkpoint``;
     * ``"end"``: end of training; fires if ``on_end``.
 
     The step and epoch conditions never fire at step 0 or epoch 0 (0 is a multiple of
     every N): a measurement before training is asked for with ``at_start=True``. The
-    explicit events ``"validation"`` and ``"end"`` fire whenever they happen, step 0
+    explicit events ``"validation"``, ``"checkpoint"`` and ``"end"`` fire whenever they happen, step 0
     included (a pass with no training, such as ``ProbeRunner.collect``, ends at step 0).
     :meth:`firings` adds the rule "at most once per step" to a sequence of events.
 
@@ -57,6 +58,8 @@ class Trigger:
         on_end: Fire at the end of training.
         on_validation: Fire at each validation.
         at_start: Fire at step 0, before training.
+        on_checkpoint: Fire when a checkpoint is saved (a training loop that saves them,
+            such as Lightning's, tells its callback).
 
     Raises:
         ValueError: On a non-positive interval or step, or when no condition is set.
@@ -68,6 +71,7 @@ class Trigger:
     on_end: bool = False
     on_validation: bool = False
     at_start: bool = False
+    on_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "every_n_epochs"):
@@ -80,7 +84,7 @@ class Trigger:
             raise ValueError("at_steps cannot contain 0 (no training step has completed at step 0); "
                              "use at_start=True to measure before training")
         object.__setattr__(self, "at_steps", tuple(sorted({_positive_int("at_steps entries", s) for s in steps})))
-        for name in ("on_end", "on_validation", "at_start"):
+        for name in ("on_end", "on_validation", "at_start", "on_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self._set_conditions():
@@ -119,6 +123,8 @@ class Trigger:
             return self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0
         if event == "validation":
             return self.on_validation
+        if event == "checkpoint":
+            return self.on_checkpoint
         return self.on_end
 
     def firings(self, events: Iterable[tuple[int, int, str]]) -> list[tuple[int, str]]:

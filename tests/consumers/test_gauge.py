@@ -200,3 +200,18 @@ def test_wandb_offline_run(gpt2, toy, tmp_path, monkeypatch):
     gap = float(gauge.trajectory.iloc[0]["spectral_gap"])
     assert b"gauge/transformer.h.1.output/spectral_gap" in raw and json.dumps(gap).encode() in raw
     assert b"gauge/transformer.h.1.output/eig_2" in raw
+
+
+def test_record_takes_rows_pooled_elsewhere():
+    rng = np.random.default_rng(0)
+    rows = {"a": rng.normal(size=(30, 8)), "b": rng.normal(size=(30, 5))}
+    gauge = DiffusionGauge(["a", "b"], n_samples=30, knn=4, n_eigs=5)
+    table = gauge.record(rows, 7, epoch=1, event="checkpoint", layers={"a": 0, "b": 1})
+    assert table[["step", "epoch", "event", "site", "layer"]].values.tolist() == [
+        [7, 1, "checkpoint", "a", 0], [7, 1, "checkpoint", "b", 1]]
+    for site, row in zip("ab", table.itertuples()):
+        np.testing.assert_allclose(row.eigenvalues, diffuse(rows[site], knn=4, n_eigs=5).eigenvalues, atol=1e-12)
+    with pytest.raises(ValueError, match=r"n_samples is 30, got rows per site \{'b': 29\}"):
+        gauge.record({"a": rows["a"], "b": rows["b"][:29]}, 8)
+    with pytest.raises(ValueError, match=r"no rows for the gauge's sites \['b'\]"):
+        gauge.record({"a": rows["a"]}, 8)

@@ -48,6 +48,11 @@ RUN = (
         (dict(at_steps=(5,), on_validation=True, at_start=True), RUN,
          [(0, "start"), (3, "validation"), (5, "step"), (6, "validation")]),
         (dict(every_n_steps=3, on_end=True, on_validation=True), RUN, [(3, "step"), (6, "step")]),
+        # checkpoint saves fire only with on_checkpoint, at any step (step 0 included)
+        (dict(on_checkpoint=True), RUN + [(6, 2, "checkpoint")], [(6, "checkpoint")]),
+        (dict(on_checkpoint=True), [(0, 0, "checkpoint"), (2, 0, "checkpoint")], [(0, "checkpoint"), (2, "checkpoint")]),
+        (dict(every_n_steps=2), [(2, 0, "checkpoint")], []),
+        (dict(every_n_steps=2, on_checkpoint=True), steps(2) + [(2, 0, "checkpoint")], [(2, "step")]),
     ],
 )
 def test_firings_table(kwargs, events, expected):
