@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,7 +153,8 @@ def main() -> None:
     test = ProbeDataset.from_texts(texts[n_train:], labels[n_train:], tokenizer=tok, max_length=4096)
     runs = {"sgd": run_ours(model, train, test, args.layers, args.pools, args.batch_size, args.seed)}
     if not args.skip_lbfgs:
-        runs["lbfgs"] = run_ours(model, train, test, args.layers, args.pools, args.batch_size, args.seed, solver="lbfgs")
+        runs["lbfgs"] = run_ours(model, train, test, args.layers, args.pools, args.batch_size, args.seed,
+                                 solver="lbfgs")
     gap = feature_gap(model, test, f"model.layers.{spec['check_layer']}.output", args.pools, peer["features"],
                       args.batch_size)
     load_avg.append(os.getloadavg()[0])
@@ -165,7 +165,8 @@ def report(args, n_train: int, peer: dict, peer_acc: dict, load_s: list[float], 
            load_avg: list[float]) -> None:
     """Print the side-by-side tables and write the JSON."""
     device = (f"{platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()} cores "
-              f"(load average {load_avg[0]:.1f} at the start, {load_avg[1]:.1f} at the end), torch {torch.__version__}")
+              f"(load average {load_avg[0]:.1f} at the start, {load_avg[1]:.1f} at the end), "
+              f"torch {torch.__version__}")
     print(f"\nSmolLM2-135M, Rotten Tomatoes: {n_train} train / {args.n - n_train} test reviews, layers {args.layers}, "
           f"pools {args.pools}, batch {args.batch_size}; {device}; lmprobe {peer['version']} "
           f"(torch {peer['torch']}, {peer['threads']} threads)\n")
@@ -182,18 +183,20 @@ def report(args, n_train: int, peer: dict, peer_acc: dict, load_s: list[float], 
     extract, probes = peer["seconds"]["extract"], peer["seconds"]["probes"]
     peer_s = [e + p for e, p in zip(extract, probes)]
     print("\n| tool | model load s | probing s: wall / CPU | ratio to lmprobe: wall / CPU |\n|---|---:|---:|---:|")
-    print(f"| lmprobe (forwards {extract[0]:.1f} / {extract[1]:.1f} s, classifiers {probes[0]:.1f} / {probes[1]:.1f} s) "
-          f"| {peer['seconds']['load'][0]:.1f} | {peer_s[0]:.1f} / {peer_s[1]:.1f} | 1.00 / 1.00 |")
+    print(f"| lmprobe (forwards {extract[0]:.1f} / {extract[1]:.1f} s, classifiers {probes[0]:.1f} / "
+          f"{probes[1]:.1f} s) | {peer['seconds']['load'][0]:.1f} | {peer_s[0]:.1f} / {peer_s[1]:.1f} | 1.00 / 1.00 |")
     for s in solvers:
         w, c = runs[s][0]
-        print(f"| lm_probe, solver={s!r} | {load_s[0]:.1f} | {w:.1f} / {c:.1f} | {w / peer_s[0]:.2f} / {c / peer_s[1]:.2f} |")
+        print(f"| lm_probe, solver={s!r} | {load_s[0]:.1f} | {w:.1f} / {c:.1f} | "
+              f"{w / peer_s[0]:.2f} / {c / peer_s[1]:.2f} |")
     print(f"\nsame hidden states: layer {args.layers[len(args.layers) // 2]}, first 16 test reviews, largest "
           "difference / largest value: " + ", ".join(f"{p} {g:.1e}" for p, g in gap.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "n_train": n_train, "n_test": args.n - n_train, "layers": args.layers, "pools": args.pools,
-            "batch_size": args.batch_size, "device": device, "lmprobe": {"version": peer["version"], "torch": peer["torch"], "seconds": peer["seconds"],
-                        "per_layer_s": peer["per_layer_s"], "accuracy": peer_acc},
+            "batch_size": args.batch_size, "device": device,
+            "lmprobe": {**{k: peer[k] for k in ("version", "torch", "threads", "seconds", "per_layer_s")},
+                        "accuracy": peer_acc},
             "lm_probe": {"load_s": load_s, **{s: {"seconds": r[0], "accuracy": r[1]} for s, r in runs.items()}},
             "feature_gap": gap, "load_average": load_avg}, indent=2))
 
