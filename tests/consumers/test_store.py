@@ -87,8 +87,8 @@ def test_token_rows_are_every_real_token_with_position_and_token_id(llama, toy, 
             np.testing.assert_allclose(np.stack(rows[site].to_list()), states[k], atol=1e-5)
     run = StoredRun(tmp_path / "tokens")
     assert run.n_examples == 30 and len(run.example_ids) == ds.num_rows
-    np.testing.assert_array_equal(run.positions, frame["position"]) and np.testing.assert_array_equal(
-        run.token_ids, frame["token_id"])
+    np.testing.assert_array_equal(run.positions, frame["position"])
+    np.testing.assert_array_equal(run.token_ids, frame["token_id"])
     got = run.read(data.example_ids[[4, 2]], [("model.layers.0.output", "none")])[("model.layers.0.output", "none")]
     want = np.concatenate([hidden_states(llama, data.ids[i])[1] for i in (4, 2)])
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -154,6 +154,10 @@ def test_token_probes_from_store_train_like_the_live_run(llama, tmp_path):
     pd.testing.assert_series_equal(offline["accuracy"], live["accuracy"])
     pd.testing.assert_series_equal(offline["n_scored"], live["n_scored"])
     np.testing.assert_allclose(offline["loss"], live["loss"], rtol=1e-4)
+    shorter = ProbeDataset([ids[:-1] for ids in data.ids], token_labels=[t[:-1] for t in data.token_labels],
+                           example_ids=data.example_ids)  # not the tokens that were collected
+    with pytest.raises(ValueError, match="token rows .* real tokens: the data is not tokenized as the collected"):
+        ProbeRunner.from_store(run, configs(), progress=False).pooled(shorter)
 
 
 def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored, logs):
