@@ -40,6 +40,7 @@ _EXPORTS = {
     "Site": "core.sites",
     "SiteError": "core.sites",
     "StopReason": "probes.early_stopping",
+    "StoredRun": "consumers.store_run",
     "Trigger": "core.trigger",
     "describe": "core.architectures",
     "load_model": "core.model",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .consumers.lens import LogitLens
     from .consumers.router import RouterStats
     from .consumers.store import ActivationStore
+    from .consumers.store_run import StoredRun
     from .core.architectures import Architecture, describe
     from .core.consumer import Consumer, NotComputedError, PooledBatch
     from .core.dataset import ProbeDataset

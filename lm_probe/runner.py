@@ -340,7 +340,7 @@ class ProbeRunner(ProbeFeatures, Persistent):
         are matched by ``example_ids``).
 
         Args:
-            run: A :class:`~lm_probe.consumers.store.StoredRun` (``ActivationStore.open(path).run(name)``).
+            run: A stored run: ``ActivationStore.open(path).run(name)``, or ``StoredRun.open(source)``.
             configs: Probe configurations; their (site, pooling) must be in the run.
             backend, device: As for :class:`ProbeRunner` (the device defaults to the CPU).
             baseline: Refused with a ``ValueError`` unless ``None`` (there are no weights to re-initialize).

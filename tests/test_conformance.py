@@ -315,7 +315,7 @@ def store_case(request):
 
     def read(store):
         run = store.compute()
-        return {"example_ids": run.example_ids, "labels": run.labels, "bad_chunks": run.bad_chunks,
+        return {"example_ids": run.example_ids, "labels": run.labels, "bad_shards": run.bad_shards,
                 **{s: run.array(s)[np.arange(len(run.example_ids))] for s in sites}}
 
     def reference(state):
@@ -323,9 +323,9 @@ def store_case(request):
         np.testing.assert_array_equal(state["labels"], labels[order])
         for s in sites:
             np.testing.assert_array_equal(state[s], rows[s][order])
-        assert state["bad_chunks"] == {}
+        assert state["bad_shards"] == {}
 
-    make = lambda: ActivationStore(root, sites, run=f"run{next(runs)}", chunk_rows=16, overwrite=True)  # noqa: E731
+    make = lambda: ActivationStore(root, sites, run=f"run{next(runs)}", shard_rows=16, overwrite=True)  # noqa: E731
     return dict(make=make, batches=batches, same=same_exactly, reference=reference, mergeable=False, read=read,
                 context=RunContext(data=data, batch_size=7))
 

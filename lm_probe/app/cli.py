@@ -229,7 +229,23 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (it holds run.json)")
     report.add_argument("--output", metavar="FILE", help="where to write the report (default RUN_DIR/report.html)")
     _debug_flag(report, argparse.SUPPRESS)
+    _store_parser(commands)
     return parser
+
+
+def _store_parser(commands: Any) -> None:
+    store = commands.add_parser(
+        "store", help="manage activation stores: convert old-format runs",
+        description="Manage the activation stores that ActivationStore writes.")
+    actions = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    convert = actions.add_parser(
+        "convert", help="rewrite old-format (chunked .npy) runs as Arrow datasets, in place",
+        description="Rewrite every run of the old chunked .npy format under PATH as an Arrow dataset "
+                    "(what datasets.load_from_disk opens) with the same rows, labels, example ids and "
+                    "metadata; runs already in the Arrow format are left as they are.")
+    convert.add_argument("path", metavar="PATH", help="a store folder (every old run in it) or one run folder")
+    _debug_flag(store, argparse.SUPPRESS)
+    _debug_flag(convert, argparse.SUPPRESS)
 
 
 def run_experiment_command(experiment: str | Path, *, dry_run: bool = False, out: str | None = None,
@@ -282,6 +298,19 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
     return path
 
 
+def store_convert_command(path: str | Path) -> list[Path]:
+    """``lm-probe store convert``: convert the old-format runs at ``path``; returns their folders."""
+    from ..consumers.store import StoredRun, convert_store
+
+    folders = convert_store(path)
+    for folder in folders:
+        run = StoredRun(folder)
+        print(f"converted run {run.name!r}: {run.n_examples} examples x {len(run.site_names)} sites -> {folder}")
+    if not folders:
+        print(f"no old-format runs at {path}: nothing to convert")
+    return folders
+
+
 def _one_line(err: BaseException) -> str:
     """The error's message on one line (its type name when it has no message); an experiment
     with several problems gets a line per problem."""
@@ -323,6 +352,8 @@ def _command(args: argparse.Namespace) -> int:
                                    overwrite=args.overwrite, progress=not args.no_progress)
         elif args.command == "report":
             report_command(args.run_dir, args.output)
+        elif args.command == "store":
+            store_convert_command(args.path)
     except KeyboardInterrupt:
         if args.debug:
             raise

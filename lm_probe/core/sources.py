@@ -5,7 +5,7 @@ asks which source it is:
 
 * :class:`TraceSource`: one nnsight trace of the live model per batch (the only place
   the model runs; see :mod:`lm_probe.core.trace`);
-* :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.consumers.store`), matched by
+* :class:`StoreSource`: the rows of a stored run (:mod:`lm_probe.consumers.store_run`), matched by
   example id;
 * :class:`ArraySource`: pooled rows held in memory, matched by example id (rows pooled
   once, e.g. with ``runner.pooled``, then probed with several label sets);
@@ -75,7 +75,8 @@ class TraceSource:
 
 
 class StoreSource:
-    """Rows of a stored run, matched by ``example_ids`` (no model)."""
+    """Rows of a stored run, matched by ``example_ids`` (no model); a token run
+    (``pool="none"``) gives each example's stored tokens, which must be its real tokens."""
 
     replayable = True
 
@@ -83,7 +84,13 @@ class StoreSource:
         self.run = run
 
     def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
-        return self.run.read(data.example_ids[batch.index], requests)
+        rows = self.run.read(data.example_ids[batch.index], requests)
+        tokens = int(batch.attention_mask.sum())
+        for (spec, how), value in rows.items():
+            if how == "none" and len(value) != tokens:
+                raise ValueError(f"run {self.run.name!r} holds {len(value)} token rows of {spec!r} for a batch with "
+                                 f"{tokens} real tokens: the data is not tokenized as the collected data was")
+        return rows
 
     def resolve(self, specs: Iterable[str]) -> dict[str, Site]:
         specs = list(specs)

@@ -62,7 +62,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", [None, "demo", "run", "report"])
+@pytest.mark.parametrize("command", [None, "demo", "run", "report", "store"])
 def test_help_describes_every_option(command, capsys):
     parser = _parser() if command is None else _subparsers()[command]
     with pytest.raises(SystemExit) as exit_:
@@ -71,7 +71,9 @@ def test_help_describes_every_option(command, capsys):
     text = capsys.readouterr().out
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            assert {"demo", "run", "report"} <= set(action.choices)
+            assert {"demo", "run", "report", "store"} <= set(action.choices) if command is None else \
+                set(action.choices) == {"convert"}
+            assert all(name in text for name in action.choices)
             continue
         assert action.help, f"{action.dest} has no help text"
         for option in action.option_strings:

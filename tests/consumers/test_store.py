@@ -1,46 +1,130 @@
-"""Activation store: chunked writes, memory-mapped reads, training from a store."""
+"""Activation store: Arrow shards written during the pass, read memory-mapped, trained from."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
+import torch
 
 from lm_probe import ActivationStore, ProbeConfig, ProbeDataset, ProbeRunner
+from lm_probe.consumers.store import StoredRun
+from lm_probe.consumers.store_index import StoreIndex
+from lm_probe.consumers.store_shards import ShardWriter
+from lm_probe.testing import NEGATIVE, POSITIVE, tiny_tokenizer, toy_texts
 
 SITES = ["model.layers.0.output", "model.layers[-1].output"]
+HF_SITES = {"model.layers.0.output": 1, "model.layers.2.output": 3}  # site -> index in HF hidden_states
+
+
+def hidden_states(model, ids):
+    """HF ``output_hidden_states`` of one example run alone (no padding), float64."""
+    with torch.no_grad():
+        out = model._module(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True)
+    return [h[0].double().numpy() for h in out.hidden_states]
+
+
+@pytest.fixture(scope="module")
+def stored_once(llama, toy, tmp_path_factory):
+    data = toy[0]  # the store holds the whole training set (300 examples), in shards of 50 rows
+    root = tmp_path_factory.mktemp("stored") / "store"
+    store = ActivationStore(root, SITES, run="toy", tags={"task": "sentiment"}, shard_rows=50)
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=16)
+    return data, root
 
 
 @pytest.fixture
-def stored(llama, toy, tmp_path):
-    train, _ = toy
-    data = train  # the store holds the whole training set, in chunks of 50 examples
-    store = ActivationStore(tmp_path / "store", SITES, run="toy", tags={"task": "sentiment"}, chunk_rows=50)
-    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=16)
-    return store, data, tmp_path / "store"
+def stored(stored_once, tmp_path):
+    """``(data, store folder)``: a copy of the stored run that a test may change."""
+    data, root = stored_once
+    shutil.copytree(root, tmp_path / "store")
+    return data, tmp_path / "store"
 
 
-def test_rows_equal_the_live_pooled_activations_memory_mapped(stored, llama):
-    store, data, root = stored
-    run = ActivationStore.open(root).run("toy")
-    live = ProbeRunner(llama, progress=False).pooled(data, [(s, "mean") for s in SITES])
-    for site in SITES:
-        arr = run.array(site)
-        assert arr.shape == (len(data), 32) and isinstance(arr.parts[0], np.memmap)
-        np.testing.assert_allclose(arr[np.argsort(run.example_ids)], live[(site, "mean")], atol=1e-6)
-    np.testing.assert_array_equal(run.labels[np.argsort(run.example_ids)], data.labels)
-    meta = run.metadata
-    assert len(meta["chunks"]) == -(-len(data) // 50) and meta["n_examples"] == len(data)
-    assert meta["sites"][1] == {"spec": "model.layers[-1].output", "name": "model.layers.3.output", "layer": 3}
+def test_mean_rows_equal_hf_hidden_states_and_datasets_opens_the_run(llama, toy, tmp_path):
+    data = toy[0].subset(range(40))
+    store = ActivationStore(tmp_path, list(HF_SITES), run="mean", shard_rows=16, tags=["baseline"])
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=8)
+    ds = datasets.load_from_disk(str(tmp_path / "mean"))  # datasets' own loader
+    assert ds.column_names == [*HF_SITES, "example_id", "label"] and ds.num_rows == 40
+    assert ds.features["model.layers.0.output"] == datasets.List(datasets.Value("float32"), length=32)
+    order = np.argsort(ds["example_id"])
+    np.testing.assert_array_equal(np.asarray(ds["example_id"])[order], data.example_ids)
+    np.testing.assert_array_equal(np.asarray(ds["label"])[order], data.labels)
+    for site, k in HF_SITES.items():
+        reference = np.stack([hidden_states(llama, ids)[k].mean(0) for ids in data.ids])
+        np.testing.assert_allclose(np.asarray(ds[site], np.float64)[order], reference, atol=1e-5)
+    meta = json.loads(ds.info.description)
+    assert meta["pool"] == "mean" and meta["run"] == "mean" and meta["tags"] == {"baseline": True}
     assert meta["model"]["model_type"] == "llama" and len(meta["model"]["config_hash"]) == 16
-    assert (meta["model"]["num_hidden_layers"], meta["model"]["hidden_size"]) == (4, 32)
-    assert meta["tags"] == {"task": "sentiment"} and meta["dataset_fingerprint"] and meta["lm_probe"]
+    assert meta["sites"][1] == {"spec": "model.layers.2.output", "name": "model.layers.2.output", "layer": 2,
+                                "column": "model.layers.2.output", "hidden": 32}
+    assert meta["dataset_fingerprint"] and meta["lm_probe"] and meta["schema_version"] == 2
+    assert meta["tokenizer"] is not None and meta["created"].endswith("+00:00")
+    assert [s["rows"] for s in meta["shards"]] == [16, 16, 8] and meta["n_examples"] == meta["n_rows"] == 40
 
 
-def test_from_store_trains_like_the_live_run(stored, llama, toy):
-    _, data, root = stored
+def test_token_rows_are_every_real_token_with_position_and_token_id(llama, toy, tmp_path):
+    data = toy[0].subset(range(30))  # left-padded batches: padding must not be stored
+    store = ActivationStore(tmp_path, list(HF_SITES), pool="none", run="tokens", shard_rows=64)
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=8)
+    ds = datasets.load_from_disk(str(tmp_path / "tokens"))
+    assert ds.column_names == [*HF_SITES, "example_id", "position", "token_id", "label"]
+    assert ds.num_rows == sum(len(ids) for ids in data.ids)
+    frame = ds.to_pandas()
+    for i, ids, label in zip(data.example_ids, data.ids, data.labels):
+        rows = frame[frame["example_id"] == i]
+        assert rows["position"].tolist() == list(range(len(ids)))
+        assert rows["token_id"].tolist() == ids.tolist()
+        assert (rows["label"] == label).all()
+        states = hidden_states(llama, ids)
+        for site, k in HF_SITES.items():
+            np.testing.assert_allclose(np.stack(rows[site].to_list()), states[k], atol=1e-5)
+    run = StoredRun(tmp_path / "tokens")
+    assert run.n_examples == 30 and len(run.example_ids) == ds.num_rows
+    np.testing.assert_array_equal(run.positions, frame["position"])
+    np.testing.assert_array_equal(run.token_ids, frame["token_id"])
+    got = run.read(data.example_ids[[4, 2]], [("model.layers.0.output", "none")])[("model.layers.0.output", "none")]
+    want = np.concatenate([hidden_states(llama, data.ids[i])[1] for i in (4, 2)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_writer_holds_at_most_one_shard(llama, toy, tmp_path, monkeypatch):
+    held, written, add, write = [], [], ShardWriter.add, ShardWriter._write
+
+    def spy_add(self, columns):
+        add(self, columns)
+        held.append(self.buffered_rows)
+
+    def spy_write(self, n):
+        written.append(n)
+        write(self, n)
+
+    monkeypatch.setattr(ShardWriter, "add", spy_add)
+    monkeypatch.setattr(ShardWriter, "_write", spy_write)
+    data = toy[0]
+    ProbeRunner(llama, progress=False).collect(data, [ActivationStore(tmp_path, SITES, shard_rows=50)], batch_size=16)
+    assert len(held) == -(-len(data) // 16) and max(held) < 50  # never a full shard in memory after a batch
+    assert written == [50] * 6 and held[-1] == 0  # 300 rows: six shards, written as they filled
+
+
+def test_rows_are_memory_mapped(stored):
+    data, root = stored
+    before = pa.total_allocated_bytes()
+    run = ActivationStore.open(root).run("toy")
+    arr = run.array(SITES[0])
+    assert arr.shape == (len(data), 32) and len(arr.parts) == 6
+    assert pa.total_allocated_bytes() == before, "the shards are mapped, not read into Arrow buffers"
+    assert not arr.parts[0].flags.owndata and not arr.parts[0].flags.writeable
+
+
+def test_from_store_trains_like_the_live_run(stored, llama):
+    data, root = stored
     train, test = data.tt_split(0.25, seed=1)  # parts of the stored data keep their example ids
     configs = lambda: [ProbeConfig("model.layers.0.output", name="a"), ProbeConfig("model.layers[-1].output", name="b")]
     fit = dict(batch_size=16, num_epochs=2, eval_every=3, patience=3)
@@ -52,21 +136,54 @@ def test_from_store_trains_like_the_live_run(stored, llama, toy):
     np.testing.assert_allclose(offline["loss"], live["loss"], rtol=1e-4)
 
 
-def test_query_runs_by_model_site_and_tag(stored, llama, toy, tmp_path):
-    _, data, root = stored
-    other = ActivationStore(root, ["model.layers.1.output"], run="other", pool="last", tags={"task": "x"})
-    ProbeRunner(llama, progress=False).collect(data.subset(range(20)), [other])
-    index = ActivationStore.open(root)
-    assert sorted(index.table["run"]) == ["other", "toy"]
-    assert [r.name for r in index.runs(tag={"task": "sentiment"})] == ["toy"]
-    assert [r.name for r in index.runs(site="model.layers.1.output")] == ["other"]
-    assert [r.name for r in index.runs(site="model.layers.3.output")] == ["toy"]
-    hash_ = index.run("toy").metadata["model"]["config_hash"]
-    assert len(index.runs(model=hash_)) == 2 and index.runs(model="gpt2") == []
+def test_token_probes_from_store_train_like_the_live_run(llama, tmp_path):
+    texts, _ = toy_texts(120, seed=3)
+    words = [t.split() for t in texts]
+    tags = [["POS" if w in POSITIVE else "NEG" if w in NEGATIVE else "O" for w in ws] for ws in words]
+    data = ProbeDataset.from_tagged(words, tags, tiny_tokenizer())
+    train, test = data.tt_split(0.25, seed=0)
+    store = ActivationStore(tmp_path, ["model.layers.1.output"], pool="none", run="tok", shard_rows=100)
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=16)
+    run = StoredRun(tmp_path / "tok")
+    np.testing.assert_array_equal(run.labels, data.flat_token_labels())  # the token labels, example by example
+    configs = lambda: [ProbeConfig("model.layers.1.output", pool="none")]
+    fit = dict(batch_size=16, num_epochs=2, eval_every=5, patience=4)
+    live = ProbeRunner(llama, configs(), seed=2, progress=False).fit_probes(train, test, **fit).metrics
+    offline = ProbeRunner.from_store(run, configs(), seed=2, progress=False).fit_probes(train, test, **fit).metrics
+    assert live["accuracy"].iloc[0] > 0.8 and live["n_scored"].iloc[0] > 100
+    pd.testing.assert_series_equal(offline["accuracy"], live["accuracy"])
+    pd.testing.assert_series_equal(offline["n_scored"], live["n_scored"])
+    np.testing.assert_allclose(offline["loss"], live["loss"], rtol=1e-4)
+    shorter = ProbeDataset([ids[:-1] for ids in data.ids], token_labels=[t[:-1] for t in data.token_labels],
+                           example_ids=data.example_ids)  # not the tokens that were collected
+    with pytest.raises(ValueError, match="token rows .* real tokens: the data is not tokenized as the collected"):
+        ProbeRunner.from_store(run, configs(), progress=False).pooled(shorter)
+
+
+def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored, logs):
+    data, root = stored
+    truncated, corrupted = root / "toy" / "data-00001-of-00006.arrow", root / "toy" / "data-00004-of-00006.arrow"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    raw = bytearray(corrupted.read_bytes())
+    raw[:64] = b"\xff" * 64  # same size, unreadable header
+    corrupted.write_bytes(bytes(raw))
+    run = ActivationStore.open(root).run("toy")
+    assert sorted(run.bad_shards) == [truncated.name, corrupted.name]
+    assert "truncated" in run.bad_shards[truncated.name]
+    assert any(f"shard {truncated.name} is unreadable" in m for m in logs)
+    assert any(f"shard {corrupted.name} is unreadable" in m for m in logs)
+    assert len(run.example_ids) == run.n_examples == len(data) - 100
+    assert run.array(SITES[0]).shape[0] == len(data) - 100
+    lost = np.setdiff1d(data.example_ids, run.example_ids)
+    assert len(lost) == 100
+    with pytest.raises(KeyError, match="not in run 'toy' .2 shards were unreadable"):
+        run.read([int(lost[0])], [(SITES[0], "mean")])
+    kept = run.read(run.example_ids[:3], [(SITES[0], "mean")])[(SITES[0], "mean")]
+    np.testing.assert_array_equal(kept, run.array(SITES[0])[np.arange(3)])
 
 
 def test_wrong_model_or_site_is_refused(stored):
-    _, _, root = stored
+    _, root = stored
     index = ActivationStore.open(root)
     with pytest.raises(ValueError, match="was collected with model .* not 'gpt2'"):
         index.run("toy", model="gpt2")
@@ -77,32 +194,35 @@ def test_wrong_model_or_site_is_refused(stored):
 
 
 def test_existing_run_is_not_overwritten_unless_asked(stored, llama):
-    _, data, root = stored
+    data, root = stored
     again = ActivationStore(root, SITES, run="toy")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ProbeRunner(llama, progress=False).collect(data, [again])
-    assert ActivationStore.open(root).run("toy").metadata["n_examples"] == len(data)
+    assert ActivationStore.open(root).run("toy").n_examples == len(data)
     ProbeRunner(llama, progress=False).collect(data.subset(range(10)), [ActivationStore(root, SITES, run="toy",
                                                                                          overwrite=True)])
-    assert ActivationStore.open(root).run("toy").metadata["n_examples"] == 10
+    assert ActivationStore.open(root).run("toy").n_examples == 10
 
 
-def test_truncated_chunk_is_reported_and_the_rest_readable(stored, logs):
-    _, data, root = stored
-    victim = root / "toy" / "chunk_00001" / "site_0.npy"
-    victim.write_bytes(victim.read_bytes()[:-100])
-    run = ActivationStore.open(root).run("toy")
-    assert list(run.bad_chunks) == ["chunk_00001"] and "truncated" in run.bad_chunks["chunk_00001"]
-    assert any("chunk_00001 is unreadable" in m for m in logs)
-    assert len(run.example_ids) == len(data) - 50 and run.array(SITES[0]).shape[0] == len(data) - 50
-    lost = int(json.loads((root / "toy" / "metadata.json").read_text())["chunks"][1]["rows"])
-    assert lost == 50
-    with pytest.raises(KeyError, match="not in run 'toy' .1 chunks were unreadable"):
-        run.read([int(np.setdiff1d(data.example_ids, run.example_ids)[0])], [(SITES[0], "mean")])
-
-
-def test_bad_store_arguments():
-    with pytest.raises(ValueError, match="one row per example"):
-        ActivationStore("x", SITES, pool="none")
+def test_bad_store_arguments(monkeypatch):
+    monkeypatch.delenv("LM_PROBE_STORE", raising=False)
     with pytest.raises(ValueError, match="non-empty"):
         ActivationStore("x", [])
+    with pytest.raises(ValueError, match="clash with the store's own columns"):
+        ActivationStore("x", ["label"])
+    with pytest.raises(ValueError, match="shard_rows must be at least 1"):
+        ActivationStore("x", SITES, shard_rows=0)
+    with pytest.raises(ValueError, match="unknown pool"):
+        ActivationStore("x", SITES, pool="median")
+    with pytest.raises(ValueError, match="no store folder: pass path=... or set the LM_PROBE_STORE"):
+        ActivationStore(sites=SITES)
+    with pytest.raises(ValueError, match="LM_PROBE_STORE"):
+        StoreIndex()
+
+
+def test_the_store_folder_defaults_to_lm_probe_store(llama, toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_PROBE_STORE", str(tmp_path / "env_store"))
+    store = ActivationStore(sites=SITES, run="from_env")
+    ProbeRunner(llama, progress=False).collect(toy[1].subset(range(12)), [store])
+    assert (tmp_path / "env_store" / "from_env" / "state.json").exists()
+    assert [r.name for r in StoreIndex().runs()] == ["from_env"] and ActivationStore.open().run("from_env")

@@ -50,7 +50,7 @@ def run(batch_size, folder, **runner_kwargs):
     acts = runner.pooled(test, batch_size=batch_size)
     tokens = runner.pooled(test, [("model.layers.1.output", "none")], batch_size=batch_size)
     collected = Geometry(["model.layers.2.output"])
-    store = ActivationStore(Path(folder, "store"), ["model.layers.2.output"], chunk_rows=5)
+    store = ActivationStore(Path(folder, "store"), ["model.layers.2.output"], shard_rows=5)
     runner.collect(test, [collected, store], batch_size=batch_size)
     runner.save(Path(folder, "probes"))
     try:

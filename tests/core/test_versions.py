@@ -15,7 +15,7 @@ from lm_probe.probes.persist import SCHEMA_VERSION as PROBE_SCHEMA
 # (kind, the file each reader opens first, the newest version it reads, reader)
 READERS = [("probe", "probes.json", PROBE_SCHEMA, ProbeRunner.load),
            ("geometry", "metadata.json", GEOMETRY_SCHEMA, Geometry.load),
-           ("store", "metadata.json", STORE_SCHEMA, StoredRun)]
+           ("store", "metadata.json", STORE_SCHEMA, StoredRun.open)]  # the old format's manifest
 
 
 @pytest.mark.parametrize("kind, filename, supported, read", READERS, ids=[r[0] for r in READERS])
@@ -40,3 +40,12 @@ def test_the_store_opens_its_run_through_the_same_check(tmp_path):
     (tmp_path / "run" / "metadata.json").write_text(json.dumps({"schema_version": STORE_SCHEMA + 1}))
     with pytest.raises(ValueError, match=f"store schema {STORE_SCHEMA + 1}.*upgrade lm_probe"):
         ActivationStore.open(tmp_path).run("run")
+
+
+def test_an_arrow_run_of_a_newer_schema_is_refused(tmp_path):
+    """An Arrow run keeps its metadata in dataset_info.json's description."""
+    (tmp_path / "state.json").write_text(json.dumps({"_data_files": []}))
+    info = {"description": json.dumps({"schema_version": STORE_SCHEMA + 1}), "features": {}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"store schema {STORE_SCHEMA + 1}; this lm_probe reads up to {STORE_SCHEMA}"):
+        StoredRun(tmp_path)

@@ -1,0 +1,128 @@
+"""The runs of a store folder, listed and queried.
+
+A store is a folder of run folders. :class:`StoreIndex` lists them (:attr:`StoreIndex.table`
+reads only their metadata) and finds runs by model, site, tag and creation time, as
+easyroutine's activation store does. The folder defaults to the ``LM_PROBE_STORE``
+environment variable (:func:`store_root`). Runs of the old format are listed and read
+too, each with a warning that says how to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .store_legacy import LegacyRun, is_legacy
+from .store_run import StoredRun
+from .store_shards import read_info
+
+__all__ = ["StoreIndex", "store_root", "STORE_ENV"]
+
+#: The environment variable naming the default store folder.
+STORE_ENV = "LM_PROBE_STORE"
+
+
+def store_root(path: str | Path | None) -> Path:
+    """``path``, or the folder the ``LM_PROBE_STORE`` environment variable names."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(STORE_ENV)
+    if not env:
+        raise ValueError(f"no store folder: pass path=... or set the {STORE_ENV} environment variable "
+                         f"(e.g. export {STORE_ENV}=~/lm_probe_store)")
+    return Path(env).expanduser()
+
+
+def _instant(value: datetime | str) -> datetime:
+    """An aware datetime (a naive one, or an ISO string without offset, is local time)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.astimezone() if moment.tzinfo is None else moment
+
+
+def _has_tag(tags: dict[str, Any], tag: str | dict[str, Any]) -> bool:
+    if isinstance(tag, str):
+        return tag in tags
+    return all(k in tags and tags[k] == v for k, v in tag.items())
+
+
+class StoreIndex:
+    """The runs of a store folder; query them by model, site, tag and creation time.
+
+    Args:
+        path: The store folder (default: the ``LM_PROBE_STORE`` environment variable).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = store_root(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no activation store at {self.path}")
+        self._runs = {p.name: p for p in sorted(self.path.iterdir())
+                      if p.is_dir() and not p.name.startswith(".") and ((p / "state.json").exists() or is_legacy(p))}
+
+    def _metadata(self, folder: Path) -> dict[str, Any]:
+        return json.loads((folder / "metadata.json").read_text()) if is_legacy(folder) else read_info(folder)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per run: name, model, pool, sites, examples, rows, tags, created, format."""
+        rows = []
+        for name, folder in self._runs.items():
+            meta = self._metadata(folder)
+            rows.append({"run": name, "model": meta["model"].get("name"), "pool": meta["pool"],
+                         "sites": [s["spec"] for s in meta["sites"]], "n_examples": meta.get("n_examples"),
+                         "n_rows": meta.get("n_rows", meta.get("n_examples")), "tags": meta["tags"],
+                         "created": meta["created"], "format": "old (npy)" if is_legacy(folder) else "arrow"})
+        return pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "tags",
+                                           "created", "format"])
+
+    def runs(self, *, model: str | None = None, site: str | None = None, tag: str | dict[str, Any] | None = None,
+             created_after: datetime | str | None = None,
+             created_before: datetime | str | None = None) -> list[StoredRun | LegacyRun]:
+        """The runs matching every filter given, opened, in name order.
+
+        Args:
+            model: A model name or config hash.
+            site: A site spec or module path the run holds.
+            tag: A tag name the run has, or ``{name: value}`` pairs it has.
+            created_after, created_before: A datetime or ISO string (naive: local time).
+        """
+        after = None if created_after is None else _instant(created_after)
+        before = None if created_before is None else _instant(created_before)
+        out = []
+        for folder in self._runs.values():
+            meta = self._metadata(folder)
+            created = _instant(meta["created"])
+            if model is not None and model not in (meta["model"].get("name"), meta["model"].get("config_hash")):
+                continue
+            if site is not None and not any(site in (s["spec"], s["name"]) for s in meta["sites"]):
+                continue
+            if tag is not None and not _has_tag(meta["tags"], tag):
+                continue
+            if (after is not None and created <= after) or (before is not None and created >= before):
+                continue
+            out.append(StoredRun.open(folder))
+        return out
+
+    def run(self, name: str, *, model: str | None = None, sites: Iterable[str] = ()) -> StoredRun | LegacyRun:
+        """Open one run, checking it is of ``model`` and has ``sites`` (ValueError otherwise)."""
+        if name not in self._runs:
+            raise KeyError(f"no run {name!r} in {self.path}; runs are {list(self._runs)}")
+        run = StoredRun.open(self._runs[name])
+        run.check(model=model, sites=sites)
+        return run
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __repr__(self) -> str:
+        return f"StoreIndex({str(self.path)!r}, runs={list(self._runs)})"
+
+
+def utc_now() -> str:
+    """The current time as an ISO string with its UTC offset (what runs record as ``created``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,188 @@
+"""The files of a stored run: Arrow shards that ``datasets.load_from_disk`` opens.
+
+A run folder is what ``datasets.Dataset.save_to_disk`` writes: shard files
+``data-00000-of-0000N.arrow`` (Arrow IPC streams), ``dataset_info.json`` (the features:
+one ``List(Value("float32"), length=hidden)`` column per site, ``example_id``, ``label``,
+and for token runs ``position`` and ``token_id``; lm_probe's metadata as JSON in the
+info's ``description``) and ``state.json`` (the shard files, in order).
+
+:class:`ShardWriter` writes the shards during a pass, one at a time: it buffers rows until
+a shard is full and writes it, so the memory it holds is at most one shard, whatever the
+dataset's size. :func:`finish_run` names the shards and writes the two JSON files.
+:func:`read_shards` memory-maps the shards back, each checked against the metadata (its
+byte size, that pyarrow reads it, its row count): a truncated or corrupted shard is
+reported and left out, and the other shards stay readable. :class:`ChunkedArray` is a
+site's ``(rows, hidden)`` float32 activations over those memory-mapped shards, read
+without copying them into memory until rows are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
+           "ChunkedArray", "site_parts"]
+
+#: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
+SCHEMA_VERSION = 2
+#: Column names that are not sites.
+RESERVED = ("example_id", "label", "position", "token_id")
+
+
+class ShardWriter:
+    """Write columns of rows to Arrow shard files of ``shard_rows`` rows each, as they come.
+
+    Args:
+        folder: The run folder (it exists).
+        shard_rows: Rows per shard file (the last one may hold fewer).
+
+    ``buffered_rows`` is the number of rows held in memory: below ``shard_rows`` after every
+    :meth:`add`. ``shards`` lists the written files: ``{"file", "rows", "bytes"}``.
+    """
+
+    def __init__(self, folder: Path, shard_rows: int) -> None:
+        self.folder, self.shard_rows = Path(folder), shard_rows
+        self.shards: list[dict[str, Any]] = []
+        self.schema: pa.Schema | None = None
+        self._buffer: list[dict[str, np.ndarray]] = []
+        self.buffered_rows = 0
+
+    def add(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Buffer rows (every column the same length; 2-D columns are ``(rows, hidden)``) and
+        write each shard that fills up."""
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"every column needs the same number of rows, got {sorted(lengths)}")
+        self._buffer.append({k: np.asarray(v) for k, v in columns.items()})
+        self.buffered_rows += lengths.pop()
+        while self.buffered_rows >= self.shard_rows:
+            self._write(self.shard_rows)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write the rows left (a last, smaller shard) and return the shards written."""
+        if self.buffered_rows:
+            self._write(self.buffered_rows)
+        return self.shards
+
+    def _write(self, n: int) -> None:
+        rows = {k: np.concatenate([b[k] for b in self._buffer]) for k in self._buffer[0]}
+        arrays = [_arrow(v[:n]) for v in rows.values()]
+        if self.schema is None:
+            from datasets import Features
+
+            names = pa.schema([(k, a.type) for k, a in zip(rows, arrays)])
+            self.schema = Features.from_arrow_schema(names).arrow_schema  # the features in its metadata
+        file = self.folder / f"data-{len(self.shards):05d}.arrow"
+        with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+            writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+        self.shards.append({"file": file.name, "rows": n, "bytes": os.path.getsize(file)})
+        left = {k: v[n:] for k, v in rows.items()}
+        self.buffered_rows -= n
+        self._buffer = [left] if self.buffered_rows else []
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    if values.ndim == 2:
+        flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    return pa.array(values)
+
+
+def finish_run(folder: Path, shards: list[dict[str, Any]], schema: pa.Schema | None,
+               metadata: dict[str, Any]) -> dict[str, Any]:
+    """Name the shards ``data-0000k-of-0000N.arrow`` and write ``dataset_info.json`` (the
+    features and ``metadata`` as JSON in the description) and ``state.json``; returns the
+    metadata with its ``shards``."""
+    from datasets import Features
+
+    for k, shard in enumerate(shards):
+        name = f"data-{k:05d}-of-{len(shards):05d}.arrow"
+        os.replace(folder / shard["file"], folder / name)
+        shard["file"] = name
+    metadata = {**metadata, "shards": shards, "n_rows": int(sum(s["rows"] for s in shards))}
+    features = Features.from_arrow_schema(schema) if schema is not None else None
+    write_info(folder, metadata, features)
+    text = json.dumps(metadata, sort_keys=True, default=str)
+    state = {"_data_files": [{"filename": s["file"]} for s in shards],
+             "_fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16], "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2))
+    return metadata
+
+
+def write_info(folder: Path, metadata: dict[str, Any], features: Any = None) -> None:
+    """(Re)write ``dataset_info.json`` with ``metadata`` as its description (features kept)."""
+    from datasets import DatasetInfo, Features
+
+    if features is None and (folder / "dataset_info.json").exists():
+        features = Features.from_dict(json.loads((folder / "dataset_info.json").read_text())["features"])
+    DatasetInfo(description=json.dumps(metadata, indent=1, default=str), features=features).write_to_directory(
+        str(folder), pretty_print=True)
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    """lm_probe's metadata of a run folder (the description of its ``dataset_info.json``)."""
+    text = json.loads((Path(folder) / "dataset_info.json").read_text()).get("description") or "{}"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{folder} is a datasets folder, not an lm_probe run (its description is not "
+                         "lm_probe's metadata)") from None
+
+
+def read_shards(folder: Path, shards: list[dict[str, Any]]) -> tuple[list[pa.Table], dict[str, str]]:
+    """Memory-map each shard; ``(tables of the good shards, {bad file: why})``."""
+    tables, bad = [], {}
+    for shard in shards:
+        file = Path(folder) / shard["file"]
+        try:
+            size = os.path.getsize(file)
+            if size != shard["bytes"]:
+                raise ValueError(f"it has {size} of {shard['bytes']} bytes (truncated)")
+            table = pa.ipc.open_stream(pa.memory_map(str(file))).read_all()
+            if table.num_rows != shard["rows"]:
+                raise ValueError(f"it holds {table.num_rows} of {shard['rows']} rows")
+        except (OSError, ValueError, pa.ArrowException) as err:
+            bad[shard["file"]] = " ".join(str(err).split()) or type(err).__name__
+            continue
+        tables.append(table)
+    return tables, bad
+
+
+def site_parts(tables: list[pa.Table], column: str) -> list[np.ndarray]:
+    """A fixed-size-list column of every table as ``(rows, hidden)`` numpy views (no copy)."""
+    parts = []
+    for table in tables:
+        for chunk in table.column(column).chunks:
+            width = chunk.type.list_size
+            parts.append(chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, width))
+    return parts
+
+
+class ChunkedArray:
+    """A read-only ``(rows, hidden)`` view over memory-mapped parts, read part by part."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]), *(parts[0].shape[1:] if parts else ()))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if not isinstance(rows, np.ndarray) else rows
+        rows = np.atleast_1d(rows)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype if self.parts else np.float32)
+        for c in np.unique(part):
+            pick = part == c
+            out[pick] = self.parts[c][rows[pick] - self.offsets[c]]
+        return out
