@@ -19,7 +19,7 @@ import torch
 from .pooling import pool
 from .sites import Site
 
-__all__ = ["read_pooled", "model_inputs", "model_device", "ship_pooling"]
+__all__ = ["read_pooled", "model_inputs", "model_device", "ship_pooling", "site_tensor"]
 
 
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -54,7 +54,7 @@ def _first_position(model: Any) -> int:
     return 0 if padding_idx is None else int(padding_idx) + 1
 
 
-def _tensor(value: Any) -> torch.Tensor:
+def site_tensor(value: Any) -> torch.Tensor:
     """Reduce a module's output (tensor, tuple, ModelOutput) to its hidden states."""
     while not isinstance(value, torch.Tensor):
         if isinstance(value, (tuple, list)) or hasattr(value, "to_tuple"):
@@ -107,7 +107,7 @@ def read_pooled(
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs) as tracer:
             for site, pools in plan:
-                hidden = _tensor(getattr(site.envoy(model), site.attr))
+                hidden = site_tensor(getattr(site.envoy(model), site.attr))
                 if hidden.ndim == 2 and hidden.shape[0] == mask.numel():  # (batch * tokens, d): MoE routers
                     hidden = hidden.reshape(*mask.shape, hidden.shape[1])
                 for how in pools:
