@@ -1,6 +1,7 @@
 """One trace per batch: read every requested site, pool it, stop early.
 
-This is the only place the model runs. Given the resolved sites and the
+This is the only place a pass runs the model (generation, for a live monitor, runs in
+:mod:`lm_probe.core.generation`). Given the resolved sites and the
 ``(site, pooling)`` requests of the active consumers, :func:`read_pooled` opens one
 nnsight trace over the batch, reads each distinct site once in execution order, pools
 it every way it was asked for, and stops the forward right after the deepest site
