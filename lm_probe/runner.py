@@ -13,11 +13,10 @@ and each consumer updates on the pooled activations. Every consumer sees that on
 the later epochs replay the cached pooled rows to the probes alone
 (:mod:`lm_probe.core.replay`), so the model runs once per example. Probes stop themselves
 early; when a probe stops its site is no longer read and its rows are no longer
-replayed. Test activations are pooled the same way, one trace per batch for all probes,
-to fill :attr:`metrics`. The runner is the loop and what joins it: every consumer is met
-through one protocol (:mod:`lm_probe.core.consumer`); the checks before a fit, each
-probe's settings, scoring and saving live in :mod:`lm_probe.probes`.
-"""
+replayed. Test activations are pooled the same way, one trace per batch for all probes, to
+fill :attr:`metrics`. The runner is the loop and what joins it: every consumer is met through
+one protocol (:mod:`lm_probe.core.consumer`); the checks before a fit, each probe's settings,
+scoring, saving and deployed use (:mod:`lm_probe.probes.deploy`) live in :mod:`lm_probe.probes`."""
 
 from __future__ import annotations
 
@@ -48,6 +47,7 @@ from .probes.checks import check_fit, check_intervals, check_names, check_solver
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
+from .probes.deploy import Deployed
 from .probes.features import ProbeFeatures
 from .probes.persist import Persistent
 from .probes.fitting import control_task, fit_settings
@@ -57,7 +57,7 @@ from .probes.scoring import metrics_table
 __all__ = ["ProbeRunner"]
 
 
-class ProbeRunner(ProbeFeatures, Persistent):
+class ProbeRunner(ProbeFeatures, Persistent, Deployed):
     """Train many probes (and feed other consumers) from one forward pass per batch.
 
     Args:

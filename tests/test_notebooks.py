@@ -33,6 +33,7 @@ NAMES = [
     "03_geometry",
     "04_diffusion_gauges",
     "05_logit_lens_and_store",
+    "06_deployed_probes",
 ]
 KERNEL = "lm_probe_notebook_test"
 SUMMARY_MARK = "LM_PROBE_SUMMARY "
@@ -166,3 +167,16 @@ def test_logit_lens_and_store(kernel_specs, tmp_path):
     assert s["store_examples"] == 48
     assert s["store_vs_live_max_accuracy_diff"] == 0 and s["store_vs_live_max_loss_diff"] < 1e-5
     assert not list(tmp_path.iterdir()), "the store and the saved probes go to a temporary folder"
+
+
+@pytest.mark.slow
+def test_deployed_probes(kernel_specs, tmp_path):
+    s = run_small("06_deployed_probes", kernel_specs, tmp_path)
+    assert s["n_test"] == 14 and s["loaded_equals_trained"], "the loaded probes predict as the trained ones"
+    assert set(s["predicted"]) == {"mean@15", "last@15"}
+    assert all(set(v) <= {"rotten", "fresh"} and len(v) == 3 for v in s["predicted"].values())
+    assert s["n_tokens_scored"] == 31, "every real token of the three sentences, nothing else"
+    assert all(1 <= n <= 8 for n in s["n_generated"].values())
+    assert s["mean_score"]["negative"]["last@15"] < 0.5 < s["mean_score"]["positive"]["last@15"]
+    assert s["monitor_vs_score_tokens_max_diff"] < 1e-4, "the monitor's scores are score_tokens' on the finished text"
+    assert not list(tmp_path.iterdir()), "the saved probes go to a temporary folder"

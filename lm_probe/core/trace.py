@@ -1,6 +1,7 @@
 """One trace per batch: read every requested site, pool it, stop early.
 
-This is the only place the model runs. Given the resolved sites and the
+This is the only place a pass runs the model (generation, for a live monitor, runs in
+:mod:`lm_probe.core.generation`). Given the resolved sites and the
 ``(site, pooling)`` requests of the active consumers, :func:`read_pooled` opens one
 nnsight trace over the batch, reads each distinct site once in execution order, pools
 it every way it was asked for, and stops the forward right after the deepest site
@@ -19,7 +20,7 @@ import torch
 from .pooling import pool
 from .sites import Site
 
-__all__ = ["read_pooled", "model_inputs", "model_device", "ship_pooling"]
+__all__ = ["read_pooled", "model_inputs", "model_device", "ship_pooling", "site_tensor"]
 
 
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -62,6 +63,11 @@ def _tensor(value: Any) -> torch.Tensor:
         else:
             raise TypeError(f"cannot read a tensor from a module output of type {type(value)}")
     return value
+
+
+#: The public name of :func:`_tensor`, for :mod:`lm_probe.core.generation`. The trace body keeps
+#: calling ``_tensor``: nnsight's remote execution resolves it by name where lm_probe is installed.
+site_tensor = _tensor
 
 
 def read_pooled(
