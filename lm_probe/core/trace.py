@@ -55,7 +55,7 @@ def _first_position(model: Any) -> int:
     return 0 if padding_idx is None else int(padding_idx) + 1
 
 
-def _tensor(value: Any) -> torch.Tensor:
+def site_tensor(value: Any) -> torch.Tensor:
     """Reduce a module's output (tensor, tuple, ModelOutput) to its hidden states."""
     while not isinstance(value, torch.Tensor):
         if isinstance(value, (tuple, list)) or hasattr(value, "to_tuple"):
@@ -63,11 +63,6 @@ def _tensor(value: Any) -> torch.Tensor:
         else:
             raise TypeError(f"cannot read a tensor from a module output of type {type(value)}")
     return value
-
-
-#: The public name of :func:`_tensor`, for :mod:`lm_probe.core.generation`. The trace body keeps
-#: calling ``_tensor``: nnsight's remote execution resolves it by name where lm_probe is installed.
-site_tensor = _tensor
 
 
 def read_pooled(
@@ -113,7 +108,7 @@ def read_pooled(
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs) as tracer:
             for site, pools in plan:
-                hidden = _tensor(getattr(site.envoy(model), site.attr))
+                hidden = site_tensor(getattr(site.envoy(model), site.attr))
                 if hidden.ndim == 2 and hidden.shape[0] == mask.numel():  # (batch * tokens, d): MoE routers
                     hidden = hidden.reshape(*mask.shape, hidden.shape[1])
                 for how in pools:
