@@ -29,7 +29,7 @@ Usage (each step writes under --out, default /tmp/sgd_feats):
     python benchmarks/quality_sweep.py rows                       # pool the rows (about 5 min)
     python benchmarks/quality_sweep.py ceiling dec:length enc:keyword   # quality.py's ceiling per probe
     python benchmarks/quality_sweep.py run NAME '{"eta0": 0.1, "avg_restart": true}' dec:length
-    python benchmarks/quality_sweep.py table NAME [NAME ...]
+    python benchmarks/quality_sweep.py table NAME [NAME ...]   # NAME+NAME: choose among both runs' twins
 """
 
 from __future__ import annotations
@@ -220,6 +220,11 @@ def pick(outcomes: list[dict], rule) -> dict:
     return next(o for o in outcomes if o["C"] == rule)
 
 
+def _union(runs: list[dict]) -> dict:
+    """Runs "A+B": every probe's twins of all the runs, as one grid to choose from."""
+    return {key: [o for r in runs for o in r[key]] for key in runs[0] if all(key in r for r in runs)}
+
+
 def table(out: Path, names: list[str]) -> None:
     """Mean / worst gap (ceiling minus test accuracy) per (model, task) and rule, over the probes
     that have a ceiling."""
@@ -227,8 +232,8 @@ def table(out: Path, names: list[str]) -> None:
     for path in glob.glob(str(out / "ceiling_*.json")):
         ceil.update(json.loads(Path(path).read_text()))
     for name in names:
-        results = json.loads((out / "runs" / f"{name}.json").read_text())
-        rules = ["loss", "acc", *[o["C"] for o in next(iter(results.values()))]]
+        results = _union([json.loads((out / "runs" / f"{part}.json").read_text()) for part in name.split("+")])
+        rules = ["loss", "acc"] if "+" in name else ["loss", "acc", *[o["C"] for o in next(iter(results.values()))]]
         for tag, task in sorted({tuple(k.split("|")[:2]) for k in results}):
             keys = [k for k in results if k.startswith(f"{tag}|{task}|") and k in ceil]
             cells = []
