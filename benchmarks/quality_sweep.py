@@ -137,10 +137,24 @@ class Twins:
 
 
 def run_probe(X, y, idx, lengths, Cs=DEFAULT_CS, *, eta0=0.1, epochs=100, patience=15, decay_patience=3,
-              eval_every=10, by_length=True, avg_restart=False, batch_size=16, seed=0) -> list[dict]:
+              eval_every=10, by_length=True, avg_restart=False, batch_size=16, seed=0, val_size=None,
+              precondition=0) -> list[dict]:
     """Train the twins as fit_probes would (see the module docstring); each twin's best
-    validation loss, its validation and test accuracy, epochs run and why it stopped."""
+    validation loss, its validation and test accuracy, epochs run and why it stopped.
+
+    Experiments beyond fit_probes: ``val_size`` (another validation share, split as
+    ``ProbeDataset.tt_split`` does); ``precondition=k``: the standardized rows' top ``k``
+    principal directions (of all the fit rows, so an upper bound for an online estimate)
+    scaled to unit variance before the step (the same model class; the L2 penalty then
+    weighs those directions less)."""
     fit, val, test = idx["fit"], idx["val"], idx["test"]
+    if val_size is not None:
+        from sklearn.model_selection import train_test_split
+
+        a, b = train_test_split(np.arange(len(idx["train"])), test_size=val_size, random_state=0,
+                                stratify=y[idx["train"]])
+        fit, val = idx["train"][np.sort(a)], idx["train"][np.sort(b)]  # as tt_split
+    X = X if not precondition else _preconditioned(X, fit, precondition)
     classes = np.unique(y[fit])
     Y = (y[:, None] == classes[None]).astype(float)
     twins = Twins(X.shape[1], classes, Cs, len(fit), eta0)
@@ -177,6 +191,17 @@ def run_probe(X, y, idx, lengths, Cs=DEFAULT_CS, *, eta0=0.1, epochs=100, patien
     return _outcomes(twins, snaps, best, ended, X, y, val, test)
 
 
+def _preconditioned(X, fit, k):
+    """``X`` with its top ``k`` principal directions (over the standardized fit rows) scaled to
+    unit variance, in the raw units (so the running standardization still applies)."""
+    mean, scale = X[fit].mean(0), X[fit].std(0) + 1e-12
+    Z = (X[fit] - mean) / scale
+    values, vectors = np.linalg.eigh(np.cov(Z.T))
+    U, lam = vectors[:, -k:], values[-k:]
+    P = np.eye(X.shape[1]) - U @ np.diag(1 - 1 / np.sqrt(lam)) @ U.T
+    return ((X - mean) / scale) @ P * scale + mean
+
+
 def _welford(n, mean, m2, X):
     m = len(X)
     batch_mean = X.mean(0)
@@ -203,7 +228,7 @@ def run(out: Path, name: str, settings: dict, pairs: list[tuple[str, str]]) -> N
     results = {}
     for tag, task in pairs:
         f = np.load(out / f"{tag}.npz")
-        idx = {part: f[f"idx/{task}/{part}"] for part in ("fit", "val", "test")}
+        idx = {part: f[f"idx/{task}/{part}"] for part in ("train", "fit", "val", "test")}
         for key in [k for k in f.files if k.startswith("X/")]:
             results[f"{tag}|{task}|{key}"] = run_probe(f[key], f[f"y/{task}"], idx, f["lengths"], **settings)
             (out / "runs").mkdir(exist_ok=True)
