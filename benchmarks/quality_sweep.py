@@ -29,6 +29,7 @@ Usage (each step writes under --out, default /tmp/sgd_feats):
     python benchmarks/quality_sweep.py rows                       # pool the rows (about 5 min)
     python benchmarks/quality_sweep.py ceiling dec:length enc:keyword   # quality.py's ceiling per probe
     python benchmarks/quality_sweep.py run NAME '{"eta0": 0.1, "avg_restart": true}' dec:length
+    python benchmarks/quality_sweep.py check dec:length     # lm_probe's fit_probes beside the replica
     python benchmarks/quality_sweep.py table NAME [NAME ...]   # NAME+NAME: choose among both runs' twins
 """
 
@@ -245,6 +246,31 @@ def pick(outcomes: list[dict], rule) -> dict:
     return next(o for o in outcomes if o["C"] == rule)
 
 
+def check(out: Path, tag: str, task: str, n_probes: int = 4) -> None:
+    """lm_probe's own fit_probes (an ArraySource over the cached rows) beside the replica, on the
+    first ``n_probes`` probes, with the README's softmax schedule (C=0.005, eta0=0.01)."""
+    from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
+    from lm_probe.core.sites import Site
+    from lm_probe.core.sources import ArraySource
+
+    f = np.load(out / f"{tag}.npz")
+    y, keys = f[f"y/{task}"], [k for k in f.files if k.startswith("X/")][:n_probes]
+    requests = {key: tuple(key[2:].rsplit("/", 1)) for key in keys}
+    data = ProbeDataset([np.ones(int(n), np.int64) for n in f["lengths"]], y)  # rows by position = example id
+    source = ArraySource({r: f[key].astype(np.float32) for key, r in requests.items()}, data.example_ids,
+                         {site: Site(0, "x", "output", site, None) for site, _ in requests.values()})
+    train, test = data.tt_split(0.25, seed=0)
+    configs = [ProbeConfig(site, pool=pool, name=key, head="softmax", alpha="auto", eta0=0.01)
+               for key, (site, pool) in requests.items()]
+    runner = ProbeRunner.from_source(source, configs, progress=False)
+    runner.fit_probes(train, test, num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15)
+    idx = {part: f[f"idx/{task}/{part}"] for part in ("train", "fit", "val", "test")}
+    for key in keys:
+        replica = run_probe(f[key], y, idx, f["lengths"], Cs=(0.005,), eta0=0.01)[0]
+        print(f"{key}: lm_probe {runner.metrics.loc[key, 'accuracy']:.3f} in {runner.metrics.loc[key, 'n_epochs']} "
+              f"epochs, replica {replica['test_acc']:.3f} in {replica['epochs']}")
+
+
 def _union(runs: list[dict]) -> dict:
     """Runs "A+B": every probe's twins of all the runs, as one grid to choose from."""
     return {key: [o for r in runs for o in r[key]] for key in runs[0] if all(key in r for r in runs)}
@@ -272,7 +298,7 @@ def table(out: Path, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["rows", "ceiling", "run", "table"])
+    parser.add_argument("step", choices=["rows", "ceiling", "run", "table", "check"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--out", default="/tmp/sgd_feats")
     a = parser.parse_args()
@@ -285,6 +311,8 @@ def main() -> None:
         pool_rows(out)
     elif a.step == "ceiling":
         ceiling(out, pairs)
+    elif a.step == "check":
+        check(out, *pairs[0])
     elif a.step == "run":
         run(out, a.args[0], json.loads(a.args[1]), pairs)
     else:
