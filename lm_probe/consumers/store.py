@@ -17,7 +17,6 @@ trains probes from a stored run (:class:`~lm_probe.consumers.store_run.StoredRun
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +31,8 @@ from ..core.versions import __version__
 from .store_index import StoreIndex, store_root, utc_now
 from .store_legacy import LegacyRun, convert_store
 from .store_run import StoredRun
-from .store_shards import RESERVED, SCHEMA_VERSION, ChunkedArray, ShardWriter, finish_run
+from .store_shards import (RESERVED, SCHEMA_VERSION, ChunkedArray, ShardWriter, check_run_name,
+                           finish_run, remove_run_folder)
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "LegacyRun", "ChunkedArray", "SCHEMA_VERSION",
            "convert_store"]
@@ -73,9 +73,10 @@ class ActivationStore(Consumer):
         sites: Site strings to store (one column each).
         pool: A pooling (``mean``, ``last``, ``first``, ``max``: one row per example), or
             ``none``: one row per real token, with ``position`` and ``token_id`` columns.
-        run: The run's name (a sub-folder).
+        run: The run's name: a plain folder name (a sub-folder of ``path``).
         tags: User tags recorded in the metadata: ``{"task": "sentiment"}`` or ``["baseline"]``.
-        overwrite: Replace an existing run of the same name (refused otherwise).
+        overwrite: Replace an existing run of the same name (refused otherwise; a folder of that
+            name that is not a stored run is never deleted).
         shard_rows: Rows per shard file: the most rows the store holds in memory.
 
     Under data parallelism rank 0 alone writes (``RunContext.writer``); on the other ranks the
@@ -92,6 +93,7 @@ class ActivationStore(Consumer):
             raise ValueError(f"sites {clash} clash with the store's own columns {list(RESERVED)}")
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+        check_run_name(run)
         self.path, self.sites, self.pool = store_root(path), list(dict.fromkeys(sites)), check_pool(pool)
         self.run, self.tags, self.overwrite, self.shard_rows = run, _tags(tags), overwrite, shard_rows
         self.requests = tuple((s, pool) for s in self.sites)
@@ -122,7 +124,7 @@ class ActivationStore(Consumer):
             if not self.overwrite:
                 raise FileExistsError(f"the store already has a run {self.run!r} at {target}; "
                                       "pass overwrite=True to replace it or choose another run=")
-            shutil.rmtree(target)
+            remove_run_folder(self.path, target)
         target.mkdir(parents=True, exist_ok=True)
         self._shards = ShardWriter(target, self.shard_rows)
         tokenizer = getattr(model, "tokenizer", None)

@@ -11,7 +11,6 @@ memory-mapped: a run larger than memory works, and rows are read only when asked
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from loguru import logger
 from ..core.versions import check_schema_version
 from .store_base import RunRows
 from .store_legacy import LegacyRun, is_legacy
-from .store_shards import SCHEMA_VERSION, ChunkedArray, read_info, read_shards, site_parts, write_info
+from .store_shards import (SCHEMA_VERSION, ChunkedArray, check_run_name, read_info, read_shards, remove_run_folder,
+                           site_parts, write_info)
 
 __all__ = ["StoredRun", "HUB_PREFIX", "METADATA_FILE"]
 
@@ -154,8 +154,7 @@ class StoredRun(RunRows):
     def rename(self, name: str) -> "StoredRun":
         """Rename the run inside its store (its folder and its metadata); returns it."""
         folder = self._local("rename")
-        if not name or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"a run name is a plain folder name, got {name!r}")
+        check_run_name(name)
         target = folder.with_name(name)
         if target.exists():
             raise FileExistsError(f"the store already has a run {name!r} at {target}; remove it or choose another name")
@@ -172,7 +171,7 @@ class StoredRun(RunRows):
             raise ValueError(f"run.remove() deletes run {self.name!r} ({folder}, {len(self._ids)} rows) for good: "
                              "call run.remove(confirm=True) to do it")
         self._tables, self._arrays = [], []  # drop the memory maps first
-        shutil.rmtree(folder)
+        remove_run_folder(folder.parent, folder)
         logger.info("removed store run {!r} ({})", self.name, folder)
 
     def _local(self, what: str) -> Path:

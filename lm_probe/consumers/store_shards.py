@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,12 +30,47 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
-           "ChunkedArray", "site_parts"]
+           "ChunkedArray", "site_parts", "check_run_name", "check_removable", "remove_run_folder"]
 
 #: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
 SCHEMA_VERSION = 2
 #: Column names that are not sites.
 RESERVED = ("example_id", "label", "position", "token_id")
+
+
+#: The files that make a folder a run: the Arrow run's state, the old format's manifest.
+RUN_FILES = ("state.json", "metadata.json")
+#: The files a run writes (what a staging folder of an unfinished pass may hold).
+_WRITTEN = re.compile(r"data-\d{5}(-of-\d{5})?\.arrow|state\.json|dataset_info\.json")
+
+
+def check_run_name(name: Any) -> str:
+    """``name`` if it is a plain folder name (no path separator, not empty, not hidden)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith(".") or "\\" in name:
+        raise ValueError(f"a run name is a plain folder name, such as 'sentiment-l6', got {name!r}")
+    return name
+
+
+def check_removable(root: Path, folder: Path) -> Path:
+    """The resolved ``folder`` if deleting it is safe: it lies directly inside the store ``root``
+    and is a run (``state.json`` or ``metadata.json``), a staging folder holding only run files,
+    or empty. Anything else raises a ValueError: lm_probe deletes nothing it did not write."""
+    target = Path(folder).resolve()
+    if target.parent != Path(root).resolve():
+        raise ValueError(f"refusing to delete {folder}: it is not a run folder inside the store {root}")
+    entries = list(target.iterdir()) if target.is_dir() else []
+    staging = target.name.startswith(".") and all(p.is_file() and _WRITTEN.fullmatch(p.name) for p in entries)
+    if entries and not staging and not any((target / f).is_file() for f in RUN_FILES):
+        raise ValueError(f"refusing to delete {folder}: it holds files but is not a stored run (no state.json "
+                         "or metadata.json); move it away or choose another run name")
+    return target
+
+
+def remove_run_folder(root: Path, folder: Path) -> None:
+    """Delete a run folder of the store at ``root`` after :func:`check_removable`."""
+    target = check_removable(root, folder)
+    if target.exists():
+        shutil.rmtree(target)
 
 
 class ShardWriter:

@@ -226,3 +226,25 @@ def test_the_store_folder_defaults_to_lm_probe_store(llama, toy, tmp_path, monke
     ProbeRunner(llama, progress=False).collect(toy[1].subset(range(12)), [store])
     assert (tmp_path / "env_store" / "from_env" / "state.json").exists()
     assert [r.name for r in StoreIndex().runs()] == ["from_env"] and ActivationStore.open().run("from_env")
+
+
+@pytest.mark.parametrize("run", ["../precious", "", ".", "..", "a/b", ".hidden", None])
+def test_a_run_name_is_a_plain_folder_name(run, tmp_path):
+    with pytest.raises(ValueError, match="a run name is a plain folder name"):
+        ActivationStore(tmp_path / "store", SITES, run=run, overwrite=True)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(llama, toy, tmp_path):
+    data, root = toy[1].subset(range(8)), tmp_path / "store"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="refusing to delete .*notes: it holds files but is not a stored run"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="notes", overwrite=True)])
+    assert (root / "notes" / "thesis.tex").read_text() == "years of work"
+    outside = tmp_path / "elsewhere"
+    (outside / "run").mkdir(parents=True)
+    (outside / "run" / "state.json").write_text("{}")
+    (root / "link").symlink_to(outside / "run")  # a link out of the store is not the store's run
+    with pytest.raises(ValueError, match="not a run folder inside the store"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="link", overwrite=True)])
+    assert (outside / "run" / "state.json").exists()
