@@ -3,8 +3,11 @@
 An :class:`ActivationStore` is a consumer: during a pass (``runner.collect(dataset,
 consumers=[store])``, or alongside probes) it writes each batch's pooled activations per
 site, the labels and the example ids to ``<root>/<run>/`` as a Hugging Face ``datasets``
-Arrow dataset: one float32 column per site, ``example_id`` and ``label``, and for
-``pool="none"`` one row per real token with its ``position`` and ``token_id``. Shards are
+Arrow dataset: one float32 column per site, ``example_id`` and ``label``, each example's
+``n_tokens`` and ``token_hash`` (a 64-bit hash of its token ids), and for ``pool="none"``
+one row per real token with its ``position`` and ``token_id``. Reading a run checks those
+against the data it is read for (:meth:`~lm_probe.consumers.store_base.RunRows.read`): rows
+are matched by example id, and the tokens make sure they are the same examples. Shards are
 written as they fill (:class:`~lm_probe.consumers.store_shards.ShardWriter`), so the memory
 a store holds does not grow with the dataset. At the end it records the metadata (model
 name and config hash, sites, pooling, tokenizer, dataset fingerprint, lm_probe version,
@@ -32,7 +35,7 @@ from .store_index import StoreIndex, store_root, utc_now
 from .store_legacy import LegacyRun, convert_store
 from .store_run import StoredRun
 from .store_shards import (RESERVED, SCHEMA_VERSION, ChunkedArray, ShardWriter, check_run_name,
-                           finish_run, remove_run_folder)
+                           finish_run, remove_run_folder, token_hashes)
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "LegacyRun", "ChunkedArray", "SCHEMA_VERSION",
            "convert_store"]
@@ -147,12 +150,17 @@ class ActivationStore(Consumer):
         self._n_examples += int(np.count_nonzero(batch.n_tokens)) if self.pool == "none" else len(batch.index)
 
     def _columns(self, batch: PooledBatch) -> dict[str, np.ndarray]:
-        """The batch's rows: a column per site, ``example_id``, ``label`` (token runs: ``position``, ``token_id``)."""
+        """The batch's rows: a column per site, ``example_id``, ``label``, and ``n_tokens``,
+        ``token_hash`` of the tokens pooled (token runs: ``position``, ``token_id``)."""
         acts = {s: np.asarray(batch.acts[(s, self.pool)], np.float32) for s in self.sites}
         n = len(batch.index)
         labels = np.full(n, IGNORE, np.int64) if batch.labels is None else np.asarray(batch.labels)
         if self.pool != "none":
-            return {**acts, "example_id": np.asarray(self._data.example_ids[batch.index], np.int64), "label": labels}
+            counts = np.asarray([len(self._data.ids[i]) for i in batch.index] if batch.n_tokens is None
+                                else batch.n_tokens, np.int64)
+            tokens = [self._data.ids[i][:k] for i, k in zip(batch.index, counts)]
+            return {**acts, "example_id": np.asarray(self._data.example_ids[batch.index], np.int64), "label": labels,
+                    "n_tokens": counts, "token_hash": token_hashes(tokens)}
         ids, position = batch.row_ids(token=True)
         token_labels = batch.token_labels if batch.token_labels is not None else np.repeat(labels, batch.n_tokens)
         token_id = np.concatenate([self._data.ids[i][:k] for i, k in zip(batch.index, batch.n_tokens)] or [[]])

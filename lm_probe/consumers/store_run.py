@@ -63,6 +63,11 @@ class StoredRun(RunRows):
         self._arrays = [ChunkedArray(site_parts(tables, s.get("column", s["spec"]))) for s in metadata["sites"]]
         self._ids = _column(tables, "example_id", np.int64)
         self._labels = _column(tables, "label", None)
+        names = set(tables[0].column_names) if tables else set()
+        if metadata["pool"] == "none":
+            self._token_ids = _column(tables, "token_id", np.int64) if "token_id" in names else None
+        elif {"n_tokens", "token_hash"} <= names:  # runs written before these columns are not checked
+            self._n_tokens, self._hashes = _column(tables, "n_tokens", np.int64), _column(tables, "token_hash", np.int64)
         self._index_rows()
 
     @classmethod

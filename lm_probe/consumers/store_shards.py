@@ -3,7 +3,8 @@
 A run folder is what ``datasets.Dataset.save_to_disk`` writes: shard files
 ``data-00000-of-0000N.arrow`` (Arrow IPC streams), ``dataset_info.json`` (the features:
 one ``List(Value("float32"), length=hidden)`` column per site, ``example_id``, ``label``,
-and for token runs ``position`` and ``token_id``; lm_probe's metadata as JSON in the
+for pooled runs each example's ``n_tokens`` and ``token_hash`` (of its token ids, see
+:func:`token_hashes`), for token runs ``position`` and ``token_id``; lm_probe's metadata as JSON in the
 info's ``description``) and ``state.json`` (the shard files, in order).
 
 :class:`ShardWriter` writes the shards during a pass, one at a time: it buffers rows until
@@ -30,12 +31,19 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
-           "ChunkedArray", "site_parts", "check_run_name", "check_removable", "remove_run_folder"]
+           "ChunkedArray", "site_parts", "token_hashes", "check_run_name", "check_removable", "remove_run_folder"]
 
 #: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
 SCHEMA_VERSION = 2
 #: Column names that are not sites.
-RESERVED = ("example_id", "label", "position", "token_id")
+RESERVED = ("example_id", "label", "n_tokens", "token_hash", "position", "token_id")
+
+
+def token_hashes(examples: Any) -> np.ndarray:
+    """``(examples,)`` int64: a 64-bit BLAKE2b hash of each example's token ids (as int64), what a
+    pooled run stores per row to recognise the texts and tokenization it was collected from."""
+    digests = [hashlib.blake2b(np.asarray(ids, np.int64).tobytes(), digest_size=8).digest() for ids in examples]
+    return np.frombuffer(b"".join(digests), "<i8").astype(np.int64) if digests else np.zeros(0, np.int64)
 
 
 #: The files that make a folder a run: the Arrow run's state, the old format's manifest.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -51,11 +52,15 @@ def test_mean_rows_equal_hf_hidden_states_and_datasets_opens_the_run(llama, toy,
     store = ActivationStore(tmp_path, list(HF_SITES), run="mean", shard_rows=16, tags=["baseline"])
     ProbeRunner(llama, progress=False).collect(data, [store], batch_size=8)
     ds = datasets.load_from_disk(str(tmp_path / "mean"))  # datasets' own loader
-    assert ds.column_names == [*HF_SITES, "example_id", "label"] and ds.num_rows == 40
+    assert ds.column_names == [*HF_SITES, "example_id", "label", "n_tokens", "token_hash"] and ds.num_rows == 40
     assert ds.features["model.layers.0.output"] == datasets.List(datasets.Value("float32"), length=32)
     order = np.argsort(ds["example_id"])
     np.testing.assert_array_equal(np.asarray(ds["example_id"])[order], data.example_ids)
     np.testing.assert_array_equal(np.asarray(ds["label"])[order], data.labels)
+    np.testing.assert_array_equal(np.asarray(ds["n_tokens"])[order], [len(ids) for ids in data.ids])
+    blake = [int.from_bytes(hashlib.blake2b(ids.astype("<i8").tobytes(), digest_size=8).digest(), "little", signed=True)
+             for ids in data.ids]
+    np.testing.assert_array_equal(np.asarray(ds["token_hash"])[order], blake)
     for site, k in HF_SITES.items():
         reference = np.stack([hidden_states(llama, ids)[k].mean(0) for ids in data.ids])
         np.testing.assert_allclose(np.asarray(ds[site], np.float64)[order], reference, atol=1e-5)
@@ -156,8 +161,12 @@ def test_token_probes_from_store_train_like_the_live_run(llama, tmp_path):
     np.testing.assert_allclose(offline["loss"], live["loss"], rtol=1e-4)
     shorter = ProbeDataset([ids[:-1] for ids in data.ids], token_labels=[t[:-1] for t in data.token_labels],
                            example_ids=data.example_ids)  # not the tokens that were collected
-    with pytest.raises(ValueError, match="token rows .* real tokens: the data is not tokenized as the collected"):
+    with pytest.raises(ValueError, match="other texts/tokenization: example id .* tokens in the run and .* in the data"):
         ProbeRunner.from_store(run, configs(), progress=False).pooled(shorter)
+    swapped = ProbeDataset([ids[::-1] for ids in data.ids], token_labels=data.token_labels,
+                           example_ids=data.example_ids)  # as many tokens, other ids
+    with pytest.raises(ValueError, match="example id .* has other token ids in the run than in the data"):
+        ProbeRunner.from_store(run, configs(), progress=False).pooled(swapped)
 
 
 def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored, logs):
@@ -248,3 +257,16 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(llama, toy, tmp_path
     with pytest.raises(ValueError, match="not a run folder inside the store"):
         ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="link", overwrite=True)])
     assert (outside / "run" / "state.json").exists()
+
+
+def test_another_dataset_with_the_same_example_ids_is_refused(llama, tmp_path):
+    tok = tiny_tokenizer()
+    a, b = (ProbeDataset.from_texts(*toy_texts(20, seed=seed), tokenizer=tok) for seed in (0, 7))
+    np.testing.assert_array_equal(a.example_ids, b.example_ids)  # both 0..19
+    ProbeRunner(llama, progress=False).collect(a, [ActivationStore(tmp_path, SITES[:1], run="a")])
+    runner = ProbeRunner.from_store(StoredRun(tmp_path / "a"), [ProbeConfig(SITES[0])], progress=False)
+    with pytest.raises(ValueError, match="run 'a' was collected from other texts/tokenization: example id .* "
+                                         "collect again or pass the dataset it was collected from"):
+        runner.pooled(b, [(SITES[0], "mean")])
+    live = ProbeRunner(llama, progress=False).pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")]
+    np.testing.assert_allclose(runner.pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")], live, atol=1e-6)
