@@ -9,7 +9,10 @@ one row per real token with its ``position`` and ``token_id``. Reading a run che
 against the data it is read for (:meth:`~lm_probe.consumers.store_base.RunRows.read`): rows
 are matched by example id, and the tokens make sure they are the same examples. Shards are
 written as they fill (:class:`~lm_probe.consumers.store_shards.ShardWriter`), so the memory
-a store holds does not grow with the dataset. At the end it records the metadata (model
+a store holds does not grow with the dataset. They go to a hidden staging folder
+``<root>/.<run>.writing/`` that replaces the run folder only when the pass finishes: a pass
+that fails leaves any earlier run of that name as it was (and the staging folder, which
+:attr:`StoreIndex.leftovers` lists and the next pass of that run replaces). At the end it records the metadata (model
 name and config hash, sites, pooling, tokenizer, dataset fingerprint, lm_probe version,
 time, user tags) in the dataset's info: ``datasets.load_from_disk(run_path)`` opens a run
 as a plain dataset. :meth:`ActivationStore.open` lists and queries the runs of a store
@@ -20,6 +23,7 @@ trains probes from a stored run (:class:`~lm_probe.consumers.store_run.StoredRun
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +38,7 @@ from ..core.versions import __version__
 from .store_index import StoreIndex, store_root, utc_now
 from .store_legacy import LegacyRun, convert_store
 from .store_run import StoredRun
-from .store_shards import (RESERVED, SCHEMA_VERSION, ChunkedArray, ShardWriter, check_run_name,
+from .store_shards import (RESERVED, SCHEMA_VERSION, ChunkedArray, ShardWriter, check_removable, check_run_name,
                            finish_run, remove_run_folder, token_hashes)
 
 __all__ = ["ActivationStore", "StoreIndex", "StoredRun", "LegacyRun", "ChunkedArray", "SCHEMA_VERSION",
@@ -78,8 +82,8 @@ class ActivationStore(Consumer):
             ``none``: one row per real token, with ``position`` and ``token_id`` columns.
         run: The run's name: a plain folder name (a sub-folder of ``path``).
         tags: User tags recorded in the metadata: ``{"task": "sentiment"}`` or ``["baseline"]``.
-        overwrite: Replace an existing run of the same name (refused otherwise; a folder of that
-            name that is not a stored run is never deleted).
+        overwrite: Replace an existing run of the same name when the pass finishes (refused
+            otherwise; a folder of that name that is not a stored run is never deleted).
         shard_rows: Rows per shard file: the most rows the store holds in memory.
 
     Under data parallelism rank 0 alone writes (``RunContext.writer``); on the other ranks the
@@ -104,7 +108,13 @@ class ActivationStore(Consumer):
 
     @property
     def run_path(self) -> Path:
+        """The run's folder, ``<path>/<run>``."""
         return self.path / self.run
+
+    @property
+    def staging_path(self) -> Path:
+        """Where a pass writes until it finishes: ``<path>/.<run>.writing``."""
+        return self.path / f".{self.run}.writing"
 
     def reset(self) -> None:
         """Forget the pass (shard files already written stay)."""
@@ -127,9 +137,11 @@ class ActivationStore(Consumer):
             if not self.overwrite:
                 raise FileExistsError(f"the store already has a run {self.run!r} at {target}; "
                                       "pass overwrite=True to replace it or choose another run=")
-            remove_run_folder(self.path, target)
-        target.mkdir(parents=True, exist_ok=True)
-        self._shards = ShardWriter(target, self.shard_rows)
+            check_removable(self.path, target)  # replaced at finish(), once the new run is written
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_run_folder(self.path, self.staging_path)  # left by a pass that failed
+        self.staging_path.mkdir()
+        self._shards = ShardWriter(self.staging_path, self.shard_rows)
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,
@@ -174,10 +186,22 @@ class ActivationStore(Consumer):
         shards = self._shards.close()
         meta = {**self._meta, "n_examples": self._n_examples,
                 "sites": [{**s, "hidden": self._hidden(s["column"])} for s in self._meta["sites"]]}
-        self._meta = finish_run(self.run_path, shards, self._shards.schema, meta)
+        self._meta = finish_run(self.staging_path, shards, self._shards.schema, meta)
+        self._swap_in()
         self._written = True
         logger.info("stored {} examples ({} rows) x {} sites in {}", self._n_examples, self._meta["n_rows"],
                     len(self.sites), self.run_path)
+
+    def _swap_in(self) -> None:
+        """Move the finished staging folder to the run's name; an older run there is renamed
+        aside first and deleted only once the new one is in place."""
+        target, old = self.run_path, self.path / f".{self.run}.replaced"
+        if target.exists():
+            remove_run_folder(self.path, old)
+            check_removable(self.path, target)
+            os.replace(target, old)
+        os.replace(self.staging_path, target)
+        remove_run_folder(self.path, old)
 
     def _hidden(self, column: str) -> int | None:
         schema = self._shards.schema

@@ -64,6 +64,13 @@ class StoreIndex:
         self._runs = {p.name: p for p in sorted(self.path.iterdir())
                       if p.is_dir() and not p.name.startswith(".") and ((p / "state.json").exists() or is_legacy(p))}
 
+    @property
+    def leftovers(self) -> list[Path]:
+        """Hidden staging folders of passes or conversions that did not finish (``.<run>.writing``,
+        ``.<run>.converting``...): not runs; the next pass of that run replaces its own."""
+        return [p for p in sorted(self.path.iterdir()) if p.is_dir() and p.name.startswith(".")
+                and p.suffix in (".writing", ".converting", ".replaced", ".backup")]
+
     def _metadata(self, folder: Path) -> dict[str, Any]:
         return json.loads((folder / "metadata.json").read_text()) if is_legacy(folder) else read_info(folder)
 

@@ -270,3 +270,29 @@ def test_another_dataset_with_the_same_example_ids_is_refused(llama, tmp_path):
         runner.pooled(b, [(SITES[0], "mean")])
     live = ProbeRunner(llama, progress=False).pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")]
     np.testing.assert_allclose(runner.pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")], live, atol=1e-6)
+
+
+def test_a_pass_that_fails_leaves_the_old_run_as_it_was(stored, llama, monkeypatch):
+    data, root = stored
+    before = ActivationStore.open(root).run("toy").array(SITES[0])[:]
+    update, calls = ActivationStore.update, []
+
+    def crash_at_batch_2(self, batch):
+        calls.append(batch.step)
+        if len(calls) == 2:
+            raise RuntimeError("crash mid-pass")
+        update(self, batch)
+
+    monkeypatch.setattr(ActivationStore, "update", crash_at_batch_2)
+    with pytest.raises(RuntimeError, match="crash mid-pass"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="toy", overwrite=True,
+                                                                          shard_rows=10)], batch_size=16)
+    index = ActivationStore.open(root)
+    assert list(index._runs) == ["toy"] and index.leftovers == [root / ".toy.writing"]
+    np.testing.assert_array_equal(index.run("toy").array(SITES[0])[:], before)  # intact and readable
+    monkeypatch.setattr(ActivationStore, "update", update)
+    with pytest.raises(FileExistsError, match="overwrite=True"):  # the name still holds the old run
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="toy")])
+    ProbeRunner(llama, progress=False).collect(data.subset(range(10)), [ActivationStore(root, SITES, run="toy",
+                                                                                         overwrite=True)])
+    assert ActivationStore.open(root).run("toy").n_examples == 10 and sorted(p.name for p in root.iterdir()) == ["toy"]
