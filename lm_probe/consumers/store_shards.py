@@ -222,9 +222,18 @@ class ChunkedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        rows = np.arange(self.shape[0])[rows] if not isinstance(rows, np.ndarray) else rows
-        rows = np.atleast_1d(rows)
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """Rows as numpy would index the full ``(rows, hidden)`` array (ints, negative ints,
+        slices, boolean masks, index arrays, and a second index for the columns); only the
+        rows asked for are read."""
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        rows = slice(None) if rows is Ellipsis else rows
+        index = np.arange(self.shape[0])[rows]  # numpy's rules: bounds, negatives, masks, shapes
+        wanted, where = np.unique(index, return_inverse=True)
+        return self._gather(wanted)[(where.reshape(np.shape(index)), *rest)]
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), hidden)``: the given sorted row numbers, part by part."""
         part = np.searchsorted(self.offsets, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype if self.parts else np.float32)
         for c in np.unique(part):
