@@ -43,7 +43,7 @@ from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.baselines import baselines_table
 from .probes.baseline import baseline_runner, check_baseline, then_fit_baseline
-from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory
+from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory, split_validation
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
@@ -189,7 +189,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
         batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size, num_epochs=num_epochs,
                                eval_every=eval_every, cache=cache, ci=ci, n_boot=n_boot)
         self.metrics, self.baselines, self.cache_info_ = None, None, None
-        fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
+        fit, val = split_validation(train, val_size, self.seed)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
         context = self._context(fit, batch_size)
