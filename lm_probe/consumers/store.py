@@ -84,7 +84,8 @@ class ActivationStore(Consumer):
         tags: User tags recorded in the metadata: ``{"task": "sentiment"}`` or ``["baseline"]``.
         overwrite: Replace an existing run of the same name when the pass finishes (refused
             otherwise; a folder of that name that is not a stored run is never deleted).
-        shard_rows: Rows per shard file: the most rows the store holds in memory.
+        shard_rows: Rows per shard file: the most rows the store holds in memory (a token
+            run cuts shards between examples: a shard holds whole examples).
 
     Under data parallelism rank 0 alone writes (``RunContext.writer``); on the other ranks the
     store checks and writes nothing, and :meth:`compute` refuses (open the run rank 0 wrote).
@@ -141,7 +142,8 @@ class ActivationStore(Consumer):
         self.path.mkdir(parents=True, exist_ok=True)
         remove_run_folder(self.path, self.staging_path)  # left by a pass that failed
         self.staging_path.mkdir()
-        self._shards = ShardWriter(self.staging_path, self.shard_rows)
+        self._shards = ShardWriter(self.staging_path, self.shard_rows,  # a lost shard loses whole examples
+                                   group="example_id" if self.pool == "none" else None)
         tokenizer = getattr(model, "tokenizer", None)
         self._meta = {
             "schema_version": SCHEMA_VERSION, "run": self.run, "pool": self.pool, "tags": self.tags,

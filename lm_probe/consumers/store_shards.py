@@ -87,13 +87,17 @@ class ShardWriter:
     Args:
         folder: The run folder (it exists).
         shard_rows: Rows per shard file (the last one may hold fewer).
+        group: A column whose runs of equal values are kept in one shard (a token run's
+            ``example_id``: a lost shard then loses whole examples, never part of one). A
+            shard then holds the most whole groups that fit in ``shard_rows`` (one larger
+            group alone); a group's rows must come in one :meth:`add`.
 
     ``buffered_rows`` is the number of rows held in memory: below ``shard_rows`` after every
     :meth:`add`. ``shards`` lists the written files: ``{"file", "rows", "bytes"}``.
     """
 
-    def __init__(self, folder: Path, shard_rows: int) -> None:
-        self.folder, self.shard_rows = Path(folder), shard_rows
+    def __init__(self, folder: Path, shard_rows: int, group: str | None = None) -> None:
+        self.folder, self.shard_rows, self.group = Path(folder), shard_rows, group
         self.shards: list[dict[str, Any]] = []
         self.schema: pa.Schema | None = None
         self._buffer: list[dict[str, np.ndarray]] = []
@@ -108,7 +112,16 @@ class ShardWriter:
         self._buffer.append({k: np.asarray(v) for k, v in columns.items()})
         self.buffered_rows += lengths.pop()
         while self.buffered_rows >= self.shard_rows:
-            self._write(self.shard_rows)
+            self._write(self._cut())
+
+    def _cut(self) -> int:
+        """Rows of the next shard: ``shard_rows``, or the whole groups that fit."""
+        if self.group is None:
+            return self.shard_rows
+        ids = np.concatenate([b[self.group] for b in self._buffer])
+        ends = np.r_[np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids)]  # where each group ends
+        fits = ends[ends <= self.shard_rows]
+        return int(fits[-1]) if len(fits) else int(ends[0])
 
     def close(self) -> list[dict[str, Any]]:
         """Write the rows left (a last, smaller shard) and return the shards written."""

@@ -296,3 +296,24 @@ def test_a_pass_that_fails_leaves_the_old_run_as_it_was(stored, llama, monkeypat
     ProbeRunner(llama, progress=False).collect(data.subset(range(10)), [ActivationStore(root, SITES, run="toy",
                                                                                          overwrite=True)])
     assert ActivationStore.open(root).run("toy").n_examples == 10 and sorted(p.name for p in root.iterdir()) == ["toy"]
+
+
+def test_token_run_shards_hold_whole_examples_and_a_lost_shard_loses_whole_examples(llama, toy, tmp_path):
+    data = toy[1].subset(range(40))
+    store = ActivationStore(tmp_path, SITES[:1], pool="none", run="t", shard_rows=25)
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=16)
+    frame = datasets.load_from_disk(str(tmp_path / "t")).to_pandas()
+    shards = StoredRun(tmp_path / "t").metadata["shards"]
+    shard_of = np.repeat(np.arange(len(shards)), [s["rows"] for s in shards])
+    assert all(len(set(shard_of[frame["example_id"] == i])) == 1 for i in data.example_ids)  # never split
+    assert all(s["rows"] <= 25 for s in shards) and sum(s["rows"] for s in shards) == len(frame)
+    lost_file = tmp_path / "t" / shards[1]["file"]
+    lost_file.write_bytes(lost_file.read_bytes()[:-50])
+    run = StoredRun(tmp_path / "t")
+    lost = set(frame["example_id"][shard_of == 1])
+    assert run.n_examples == len(data) - len(lost) and lost.isdisjoint(run.example_ids)
+    for i, ids in zip(data.example_ids, data.ids):  # every example left has all its tokens
+        if i not in lost:
+            assert (run.example_ids == i).sum() == len(ids)
+    with pytest.raises(KeyError, match="is not in run 't' .1 shards were unreadable"):
+        run.read([min(lost)], [(SITES[0], "none")])
