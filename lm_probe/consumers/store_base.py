@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from loguru import logger
 
 from ..core.consumer import Request
 from ..core.sites import Site
-from .store_shards import ChunkedArray, token_hashes
+from .store_shards import ChunkedArray, check_run_name, remove_run_folder, token_hashes
 
 __all__ = ["RunRows"]
 
@@ -34,6 +35,7 @@ class RunRows:
     """
 
     path: Path | None
+    source: Any
     metadata: dict[str, Any]
     bad_shards: dict[str, str]
     _arrays: list[ChunkedArray]  # one per site, in the metadata's order
@@ -166,6 +168,42 @@ class RunRows:
             raise ValueError(f"run {self.name!r} was collected from other texts/tokenization: example id "
                              f"{int(example_ids[k])} has {what}{lost} ({int((~same).sum())} of {len(same)} examples "
                              "differ); collect again or pass the dataset it was collected from")
+
+    def rename(self, name: str) -> "RunRows":
+        """Rename the run inside its store (its folder and its metadata); returns it."""
+        folder = self._local("rename")
+        check_run_name(name)
+        target = folder.with_name(name)
+        if target.exists():
+            raise FileExistsError(f"the store already has a run {name!r} at {target}; remove it or choose another name")
+        folder.rename(target)
+        self.path = self.source = target
+        self.metadata["run"] = name
+        self._write_metadata(target)
+        return self
+
+    def remove(self, *, confirm: bool = False) -> None:
+        """Delete the run's folder; refused unless ``confirm=True``."""
+        folder = self._local("remove")
+        if not confirm:
+            raise ValueError(f"run.remove() deletes run {self.name!r} ({folder}, {len(self._ids)} rows) for good: "
+                             "call run.remove(confirm=True) to do it")
+        self._release()
+        remove_run_folder(folder.parent, folder)
+        logger.info("removed store run {!r} ({})", self.name, folder)
+
+    def _local(self, what: str) -> Path:
+        if self.path is None:
+            raise ValueError(f"cannot {what} run {self.name!r}: it was opened from {self.source}, not a local folder")
+        return self.path
+
+    def _write_metadata(self, folder: Path) -> None:
+        """Write :attr:`metadata` to the run's files in ``folder`` (after a rename)."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Drop the memory maps of the run's files (before they are deleted)."""
+        self._arrays = []
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, model={self.metadata['model'].get('name')!r}, "

@@ -32,10 +32,11 @@ def is_legacy(folder: Path) -> bool:
 
 
 class LegacyRun(RunRows):
-    """A run of the old chunked ``.npy`` format, read memory-mapped (see :class:`RunRows`)."""
+    """A run of the old chunked ``.npy`` format, read memory-mapped (see :class:`RunRows`; it can
+    be renamed and removed, but not pushed to the hub or opened as a dataset: convert it first)."""
 
     def __init__(self, path: str | Path, *, warn: bool = True) -> None:
-        self.path = Path(path)
+        self.path = self.source = Path(path)
         self.metadata = json.loads((self.path / "metadata.json").read_text())
         check_schema_version(self.metadata, SCHEMA_VERSION, "store", self.path)
         if warn:
@@ -67,6 +68,21 @@ class LegacyRun(RunRows):
             if actual != size:
                 return f"{file.name} has {actual} of {size} bytes (truncated)"
         return ""
+
+    def _write_metadata(self, folder: Path) -> None:
+        (folder / "metadata.json").write_text(json.dumps(self.metadata))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: an old-format run is converted first."""
+        raise ValueError(self._convert_first("push it to the hub"))
+
+    @property
+    def dataset(self) -> Any:
+        """Refused: an old-format run is converted first."""
+        raise ValueError(self._convert_first("open it as a datasets.Dataset"))
+
+    def _convert_first(self, what: str) -> str:
+        return f"run {self.name!r} is in the old format: to {what}, convert first with `lm-probe store convert {self.path}`"
 
     def chunks(self) -> Any:
         """Each readable chunk's columns: ``{site spec: (rows, hidden), "example_id", "label"}``."""

@@ -5,7 +5,7 @@ as a plain dataset), ``"hub:org/name"`` (a dataset repository that
 :meth:`StoredRun.push_to_hub` wrote, loaded with ``datasets.load_dataset``), or a folder of
 the old chunked format (read with a warning, see :mod:`.store_legacy`). Shards are
 memory-mapped: a run larger than memory works, and rows are read only when asked for.
-:meth:`StoredRun.rename` and :meth:`StoredRun.remove` manage a run inside its store.
+:meth:`~lm_probe.consumers.store_base.RunRows.rename` and ``remove`` manage a run inside its store.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from loguru import logger
 from ..core.versions import check_schema_version
 from .store_base import RunRows
 from .store_legacy import LegacyRun, is_legacy
-from .store_shards import (SCHEMA_VERSION, ChunkedArray, check_run_name, read_info, read_shards, remove_run_folder,
-                           site_parts, write_info)
+from .store_shards import SCHEMA_VERSION, ChunkedArray, read_info, read_shards, site_parts, write_info
 
 __all__ = ["StoredRun", "HUB_PREFIX", "METADATA_FILE"]
 
@@ -156,33 +155,11 @@ class StoredRun(RunRows):
                                        path_in_repo=METADATA_FILE, repo_id=repo_id, repo_type="dataset",
                                        commit_message=message)
 
-    def rename(self, name: str) -> "StoredRun":
-        """Rename the run inside its store (its folder and its metadata); returns it."""
-        folder = self._local("rename")
-        check_run_name(name)
-        target = folder.with_name(name)
-        if target.exists():
-            raise FileExistsError(f"the store already has a run {name!r} at {target}; remove it or choose another name")
-        folder.rename(target)
-        self.path = self.source = target
-        self.metadata["run"] = name
-        write_info(target, self.metadata)
-        return self
+    def _write_metadata(self, folder: Path) -> None:
+        write_info(folder, self.metadata)
 
-    def remove(self, *, confirm: bool = False) -> None:
-        """Delete the run's folder; refused unless ``confirm=True``."""
-        folder = self._local("remove")
-        if not confirm:
-            raise ValueError(f"run.remove() deletes run {self.name!r} ({folder}, {len(self._ids)} rows) for good: "
-                             "call run.remove(confirm=True) to do it")
-        self._tables, self._arrays = [], []  # drop the memory maps first
-        remove_run_folder(folder.parent, folder)
-        logger.info("removed store run {!r} ({})", self.name, folder)
-
-    def _local(self, what: str) -> Path:
-        if self.path is None:
-            raise ValueError(f"cannot {what} run {self.name!r}: it was opened from {self.source}, not a local folder")
-        return self.path
+    def _release(self) -> None:
+        self._tables, self._arrays = [], []  # drop the memory maps
 
 
 def _column(tables: list, name: str, dtype: Any) -> np.ndarray:

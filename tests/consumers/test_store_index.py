@@ -210,3 +210,24 @@ def test_convert_refuses_a_run_with_unreadable_chunks_unless_told(tmp_path, caps
     assert list(run.metadata["lost_chunks"]) == ["chunk_00001"]
     np.testing.assert_array_equal(run.array(SITES[0])[:], np.r_[rows[SITES[0]][:4], rows[SITES[0]][8:]])
     assert sorted(p.name for p in root.iterdir()) == ["one"]  # no staging or backup folder left
+
+
+def test_an_old_format_run_is_renamed_and_removed_but_converted_before_pushing(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = {SITES[0]: rng.normal(size=(6, 4)).astype(np.float32)}
+    root = tmp_path / "store"
+    write_old_run(root / "old", rows, rng.integers(0, 2, 6), np.arange(6), chunk_rows=4)
+    run = StoredRun.open(root / "old")
+    with pytest.raises(ValueError, match="plain folder name"):
+        run.rename("../out")
+    assert run.rename("renamed") is run and run.path == root / "renamed" and not (root / "old").exists()
+    again = StoredRun.open(root / "renamed")
+    assert isinstance(again, LegacyRun) and again.name == "renamed"
+    np.testing.assert_array_equal(again.array(SITES[0])[:], rows[SITES[0]])
+    for action in (lambda: again.push_to_hub("org/x"), lambda: again.dataset):
+        with pytest.raises(ValueError, match="old format: .* convert first with `lm-probe store convert .*renamed`"):
+            action()
+    with pytest.raises(ValueError, match="confirm=True"):
+        again.remove()
+    again.remove(confirm=True)
+    assert not (root / "renamed").exists()
