@@ -242,10 +242,10 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
             if recorder is not None:
                 recorder.close()
 
-    def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
+    def _context(self, data: ProbeDataset, batch_size: int, max_tokens: int | None = None) -> RunContext:
         """The pass's :class:`~lm_probe.core.consumer.RunContext` (the sites as a read-only view)."""
         return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size,
-                          writer=is_writer(self.source))
+                          writer=is_writer(self.source), max_tokens=max_tokens)
 
     def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
         """Start each consumer with ``context``, then check the sites ``start()`` added."""
@@ -269,7 +269,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
         self._resolve([s for c in consumers for s in c.site_specs()])
-        self._start(consumers, self._context(dataset, batch_size))  # start() may add model-dependent sites
+        self._start(consumers, self._context(dataset, batch_size, max_tokens))  # start() may add sites
         clock = Clock(self.pooled)
         clock.emit(consumers, "start", 0, 0)
         step = self._pass(dataset, consumers, self.source, range(1), clock, batch_size=batch_size * self.world,

@@ -122,7 +122,7 @@ class ActivationStore(Consumer):
         self._shards: ShardWriter | None = None
         self._meta: dict[str, Any] = {}
         self._data: Any = None
-        self._n_examples = 0
+        self._n_examples = self._n_tokens = 0
         self._written = False
         self._writer = True
 
@@ -151,7 +151,7 @@ class ActivationStore(Consumer):
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "sites": [{"spec": s, "name": sites[s].name if sites else s, "layer": sites[s].layer if sites else None,
                        "column": s} for s in self.sites],
-            "dataset_fingerprint": None if data is None else _fingerprint(data),
+            "dataset_fingerprint": None if data is None else _fingerprint(data), "max_tokens": context.max_tokens,
             "lm_probe": __version__, "created": utc_now(),
         }
 
@@ -160,8 +160,10 @@ class ActivationStore(Consumer):
             raise RuntimeError("the store was not started: run it through runner.collect(...) or fit_probes")
         if not self._writer:
             return
-        self._shards.add(self._columns(batch))
-        self._n_examples += int(np.count_nonzero(batch.n_tokens)) if self.pool == "none" else len(batch.index)
+        columns = self._columns(batch)
+        self._shards.add(columns)
+        self._n_examples += len(np.unique(columns["example_id"]))
+        self._n_tokens += int(columns["n_tokens"].sum()) if self.pool != "none" else len(columns["example_id"])
 
     def _columns(self, batch: PooledBatch) -> dict[str, np.ndarray]:
         """The batch's rows: a column per site, ``example_id``, ``label``, and ``n_tokens``,
@@ -170,10 +172,12 @@ class ActivationStore(Consumer):
         n = len(batch.index)
         labels = np.full(n, IGNORE, np.int64) if batch.labels is None else np.asarray(batch.labels)
         if self.pool != "none":
-            counts = np.asarray([len(self._data.ids[i]) for i in batch.index] if batch.n_tokens is None
-                                else batch.n_tokens, np.int64)
-            tokens = [self._data.ids[i][:k] for i, k in zip(batch.index, counts)]
-            return {**acts, "example_id": np.asarray(self._data.example_ids[batch.index], np.int64), "label": labels,
+            n = len(next(iter(acts.values())))  # a batch cut by max_tokens keeps the examples pooled whole
+            index, labels = batch.index[:n], labels[:n]
+            counts = np.asarray([len(self._data.ids[i]) for i in index] if batch.n_tokens is None
+                                else batch.n_tokens[:n], np.int64)
+            tokens = [self._data.ids[i][:k] for i, k in zip(index, counts)]
+            return {**acts, "example_id": np.asarray(self._data.example_ids[index], np.int64), "label": labels,
                     "n_tokens": counts, "token_hash": token_hashes(tokens)}
         ids, position = batch.row_ids(token=True)
         token_labels = batch.token_labels if batch.token_labels is not None else np.repeat(labels, batch.n_tokens)
@@ -186,13 +190,19 @@ class ActivationStore(Consumer):
         if self._data is None or not self._writer:
             return
         shards = self._shards.close()
-        meta = {**self._meta, "n_examples": self._n_examples,
+        whole = sum(len(ids) for ids in self._data.ids)
+        meta = {**self._meta, "n_examples": self._n_examples, "n_tokens": self._n_tokens,
+                "complete": self._n_examples == len(self._data) and self._n_tokens == whole,
                 "sites": [{**s, "hidden": self._hidden(s["column"])} for s in self._meta["sites"]]}
         self._meta = finish_run(self.staging_path, shards, self._shards.schema, meta)
         self._swap_in()
         self._written = True
         logger.info("stored {} examples ({} rows) x {} sites in {}", self._n_examples, self._meta["n_rows"],
                     len(self.sites), self.run_path)
+        if not meta["complete"]:
+            logger.warning("run {!r} holds {} of the data's {} examples ({} of {} tokens; max_tokens={}): its "
+                           "metadata says complete=False", self.run, self._n_examples, len(self._data),
+                           self._n_tokens, whole, meta["max_tokens"])
 
     def _swap_in(self) -> None:
         """Move the finished staging folder to the run's name; an older run there is renamed

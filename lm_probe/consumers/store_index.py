@@ -76,16 +76,20 @@ class StoreIndex:
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per run: name, model, pool, sites, examples, rows, tags, created, format."""
+        """One row per run: name, model, pool, sites, examples, rows, whether the run holds all
+        of the data it was collected from (``complete``; ``False`` after ``max_tokens=`` or a
+        conversion that lost rows, ``None`` for runs that do not say) and ``max_tokens``, tags,
+        created, format."""
         rows = []
         for name, folder in self._runs.items():
             meta = self._metadata(folder)
             rows.append({"run": name, "model": meta["model"].get("name"), "pool": meta["pool"],
                          "sites": [s["spec"] for s in meta["sites"]], "n_examples": meta.get("n_examples"),
-                         "n_rows": meta.get("n_rows", meta.get("n_examples")), "tags": meta["tags"],
+                         "n_rows": meta.get("n_rows", meta.get("n_examples")), "complete": meta.get("complete"),
+                         "max_tokens": meta.get("max_tokens"), "tags": meta["tags"],
                          "created": meta["created"], "format": "old (npy)" if is_legacy(folder) else "arrow"})
-        return pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "tags",
-                                           "created", "format"])
+        return pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "complete",
+                                           "max_tokens", "tags", "created", "format"])
 
     def runs(self, *, model: str | None = None, site: str | None = None, tag: str | dict[str, Any] | None = None,
              created_after: datetime | str | None = None,

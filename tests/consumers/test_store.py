@@ -319,3 +319,20 @@ def test_token_run_shards_hold_whole_examples_and_a_lost_shard_loses_whole_examp
             assert (run.example_ids == i).sum() == len(ids)
     with pytest.raises(KeyError, match="is not in run 't' .1 shards were unreadable"):
         run.read([min(lost)], [(SITES[0], "none")])
+
+
+@pytest.mark.parametrize("pool", ["mean", "none"])
+def test_a_pass_cut_by_max_tokens_is_recorded_as_incomplete(llama, toy, tmp_path, pool):
+    data = toy[1].subset(range(20))
+    budget = int(sum(len(ids) for ids in data.ids[:7])) + 2  # seven whole examples and two tokens of the 8th
+    ProbeRunner(llama, progress=False).collect(data, [ActivationStore(tmp_path, SITES[:1], run="cut", pool=pool)],
+                                               batch_size=4, max_tokens=budget)
+    ProbeRunner(llama, progress=False).collect(data, [ActivationStore(tmp_path, SITES[:1], run="all", pool=pool)])
+    run = StoredRun(tmp_path / "cut")
+    assert run.metadata["complete"] is False and run.metadata["max_tokens"] == budget
+    assert run.n_examples == (7 if pool == "mean" else 8)  # pooled rows only of examples pooled whole
+    assert run.metadata["n_tokens"] == (budget - 2 if pool == "mean" else budget)
+    assert StoredRun(tmp_path / "all").metadata["complete"] is True
+    table = ActivationStore.open(tmp_path).table.set_index("run")
+    assert table.loc["cut", "complete"] == False and table.loc["cut", "max_tokens"] == budget  # noqa: E712
+    assert table.loc["all", "complete"] == True and pd.isna(table.loc["all", "max_tokens"])  # noqa: E712
