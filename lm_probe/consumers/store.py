@@ -156,6 +156,11 @@ class ActivationStore(Consumer):
         }
 
     def update(self, batch: PooledBatch) -> None:
+        """Add the batch's rows to the shard being filled (writing each shard that fills up).
+
+        Args:
+            batch: The pooled batch; its ``(site, pool)`` rows for every stored site.
+        """
         if self._data is None:
             raise RuntimeError("the store was not started: run it through runner.collect(...) or fit_probes")
         if not self._writer:

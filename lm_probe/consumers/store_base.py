@@ -57,14 +57,17 @@ class RunRows:
 
     @property
     def name(self) -> str:
+        """The run's name (its folder's name in the store)."""
         return self.metadata["run"]
 
     @property
     def pool(self) -> str:
+        """The pooling the run stores (``"none"``: one row per real token)."""
         return self.metadata["pool"]
 
     @property
     def site_names(self) -> list[str]:
+        """The stored site specs, in the run's column order."""
         return [s["spec"] for s in self.metadata["sites"]]
 
     @property
@@ -79,6 +82,7 @@ class RunRows:
 
     @property
     def n_examples(self) -> int:
+        """The examples with rows in the run (those of unreadable shards left out)."""
         return len(self._pos_of)
 
     def array(self, site: str) -> ChunkedArray:

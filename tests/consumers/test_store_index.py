@@ -231,3 +231,11 @@ def test_an_old_format_run_is_renamed_and_removed_but_converted_before_pushing(t
         again.remove()
     again.remove(confirm=True)
     assert not (root / "renamed").exists()
+
+
+def test_a_run_with_unreadable_metadata_is_skipped_with_a_warning(three_runs, logs):
+    _, root = three_runs
+    (root / "b" / "dataset_info.json").write_text("{not json")
+    index = ActivationStore.open(root)
+    assert index.table["run"].tolist() == ["a", "c"] and names(index.runs()) == ["a", "c"]
+    assert any("run 'b' is skipped, its metadata is unreadable" in m for m in logs)
