@@ -103,8 +103,9 @@ class StoreIndex:
                          "n_rows": meta.get("n_rows", meta.get("n_examples")), "complete": meta.get("complete"),
                          "max_tokens": meta.get("max_tokens"), "tags": meta["tags"],
                          "created": meta["created"], "format": "old (npy)" if is_legacy(folder) else "arrow"})
-        return pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "complete",
-                                           "max_tokens", "tags", "created", "format"])
+        table = pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "complete",
+                                            "max_tokens", "tags", "created", "format"])
+        return table.astype({"max_tokens": "Int64"})
 
     def runs(self, *, model: str | None = None, site: str | None = None, tag: str | dict[str, Any] | None = None,
              created_after: datetime | str | None = None,
