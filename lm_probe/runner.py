@@ -43,7 +43,7 @@ from .core.trace import model_device, ship_pooling
 from .probes.backend import bank_for, trainers_of
 from .probes.baselines import baselines_table
 from .probes.baseline import baseline_runner, check_baseline, then_fit_baseline
-from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory
+from .probes.checks import check_fit, check_intervals, check_names, check_solver_memory, split_validation
 from .probes.config import ProbeConfig
 from .probes.control import ControlTask, probes_for
 from .probes.early_stopping import DecayOnPlateau
@@ -189,7 +189,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
         batch_size = check_fit(list(self.probes.values()), train, test, batch_size=batch_size, num_epochs=num_epochs,
                                eval_every=eval_every, cache=cache, ci=ci, n_boot=n_boot)
         self.metrics, self.baselines, self.cache_info_ = None, None, None
-        fit, val = train.tt_split(val_size, seed=self.seed) if val_size else (train, None)
+        fit, val = split_validation(train, val_size, self.seed)
         logger.info("training {} probes on {} examples ({} held out for validation)",
                     len(self.probes), len(fit), 0 if val is None else len(val))
         context = self._context(fit, batch_size)
@@ -242,10 +242,10 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
             if recorder is not None:
                 recorder.close()
 
-    def _context(self, data: ProbeDataset, batch_size: int) -> RunContext:
+    def _context(self, data: ProbeDataset, batch_size: int, max_tokens: int | None = None) -> RunContext:
         """The pass's :class:`~lm_probe.core.consumer.RunContext` (the sites as a read-only view)."""
         return RunContext(model=self.model, sites=MappingProxyType(self.sites), data=data, batch_size=batch_size,
-                          writer=is_writer(self.source))
+                          writer=is_writer(self.source), max_tokens=max_tokens)
 
     def _start(self, consumers: Sequence[Consumer], context: RunContext) -> None:
         """Start each consumer with ``context``, then check the sites ``start()`` added."""
@@ -269,7 +269,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
             raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
         consumers = list(self.consumers if consumers is None else consumers)
         self._resolve([s for c in consumers for s in c.site_specs()])
-        self._start(consumers, self._context(dataset, batch_size))  # start() may add model-dependent sites
+        self._start(consumers, self._context(dataset, batch_size, max_tokens))  # start() may add sites
         clock = Clock(self.pooled)
         clock.emit(consumers, "start", 0, 0)
         step = self._pass(dataset, consumers, self.source, range(1), clock, batch_size=batch_size * self.world,

@@ -244,6 +244,9 @@ def _store_parser(commands: Any) -> None:
                     "(what datasets.load_from_disk opens) with the same rows, labels, example ids and "
                     "metadata; runs already in the Arrow format are left as they are.")
     convert.add_argument("path", metavar="PATH", help="a store folder (every old run in it) or one run folder")
+    convert.add_argument("--drop-unreadable", action="store_true",
+                         help="convert runs with unreadable chunks too, leaving those rows out (recorded in the "
+                              "run's metadata); without it such runs are refused and nothing is converted")
     _debug_flag(store, argparse.SUPPRESS)
     _debug_flag(convert, argparse.SUPPRESS)
 
@@ -298,14 +301,17 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
     return path
 
 
-def store_convert_command(path: str | Path) -> list[Path]:
-    """``lm-probe store convert``: convert the old-format runs at ``path``; returns their folders."""
+def store_convert_command(path: str | Path, *, drop_unreadable: bool = False) -> list[Path]:
+    """``lm-probe store convert``: convert the old-format runs at ``path``; returns their folders
+    (``drop_unreadable``: convert runs with unreadable chunks too, recording the loss)."""
     from ..consumers.store import StoredRun, convert_store
 
-    folders = convert_store(path)
+    folders = convert_store(path, drop_unreadable=drop_unreadable)
     for folder in folders:
         run = StoredRun(folder)
-        print(f"converted run {run.name!r}: {run.n_examples} examples x {len(run.site_names)} sites -> {folder}")
+        lost = run.metadata.get("lost_rows")
+        print(f"converted run {run.name!r}: {run.n_examples} examples x {len(run.site_names)} sites -> {folder}"
+              + (f" ({lost} rows of unreadable chunks left out)" if lost else ""))
     if not folders:
         print(f"no old-format runs at {path}: nothing to convert")
     return folders
@@ -353,7 +359,7 @@ def _command(args: argparse.Namespace) -> int:
         elif args.command == "report":
             report_command(args.run_dir, args.output)
         elif args.command == "store":
-            store_convert_command(args.path)
+            store_convert_command(args.path, drop_unreadable=args.drop_unreadable)
     except KeyboardInterrupt:
         if args.debug:
             raise

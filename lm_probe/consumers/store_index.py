@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from loguru import logger
 
 from .store_legacy import LegacyRun, is_legacy
 from .store_run import StoredRun
@@ -64,21 +65,47 @@ class StoreIndex:
         self._runs = {p.name: p for p in sorted(self.path.iterdir())
                       if p.is_dir() and not p.name.startswith(".") and ((p / "state.json").exists() or is_legacy(p))}
 
-    def _metadata(self, folder: Path) -> dict[str, Any]:
-        return json.loads((folder / "metadata.json").read_text()) if is_legacy(folder) else read_info(folder)
+    @property
+    def leftovers(self) -> list[Path]:
+        """Hidden staging folders of passes or conversions that did not finish (``.<run>.writing``,
+        ``.<run>.converting``...): not runs; the next pass of that run replaces its own."""
+        return [p for p in sorted(self.path.iterdir()) if p.is_dir() and p.name.startswith(".")
+                and p.suffix in (".writing", ".converting", ".replaced", ".backup")]
+
+    def _metadata(self, folder: Path) -> dict[str, Any] | None:
+        """A run's metadata, or ``None`` (with a warning) when it cannot be read."""
+        try:
+            meta = json.loads((folder / "metadata.json").read_text()) if is_legacy(folder) else read_info(folder)
+            missing = [k for k in ("run", "model", "pool", "sites", "tags", "created") if k not in meta]
+            if missing:
+                raise KeyError(f"it has no {missing}")
+            return meta
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("store {}: run {!r} is skipped, its metadata is unreadable ({}: {}); remove the folder "
+                           "or collect the run again", self.path, folder.name, type(err).__name__, err)
+            return None
+
+    def _readable(self) -> dict[str, tuple[Path, dict[str, Any]]]:
+        """``{name: (folder, metadata)}`` of the runs whose metadata can be read."""
+        found = {name: (folder, self._metadata(folder)) for name, folder in self._runs.items()}
+        return {name: (folder, meta) for name, (folder, meta) in found.items() if meta is not None}
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per run: name, model, pool, sites, examples, rows, tags, created, format."""
+        """One row per run: name, model, pool, sites, examples, rows, whether the run holds all
+        of the data it was collected from (``complete``; ``False`` after ``max_tokens=`` or a
+        conversion that lost rows, ``None`` for runs that do not say) and ``max_tokens``, tags,
+        created, format."""
         rows = []
-        for name, folder in self._runs.items():
-            meta = self._metadata(folder)
+        for name, (folder, meta) in self._readable().items():
             rows.append({"run": name, "model": meta["model"].get("name"), "pool": meta["pool"],
                          "sites": [s["spec"] for s in meta["sites"]], "n_examples": meta.get("n_examples"),
-                         "n_rows": meta.get("n_rows", meta.get("n_examples")), "tags": meta["tags"],
+                         "n_rows": meta.get("n_rows", meta.get("n_examples")), "complete": meta.get("complete"),
+                         "max_tokens": meta.get("max_tokens"), "tags": meta["tags"],
                          "created": meta["created"], "format": "old (npy)" if is_legacy(folder) else "arrow"})
-        return pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "tags",
-                                           "created", "format"])
+        table = pd.DataFrame(rows, columns=["run", "model", "pool", "sites", "n_examples", "n_rows", "complete",
+                                            "max_tokens", "tags", "created", "format"])
+        return table.astype({"max_tokens": "Int64"})
 
     def runs(self, *, model: str | None = None, site: str | None = None, tag: str | dict[str, Any] | None = None,
              created_after: datetime | str | None = None,
@@ -94,8 +121,7 @@ class StoreIndex:
         after = None if created_after is None else _instant(created_after)
         before = None if created_before is None else _instant(created_before)
         out = []
-        for folder in self._runs.values():
-            meta = self._metadata(folder)
+        for folder, meta in self._readable().values():
             created = _instant(meta["created"])
             if model is not None and model not in (meta["model"].get("name"), meta["model"].get("config_hash")):
                 continue

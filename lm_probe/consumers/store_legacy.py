@@ -32,10 +32,11 @@ def is_legacy(folder: Path) -> bool:
 
 
 class LegacyRun(RunRows):
-    """A run of the old chunked ``.npy`` format, read memory-mapped (see :class:`RunRows`)."""
+    """A run of the old chunked ``.npy`` format, read memory-mapped (see :class:`RunRows`; it can
+    be renamed and removed, but not pushed to the hub or opened as a dataset: convert it first)."""
 
     def __init__(self, path: str | Path, *, warn: bool = True) -> None:
-        self.path = Path(path)
+        self.path = self.source = Path(path)
         self.metadata = json.loads((self.path / "metadata.json").read_text())
         check_schema_version(self.metadata, SCHEMA_VERSION, "store", self.path)
         if warn:
@@ -68,6 +69,21 @@ class LegacyRun(RunRows):
                 return f"{file.name} has {actual} of {size} bytes (truncated)"
         return ""
 
+    def _write_metadata(self, folder: Path) -> None:
+        (folder / "metadata.json").write_text(json.dumps(self.metadata))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: an old-format run is converted first."""
+        raise ValueError(self._convert_first("push it to the hub"))
+
+    @property
+    def dataset(self) -> Any:
+        """Refused: an old-format run is converted first."""
+        raise ValueError(self._convert_first("open it as a datasets.Dataset"))
+
+    def _convert_first(self, what: str) -> str:
+        return f"run {self.name!r} is in the old format: to {what}, convert first with `lm-probe store convert {self.path}`"
+
     def chunks(self) -> Any:
         """Each readable chunk's columns: ``{site spec: (rows, hidden), "example_id", "label"}``."""
         for chunk in self._good:
@@ -77,37 +93,73 @@ class LegacyRun(RunRows):
                    "label": np.load(folder / "labels.npy")}
 
 
-def convert_run(folder: Path, *, shard_rows: int = 4096) -> Path:
-    """Rewrite one old-format run folder as an Arrow run in place; returns the folder."""
+def convert_run(folder: Path, *, shard_rows: int = 4096, drop_unreadable: bool = False) -> Path:
+    """Rewrite one old-format run folder as an Arrow run in place; returns the folder.
+
+    A run with unreadable chunks is refused unless ``drop_unreadable`` (then the lost chunks
+    and rows are recorded in the metadata: ``lost_chunks``, ``lost_rows``, ``complete``). The
+    Arrow run is written to a staging folder; the old folder is renamed to a backup, the
+    staging folder moved into its place, and only then is the backup deleted.
+    """
     old = LegacyRun(folder, warn=False)
-    if old.bad_shards:
-        logger.warning("converting run {!r}: {} unreadable chunks are left out", old.name, len(old.bad_shards))
-    staging = folder.with_name(f".{folder.name}.converting")
+    if old.bad_shards and not drop_unreadable:
+        raise ValueError(_refusal(old))
+    staging, backup = folder.with_name(f".{folder.name}.converting"), folder.with_name(f".{folder.name}.backup")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     writer = ShardWriter(staging, shard_rows)
     for columns in old.chunks():
         writer.add(columns)
+    finish_run(staging, writer.close(), writer.schema, _converted_metadata(old))
+    os.replace(folder, backup)
+    try:
+        os.replace(staging, folder)
+    except OSError:
+        os.replace(backup, folder)  # put the original back
+        raise
+    shutil.rmtree(backup)
+    return folder
+
+
+def _refusal(old: LegacyRun) -> str:
+    lost = sum(c["rows"] for c in old.metadata["chunks"] if c["folder"] in old.bad_shards)
+    return (f"run {old.name!r} at {old.path} has {len(old.bad_shards)} unreadable chunks "
+            f"({'; '.join(f'{k}: {v}' for k, v in old.bad_shards.items())}): converting it would lose their "
+            f"{lost} rows, and the original with them; restore the chunks, or convert the readable rows with "
+            "`lm-probe store convert --drop-unreadable PATH` (the loss is recorded in the run's metadata)")
+
+
+def _converted_metadata(old: LegacyRun) -> dict[str, Any]:
     meta = {k: v for k, v in old.metadata.items() if k not in ("chunks", "n_examples")}
     sites = [{**s, "column": s["spec"], "hidden": old._arrays[k].shape[1] if len(old._arrays[k]) else None}
              for k, s in enumerate(meta["sites"])]
     meta = {**meta, "schema_version": SCHEMA_VERSION, "sites": sites, "n_examples": old.n_examples,
             "converted_from": f"store schema {old.metadata.get('schema_version', 1)}"}
-    finish_run(staging, writer.close(), writer.schema, meta)
-    shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
+    if old.bad_shards:
+        logger.warning("converting run {!r}: {} unreadable chunks are left out (recorded as lost_chunks in its "
+                       "metadata)", old.name, len(old.bad_shards))
+        meta.update(lost_chunks=dict(old.bad_shards), complete=False,
+                    lost_rows=int(sum(c["rows"] for c in old.metadata["chunks"] if c["folder"] in old.bad_shards)))
+    return meta
 
 
-def convert_store(path: str | Path, *, shard_rows: int = 4096) -> list[Path]:
+def convert_store(path: str | Path, *, shard_rows: int = 4096, drop_unreadable: bool = False) -> list[Path]:
     """Convert every old-format run at ``path`` (a run folder, or a store folder of runs) to the
-    Arrow format, in place; returns the converted run folders (none if none was old)."""
+    Arrow format, in place; returns the converted run folders (none if none was old).
+
+    Every run is checked first: if any has unreadable chunks, nothing is converted unless
+    ``drop_unreadable`` (see :func:`convert_run`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no store or run folder at {path}")
     runs = [path] if is_legacy(path) else [p for p in sorted(path.iterdir()) if p.is_dir() and is_legacy(p)]
+    if not drop_unreadable:
+        for folder in runs:
+            old = LegacyRun(folder, warn=False)
+            if old.bad_shards:
+                raise ValueError(_refusal(old))
     done = []
     for folder in runs:
-        done.append(convert_run(folder, shard_rows=shard_rows))
+        done.append(convert_run(folder, shard_rows=shard_rows, drop_unreadable=drop_unreadable))
         logger.info("converted run {!r} to the Arrow format: {}", folder.name, folder)
     return done

@@ -5,13 +5,12 @@ as a plain dataset), ``"hub:org/name"`` (a dataset repository that
 :meth:`StoredRun.push_to_hub` wrote, loaded with ``datasets.load_dataset``), or a folder of
 the old chunked format (read with a warning, see :mod:`.store_legacy`). Shards are
 memory-mapped: a run larger than memory works, and rows are read only when asked for.
-:meth:`StoredRun.rename` and :meth:`StoredRun.remove` manage a run inside its store.
+:meth:`~lm_probe.consumers.store_base.RunRows.rename` and ``remove`` manage a run inside its store.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,11 @@ class StoredRun(RunRows):
         self._arrays = [ChunkedArray(site_parts(tables, s.get("column", s["spec"]))) for s in metadata["sites"]]
         self._ids = _column(tables, "example_id", np.int64)
         self._labels = _column(tables, "label", None)
+        names = set(tables[0].column_names) if tables else set()
+        if metadata["pool"] == "none":
+            self._token_ids = _column(tables, "token_id", np.int64) if "token_id" in names else None
+        elif {"n_tokens", "token_hash"} <= names:  # runs written before these columns are not checked
+            self._n_tokens, self._hashes = _column(tables, "n_tokens", np.int64), _column(tables, "token_hash", np.int64)
         self._index_rows()
 
     @classmethod
@@ -151,34 +155,11 @@ class StoredRun(RunRows):
                                        path_in_repo=METADATA_FILE, repo_id=repo_id, repo_type="dataset",
                                        commit_message=message)
 
-    def rename(self, name: str) -> "StoredRun":
-        """Rename the run inside its store (its folder and its metadata); returns it."""
-        folder = self._local("rename")
-        if not name or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"a run name is a plain folder name, got {name!r}")
-        target = folder.with_name(name)
-        if target.exists():
-            raise FileExistsError(f"the store already has a run {name!r} at {target}; remove it or choose another name")
-        folder.rename(target)
-        self.path = self.source = target
-        self.metadata["run"] = name
-        write_info(target, self.metadata)
-        return self
+    def _write_metadata(self, folder: Path) -> None:
+        write_info(folder, self.metadata)
 
-    def remove(self, *, confirm: bool = False) -> None:
-        """Delete the run's folder; refused unless ``confirm=True``."""
-        folder = self._local("remove")
-        if not confirm:
-            raise ValueError(f"run.remove() deletes run {self.name!r} ({folder}, {len(self._ids)} rows) for good: "
-                             "call run.remove(confirm=True) to do it")
-        self._tables, self._arrays = [], []  # drop the memory maps first
-        shutil.rmtree(folder)
-        logger.info("removed store run {!r} ({})", self.name, folder)
-
-    def _local(self, what: str) -> Path:
-        if self.path is None:
-            raise ValueError(f"cannot {what} run {self.name!r}: it was opened from {self.source}, not a local folder")
-        return self.path
+    def _release(self) -> None:
+        self._tables, self._arrays = [], []  # drop the memory maps
 
 
 def _column(tables: list, name: str, dtype: Any) -> np.ndarray:

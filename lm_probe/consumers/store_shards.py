@@ -3,7 +3,8 @@
 A run folder is what ``datasets.Dataset.save_to_disk`` writes: shard files
 ``data-00000-of-0000N.arrow`` (Arrow IPC streams), ``dataset_info.json`` (the features:
 one ``List(Value("float32"), length=hidden)`` column per site, ``example_id``, ``label``,
-and for token runs ``position`` and ``token_id``; lm_probe's metadata as JSON in the
+for pooled runs each example's ``n_tokens`` and ``token_hash`` (of its token ids, see
+:func:`token_hashes`), for token runs ``position`` and ``token_id``; lm_probe's metadata as JSON in the
 info's ``description``) and ``state.json`` (the shard files, in order).
 
 :class:`ShardWriter` writes the shards during a pass, one at a time: it buffers rows until
@@ -21,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,12 +31,54 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
-           "ChunkedArray", "site_parts"]
+           "ChunkedArray", "site_parts", "token_hashes", "check_run_name", "check_removable", "remove_run_folder"]
 
 #: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
 SCHEMA_VERSION = 2
 #: Column names that are not sites.
-RESERVED = ("example_id", "label", "position", "token_id")
+RESERVED = ("example_id", "label", "n_tokens", "token_hash", "position", "token_id")
+
+
+def token_hashes(examples: Any) -> np.ndarray:
+    """``(examples,)`` int64: a 64-bit BLAKE2b hash of each example's token ids (as int64), what a
+    pooled run stores per row to recognise the texts and tokenization it was collected from."""
+    digests = [hashlib.blake2b(np.asarray(ids, np.int64).tobytes(), digest_size=8).digest() for ids in examples]
+    return np.frombuffer(b"".join(digests), "<i8").astype(np.int64) if digests else np.zeros(0, np.int64)
+
+
+#: The files that make a folder a run: the Arrow run's state, the old format's manifest.
+RUN_FILES = ("state.json", "metadata.json")
+#: The files a run writes (what a staging folder of an unfinished pass may hold).
+_WRITTEN = re.compile(r"data-\d{5}(-of-\d{5})?\.arrow|state\.json|dataset_info\.json")
+
+
+def check_run_name(name: Any) -> str:
+    """``name`` if it is a plain folder name (no path separator, not empty, not hidden)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith(".") or "\\" in name:
+        raise ValueError(f"a run name is a plain folder name, such as 'sentiment-l6', got {name!r}")
+    return name
+
+
+def check_removable(root: Path, folder: Path) -> Path:
+    """The resolved ``folder`` if deleting it is safe: it lies directly inside the store ``root``
+    and is a run (``state.json`` or ``metadata.json``), a staging folder holding only run files,
+    or empty. Anything else raises a ValueError: lm_probe deletes nothing it did not write."""
+    target = Path(folder).resolve()
+    if target.parent != Path(root).resolve():
+        raise ValueError(f"refusing to delete {folder}: it is not a run folder inside the store {root}")
+    entries = list(target.iterdir()) if target.is_dir() else []
+    staging = target.name.startswith(".") and all(p.is_file() and _WRITTEN.fullmatch(p.name) for p in entries)
+    if entries and not staging and not any((target / f).is_file() for f in RUN_FILES):
+        raise ValueError(f"refusing to delete {folder}: it holds files but is not a stored run (no state.json "
+                         "or metadata.json); move it away or choose another run name")
+    return target
+
+
+def remove_run_folder(root: Path, folder: Path) -> None:
+    """Delete a run folder of the store at ``root`` after :func:`check_removable`."""
+    target = check_removable(root, folder)
+    if target.exists():
+        shutil.rmtree(target)
 
 
 class ShardWriter:
@@ -42,13 +87,17 @@ class ShardWriter:
     Args:
         folder: The run folder (it exists).
         shard_rows: Rows per shard file (the last one may hold fewer).
+        group: A column whose runs of equal values are kept in one shard (a token run's
+            ``example_id``: a lost shard then loses whole examples, never part of one). A
+            shard then holds the most whole groups that fit in ``shard_rows`` (one larger
+            group alone); a group's rows must come in one :meth:`add`.
 
     ``buffered_rows`` is the number of rows held in memory: below ``shard_rows`` after every
     :meth:`add`. ``shards`` lists the written files: ``{"file", "rows", "bytes"}``.
     """
 
-    def __init__(self, folder: Path, shard_rows: int) -> None:
-        self.folder, self.shard_rows = Path(folder), shard_rows
+    def __init__(self, folder: Path, shard_rows: int, group: str | None = None) -> None:
+        self.folder, self.shard_rows, self.group = Path(folder), shard_rows, group
         self.shards: list[dict[str, Any]] = []
         self.schema: pa.Schema | None = None
         self._buffer: list[dict[str, np.ndarray]] = []
@@ -63,7 +112,16 @@ class ShardWriter:
         self._buffer.append({k: np.asarray(v) for k, v in columns.items()})
         self.buffered_rows += lengths.pop()
         while self.buffered_rows >= self.shard_rows:
-            self._write(self.shard_rows)
+            self._write(self._cut())
+
+    def _cut(self) -> int:
+        """Rows of the next shard: ``shard_rows``, or the whole groups that fit."""
+        if self.group is None:
+            return self.shard_rows
+        ids = np.concatenate([b[self.group] for b in self._buffer])
+        ends = np.r_[np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids)]  # where each group ends
+        fits = ends[ends <= self.shard_rows]
+        return int(fits[-1]) if len(fits) else int(ends[0])
 
     def close(self) -> list[dict[str, Any]]:
         """Write the rows left (a last, smaller shard) and return the shards written."""
@@ -177,9 +235,18 @@ class ChunkedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        rows = np.arange(self.shape[0])[rows] if not isinstance(rows, np.ndarray) else rows
-        rows = np.atleast_1d(rows)
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """Rows as numpy would index the full ``(rows, hidden)`` array (ints, negative ints,
+        slices, boolean masks, index arrays, and a second index for the columns); only the
+        rows asked for are read."""
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        rows = slice(None) if rows is Ellipsis else rows
+        index = np.arange(self.shape[0])[rows]  # numpy's rules: bounds, negatives, masks, shapes
+        wanted, where = np.unique(index, return_inverse=True)
+        return self._gather(wanted)[(where.reshape(np.shape(index)), *rest)]
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), hidden)``: the given sorted row numbers, part by part."""
         part = np.searchsorted(self.offsets, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype if self.parts else np.float32)
         for c in np.unique(part):

@@ -98,6 +98,8 @@ class RunContext:
             with the defaults of :class:`~lm_probe.probes.training.Training`.
         writer: Whether this process writes files: ``False`` on the data-parallel ranks other
             than 0 (:mod:`lm_probe.core.distributed`), which see the same rows as rank 0.
+        max_tokens: ``collect(max_tokens=...)``: the pass stops after this many real tokens
+            (``None``: it runs over all of ``data``).
     """
 
     model: Any = None
@@ -106,6 +108,7 @@ class RunContext:
     batch_size: int | None = None
     training: Mapping[str, Any] = field(default_factory=dict)
     writer: bool = True
+    max_tokens: int | None = None
 
     def as_keywords(self) -> dict[str, Any]:
         """The keywords of the earlier ``start(**context)`` form (without ``runner``)."""

@@ -75,8 +75,9 @@ class TraceSource:
 
 
 class StoreSource:
-    """Rows of a stored run, matched by ``example_ids`` (no model); a token run
-    (``pool="none"``) gives each example's stored tokens, which must be its real tokens."""
+    """Rows of a stored run, matched by ``example_ids`` (no model). Each batch's token ids are
+    checked against the run's (a pooled run's per-example token count and hash, a token run's
+    token ids): a dataset other than the one collected is refused, though its ids match."""
 
     replayable = True
 
@@ -84,7 +85,7 @@ class StoreSource:
         self.run = run
 
     def read(self, batch: Batch, data: ProbeDataset, requests: Sequence[Request]) -> dict[Request, np.ndarray]:
-        rows = self.run.read(data.example_ids[batch.index], requests)
+        rows = self.run.read(data.example_ids[batch.index], requests, tokens=[data.ids[i] for i in batch.index])
         tokens = int(batch.attention_mask.sum())
         for (spec, how), value in rows.items():
             if how == "none" and len(value) != tokens:

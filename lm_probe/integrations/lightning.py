@@ -26,6 +26,7 @@ Lightning is an optional dependency: ``pip install "lm_probe[lightning]"``.
 
 from __future__ import annotations
 
+from inspect import signature
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ from ..core.dataset import ProbeDataset
 from ..core.sites import Site, resolve_sites
 from ..core.sources import ArraySource, TraceSource, read_dataset
 from ..core.trigger import Trigger
+from ..probes.checks import split_validation
 from ..probes.config import ProbeConfig
 from ..runner import ProbeRunner
 
@@ -85,7 +87,8 @@ class ProbeCallback(Callback):
 
     Raises:
         ValueError: nothing to measure, ``n_samples`` against the gauges', ``pool="none"``, a
-            subset the probes' split cannot stratify (all before training); ``SiteError``: a
+            subset the probes' test split or ``fit_probes``' validation split (``val_size``)
+            cannot stratify (all before training); ``SiteError``: a
             site names no module of the measured model (at ``setup``, before any step).
 
     Attributes:
@@ -118,6 +121,9 @@ class ProbeCallback(Callback):
         self.fit_kwargs = dict(fit_kwargs or {})
         self.subset = probe_subset(probe_data, self._n_samples(probe_data, n_samples), seed)
         self._split = self.subset.tt_split(test_size, seed=seed) if self.probes else None  # fails early
+        if self.probes:  # and so does the validation share fit_probes holds out of the training part
+            val_size = self.fit_kwargs.get("val_size", signature(ProbeRunner.fit_probes).parameters["val_size"].default)
+            split_validation(self._split[0], val_size, seed)
         self.site = site if site is not None else (self.gauges[0].sites[0] if self.gauges else None)
         if site is not None and not any(site in g.sites for g in self.gauges):
             raise ValueError(f"site {site!r} is no gauge's site; gauge sites: {[s for g in self.gauges for s in g.sites]}")

@@ -23,7 +23,7 @@ from ..core.replay import Cache
 from .config import ProbeConfig
 from .probe import Probe
 
-__all__ = ["check_fit", "check_intervals", "check_names", "check_labels", "check_solver_memory", "class_names"]
+__all__ = ["check_fit", "split_validation", "check_intervals", "check_names", "check_labels", "check_solver_memory", "class_names"]
 
 
 def check_fit(probes: Sequence[Probe], train: ProbeDataset, test: ProbeDataset | None, *, batch_size: int,
@@ -47,6 +47,24 @@ def check_fit(probes: Sequence[Probe], train: ProbeDataset, test: ProbeDataset |
     if test is not None:
         check_labels(probes, test, "test", default=tuple(train.classes.tolist()))
     return batch_size
+
+
+def split_validation(train: ProbeDataset, val_size: float, seed: int) -> tuple[ProbeDataset, ProbeDataset | None]:
+    """``fit_probes``' split of ``train``: ``(fitted, validation)``, a stratified ``val_size``
+    share held out with ``seed`` (``(train, None)`` when ``val_size`` is 0).
+
+    Raises:
+        ValueError: a split that cannot be made (too few examples for a stratified share),
+            naming the fix.
+    """
+    if not val_size:
+        return train, None
+    try:
+        return train.tt_split(val_size, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"cannot hold out val_size={val_size} of the {len(train)} training examples for validation "
+                         f"({err}); give more training examples, a larger val_size, or val_size=0 (no validation "
+                         "and no early stopping)") from None
 
 
 def check_intervals(ci: Any, n_boot: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -51,11 +52,15 @@ def test_mean_rows_equal_hf_hidden_states_and_datasets_opens_the_run(llama, toy,
     store = ActivationStore(tmp_path, list(HF_SITES), run="mean", shard_rows=16, tags=["baseline"])
     ProbeRunner(llama, progress=False).collect(data, [store], batch_size=8)
     ds = datasets.load_from_disk(str(tmp_path / "mean"))  # datasets' own loader
-    assert ds.column_names == [*HF_SITES, "example_id", "label"] and ds.num_rows == 40
+    assert ds.column_names == [*HF_SITES, "example_id", "label", "n_tokens", "token_hash"] and ds.num_rows == 40
     assert ds.features["model.layers.0.output"] == datasets.List(datasets.Value("float32"), length=32)
     order = np.argsort(ds["example_id"])
     np.testing.assert_array_equal(np.asarray(ds["example_id"])[order], data.example_ids)
     np.testing.assert_array_equal(np.asarray(ds["label"])[order], data.labels)
+    np.testing.assert_array_equal(np.asarray(ds["n_tokens"])[order], [len(ids) for ids in data.ids])
+    blake = [int.from_bytes(hashlib.blake2b(ids.astype("<i8").tobytes(), digest_size=8).digest(), "little", signed=True)
+             for ids in data.ids]
+    np.testing.assert_array_equal(np.asarray(ds["token_hash"])[order], blake)
     for site, k in HF_SITES.items():
         reference = np.stack([hidden_states(llama, ids)[k].mean(0) for ids in data.ids])
         np.testing.assert_allclose(np.asarray(ds[site], np.float64)[order], reference, atol=1e-5)
@@ -156,12 +161,17 @@ def test_token_probes_from_store_train_like_the_live_run(llama, tmp_path):
     np.testing.assert_allclose(offline["loss"], live["loss"], rtol=1e-4)
     shorter = ProbeDataset([ids[:-1] for ids in data.ids], token_labels=[t[:-1] for t in data.token_labels],
                            example_ids=data.example_ids)  # not the tokens that were collected
-    with pytest.raises(ValueError, match="token rows .* real tokens: the data is not tokenized as the collected"):
+    with pytest.raises(ValueError, match="other texts/tokenization: example id .* tokens in the run and .* in the data"):
         ProbeRunner.from_store(run, configs(), progress=False).pooled(shorter)
+    swapped = ProbeDataset([ids[::-1] for ids in data.ids], token_labels=data.token_labels,
+                           example_ids=data.example_ids)  # as many tokens, other ids
+    with pytest.raises(ValueError, match="example id .* has other token ids in the run than in the data"):
+        ProbeRunner.from_store(run, configs(), progress=False).pooled(swapped)
 
 
 def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored, logs):
     data, root = stored
+    intact = ActivationStore.open(root).run("toy").read(data.example_ids, [(SITES[0], "mean")])[(SITES[0], "mean")]
     truncated, corrupted = root / "toy" / "data-00001-of-00006.arrow", root / "toy" / "data-00004-of-00006.arrow"
     truncated.write_bytes(truncated.read_bytes()[:-100])
     raw = bytearray(corrupted.read_bytes())
@@ -178,8 +188,9 @@ def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored
     assert len(lost) == 100
     with pytest.raises(KeyError, match="not in run 'toy' .2 shards were unreadable"):
         run.read([int(lost[0])], [(SITES[0], "mean")])
-    kept = run.read(run.example_ids[:3], [(SITES[0], "mean")])[(SITES[0], "mean")]
-    np.testing.assert_array_equal(kept, run.array(SITES[0])[np.arange(3)])
+    kept = run.example_ids  # every row left equals the row read before the damage
+    np.testing.assert_array_equal(run.read(kept, [(SITES[0], "mean")])[(SITES[0], "mean")],
+                                  intact[[list(data.example_ids).index(i) for i in kept]])
 
 
 def test_wrong_model_or_site_is_refused(stored):
@@ -226,3 +237,102 @@ def test_the_store_folder_defaults_to_lm_probe_store(llama, toy, tmp_path, monke
     ProbeRunner(llama, progress=False).collect(toy[1].subset(range(12)), [store])
     assert (tmp_path / "env_store" / "from_env" / "state.json").exists()
     assert [r.name for r in StoreIndex().runs()] == ["from_env"] and ActivationStore.open().run("from_env")
+
+
+@pytest.mark.parametrize("run", ["../precious", "", ".", "..", "a/b", ".hidden", None])
+def test_a_run_name_is_a_plain_folder_name(run, tmp_path):
+    with pytest.raises(ValueError, match="a run name is a plain folder name"):
+        ActivationStore(tmp_path / "store", SITES, run=run, overwrite=True)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(llama, toy, tmp_path):
+    data, root = toy[1].subset(range(8)), tmp_path / "store"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="refusing to delete .*notes: it holds files but is not a stored run"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="notes", overwrite=True)])
+    assert (root / "notes" / "thesis.tex").read_text() == "years of work"
+    outside = tmp_path / "elsewhere"
+    (outside / "run").mkdir(parents=True)
+    (outside / "run" / "state.json").write_text("{}")
+    (root / "link").symlink_to(outside / "run")  # a link out of the store is not the store's run
+    with pytest.raises(ValueError, match="not a run folder inside the store"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="link", overwrite=True)])
+    assert (outside / "run" / "state.json").exists()
+
+
+def test_another_dataset_with_the_same_example_ids_is_refused(llama, tmp_path):
+    tok = tiny_tokenizer()
+    a, b = (ProbeDataset.from_texts(*toy_texts(20, seed=seed), tokenizer=tok) for seed in (0, 7))
+    np.testing.assert_array_equal(a.example_ids, b.example_ids)  # both 0..19
+    ProbeRunner(llama, progress=False).collect(a, [ActivationStore(tmp_path, SITES[:1], run="a")])
+    runner = ProbeRunner.from_store(StoredRun(tmp_path / "a"), [ProbeConfig(SITES[0])], progress=False)
+    with pytest.raises(ValueError, match="run 'a' was collected from other texts/tokenization: example id .* "
+                                         "collect again or pass the dataset it was collected from"):
+        runner.pooled(b, [(SITES[0], "mean")])
+    live = ProbeRunner(llama, progress=False).pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")]
+    np.testing.assert_allclose(runner.pooled(a, [(SITES[0], "mean")])[(SITES[0], "mean")], live, atol=1e-6)
+
+
+def test_a_pass_that_fails_leaves_the_old_run_as_it_was(stored, llama, monkeypatch):
+    data, root = stored
+    before = ActivationStore.open(root).run("toy").array(SITES[0])[:]
+    update, calls = ActivationStore.update, []
+
+    def crash_at_batch_2(self, batch):
+        calls.append(batch.step)
+        if len(calls) == 2:
+            raise RuntimeError("crash mid-pass")
+        update(self, batch)
+
+    monkeypatch.setattr(ActivationStore, "update", crash_at_batch_2)
+    with pytest.raises(RuntimeError, match="crash mid-pass"):
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="toy", overwrite=True,
+                                                                          shard_rows=10)], batch_size=16)
+    index = ActivationStore.open(root)
+    assert list(index._runs) == ["toy"] and index.leftovers == [root / ".toy.writing"]
+    np.testing.assert_array_equal(index.run("toy").array(SITES[0])[:], before)  # intact and readable
+    monkeypatch.setattr(ActivationStore, "update", update)
+    with pytest.raises(FileExistsError, match="overwrite=True"):  # the name still holds the old run
+        ProbeRunner(llama, progress=False).collect(data, [ActivationStore(root, SITES, run="toy")])
+    ProbeRunner(llama, progress=False).collect(data.subset(range(10)), [ActivationStore(root, SITES, run="toy",
+                                                                                         overwrite=True)])
+    assert ActivationStore.open(root).run("toy").n_examples == 10 and sorted(p.name for p in root.iterdir()) == ["toy"]
+
+
+def test_token_run_shards_hold_whole_examples_and_a_lost_shard_loses_whole_examples(llama, toy, tmp_path):
+    data = toy[1].subset(range(40))
+    store = ActivationStore(tmp_path, SITES[:1], pool="none", run="t", shard_rows=25)
+    ProbeRunner(llama, progress=False).collect(data, [store], batch_size=16)
+    frame = datasets.load_from_disk(str(tmp_path / "t")).to_pandas()
+    shards = StoredRun(tmp_path / "t").metadata["shards"]
+    shard_of = np.repeat(np.arange(len(shards)), [s["rows"] for s in shards])
+    assert all(len(set(shard_of[frame["example_id"] == i])) == 1 for i in data.example_ids)  # never split
+    assert all(s["rows"] <= 25 for s in shards) and sum(s["rows"] for s in shards) == len(frame)
+    lost_file = tmp_path / "t" / shards[1]["file"]
+    lost_file.write_bytes(lost_file.read_bytes()[:-50])
+    run = StoredRun(tmp_path / "t")
+    lost = set(frame["example_id"][shard_of == 1])
+    assert run.n_examples == len(data) - len(lost) and lost.isdisjoint(run.example_ids)
+    for i, ids in zip(data.example_ids, data.ids):  # every example left has all its tokens
+        if i not in lost:
+            assert (run.example_ids == i).sum() == len(ids)
+    with pytest.raises(KeyError, match="is not in run 't' .1 shards were unreadable"):
+        run.read([min(lost)], [(SITES[0], "none")])
+
+
+@pytest.mark.parametrize("pool", ["mean", "none"])
+def test_a_pass_cut_by_max_tokens_is_recorded_as_incomplete(llama, toy, tmp_path, pool):
+    data = toy[1].subset(range(20))
+    budget = int(sum(len(ids) for ids in data.ids[:7])) + 2  # seven whole examples and two tokens of the 8th
+    ProbeRunner(llama, progress=False).collect(data, [ActivationStore(tmp_path, SITES[:1], run="cut", pool=pool)],
+                                               batch_size=4, max_tokens=budget)
+    ProbeRunner(llama, progress=False).collect(data, [ActivationStore(tmp_path, SITES[:1], run="all", pool=pool)])
+    run = StoredRun(tmp_path / "cut")
+    assert run.metadata["complete"] is False and run.metadata["max_tokens"] == budget
+    assert run.n_examples == (7 if pool == "mean" else 8)  # pooled rows only of examples pooled whole
+    assert run.metadata["n_tokens"] == (budget - 2 if pool == "mean" else budget)
+    assert StoredRun(tmp_path / "all").metadata["complete"] is True
+    table = ActivationStore.open(tmp_path).table.set_index("run")
+    assert table.loc["cut", "complete"] == False and table.loc["cut", "max_tokens"] == budget  # noqa: E712
+    assert table.loc["all", "complete"] == True and pd.isna(table.loc["all", "max_tokens"])  # noqa: E712

@@ -188,3 +188,54 @@ def test_a_run_that_did_not_finish_or_is_not_a_run(tmp_path):
         StoredRun.open(tmp_path / "half")
     with pytest.raises(FileNotFoundError, match="no stored run at .*'hub:org/name'"):
         StoredRun.open(tmp_path / "missing")
+
+
+def test_convert_refuses_a_run_with_unreadable_chunks_unless_told(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = {SITES[0]: rng.normal(size=(10, 4)).astype(np.float32)}
+    root = tmp_path / "store"
+    write_old_run(root / "one", rows, rng.integers(0, 2, 10), np.arange(10), chunk_rows=4)
+    bad = root / "one" / "chunk_00001" / "labels.npy"
+    bad.write_bytes(bad.read_bytes()[:-8])
+    assert main(["store", "convert", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "run 'one'" in err and "1 unreadable chunks" in err and "lose their 4 rows" in err
+    assert "--drop-unreadable" in err
+    assert isinstance(StoredRun.open(root / "one"), LegacyRun) and (root / "one" / "chunk_00001").exists()
+    assert main(["store", "convert", "--drop-unreadable", str(root)]) == 0
+    assert "(4 rows of unreadable chunks left out)" in capsys.readouterr().out
+    run = StoredRun.open(root / "one")
+    assert isinstance(run, StoredRun) and run.n_examples == 6
+    assert run.metadata["lost_rows"] == 4 and run.metadata["complete"] is False
+    assert list(run.metadata["lost_chunks"]) == ["chunk_00001"]
+    np.testing.assert_array_equal(run.array(SITES[0])[:], np.r_[rows[SITES[0]][:4], rows[SITES[0]][8:]])
+    assert sorted(p.name for p in root.iterdir()) == ["one"]  # no staging or backup folder left
+
+
+def test_an_old_format_run_is_renamed_and_removed_but_converted_before_pushing(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = {SITES[0]: rng.normal(size=(6, 4)).astype(np.float32)}
+    root = tmp_path / "store"
+    write_old_run(root / "old", rows, rng.integers(0, 2, 6), np.arange(6), chunk_rows=4)
+    run = StoredRun.open(root / "old")
+    with pytest.raises(ValueError, match="plain folder name"):
+        run.rename("../out")
+    assert run.rename("renamed") is run and run.path == root / "renamed" and not (root / "old").exists()
+    again = StoredRun.open(root / "renamed")
+    assert isinstance(again, LegacyRun) and again.name == "renamed"
+    np.testing.assert_array_equal(again.array(SITES[0])[:], rows[SITES[0]])
+    for action in (lambda: again.push_to_hub("org/x"), lambda: again.dataset):
+        with pytest.raises(ValueError, match="old format: .* convert first with `lm-probe store convert .*renamed`"):
+            action()
+    with pytest.raises(ValueError, match="confirm=True"):
+        again.remove()
+    again.remove(confirm=True)
+    assert not (root / "renamed").exists()
+
+
+def test_a_run_with_unreadable_metadata_is_skipped_with_a_warning(three_runs, logs):
+    _, root = three_runs
+    (root / "b" / "dataset_info.json").write_text("{not json")
+    index = ActivationStore.open(root)
+    assert index.table["run"].tolist() == ["a", "c"] and names(index.runs()) == ["a", "c"]
+    assert any("run 'b' is skipped, its metadata is unreadable" in m for m in logs)

@@ -195,6 +195,13 @@ def test_clear_errors_before_training(data):
     few = data.subset(np.arange(8))
     with pytest.raises(ValueError, match="cannot split 8 examples"):  # probes' split checked before training
         ProbeCallback(few, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE)], test_size=0.05)
+    with pytest.raises(ValueError, match="cannot hold out val_size=0.1 of the 9 training examples for validation"):
+        ProbeCallback(data, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE)], n_samples=12)  # 9 fit, 3 test
+    with pytest.raises(ValueError, match="val_size=0.05 of the 18 training"):  # fit_kwargs' val_size is the one checked
+        ProbeCallback(data, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE)], n_samples=24,
+                      fit_kwargs=dict(val_size=0.05))
+    ProbeCallback(data, trigger=Trigger(on_end=True), probes=[ProbeConfig(SITE)], n_samples=12,
+                  fit_kwargs=dict(val_size=0))  # no validation: nothing to split
     with pytest.raises(TypeError, match="trigger must be a Trigger"):
         ProbeCallback(data, trigger="every step", gauges=gauge())
     cb = ProbeCallback(data, trigger=Trigger(every_n_steps=1), gauges=DiffusionGauge(["transformer.h.9.output"],
