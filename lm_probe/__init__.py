@@ -40,7 +40,9 @@ _EXPORTS = {
     "Site": "core.sites",
     "SiteError": "core.sites",
     "StopReason": "probes.early_stopping",
+    "SubnetworkProbe": "circuits.subnetwork",
     "Trigger": "core.trigger",
+    "ablate": "circuits.targets",
     "describe": "core.architectures",
     "load_model": "core.model",
 }
@@ -48,6 +50,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .circuits.subnetwork import SubnetworkProbe
+    from .circuits.targets import ablate
     from .consumers.gauge import DiffusionGauge
     from .consumers.geometry import Geometry
     from .consumers.geometry_results import GeometryResults
