@@ -21,6 +21,7 @@ _EXPORTS = {
     "ActivationStore": "consumers.store",
     "Architecture": "core.architectures",
     "Cache": "core.replay",
+    "CircuitProbe": "circuits.circuit",
     "Consumer": "core.consumer",
     "DiffusionGauge": "consumers.gauge",
     "EarlyStopping": "probes.early_stopping",
@@ -50,6 +51,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .circuits.circuit import CircuitProbe
     from .circuits.subnetwork import SubnetworkProbe
     from .circuits.targets import ablate
     from .consumers.gauge import DiffusionGauge
