@@ -48,6 +48,9 @@ class SubnetworkProbe(MaskedProbe):
         patience: Epochs without a better validation objective before stopping.
         temperature_final: Continuous sparsification's last temperature.
         standardize: Standardize the site's rows with the unmasked model's training moments.
+        warm_start: Fit the head on the unmasked site's rows first (the model runs once for
+            them), then train it jointly with the masks, so pruning starts from plain
+            probing's accuracy.
         seed: Seed of the batch order, the head's initialization and the mask noise.
 
     Attributes:

@@ -54,12 +54,12 @@ class MaskedProbe:
     """
 
     _PARAMS = ("masked", "method", "l0_lambda", "pool", "epochs", "batch_size", "lr", "mask_lr", "patience",
-               "temperature_final", "standardize", "seed")
+               "temperature_final", "standardize", "warm_start", "seed")
 
     def __init__(self, model: Any, site: str, *, masked: Masked | str | None = None, method: str = "hard_concrete",
                  l0_lambda: float = 1.0, pool: str | None = None, epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-2, mask_lr: float = 0.1, patience: int = 3, temperature_final: float = 200.0,
-                 standardize: bool = True, seed: int = 0) -> None:
+                 standardize: bool = True, warm_start: bool = True, seed: int = 0) -> None:
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; choose one of {sorted(METHODS)}")
         if pool is not None:
@@ -72,6 +72,7 @@ class MaskedProbe:
         self.epochs, self.batch_size, self.lr, self.mask_lr = epochs, batch_size, lr, mask_lr
         self.patience, self.temperature_final, self.standardize, self.seed = (patience, temperature_final,
                                                                               standardize, seed)
+        self.warm_start = warm_start
         module = _torch_module(model)
         self._site = resolve_sites(module, [site])[site]  # parsed once, checked before any forward
         self.targets_ = resolve_masked(module, masked)
@@ -183,32 +184,47 @@ class MaskedProbe:
         sample = self._rows(module, next(train.batches(1)), how)[0]
         head = self._build(sample.shape[1], len(self.classes_))
         self._masks = {p: METHODS[self.method](module.get_submodule(p).weight.shape, device) for p in self.targets_}
+        warm = self.warm_start and head and self._masks
+        # the unmasked site's rows never change, so the model runs once for them
+        fixed = (self._collect(module, train, how), self._collect(module, val, how)) if warm or not self._masks else None
+        if warm:  # the head first learns the unmasked rows; the history records the joint training only
+            self._loop(module, train, val, how, torch.optim.Adam(head, lr=self.lr), head, fixed)
         logits = [m.logits for m in self._masks.values()]
         groups = [{"params": head, "lr": self.lr}] + ([{"params": logits, "lr": self.mask_lr}] if logits else [])
-        optimizer = torch.optim.Adam(groups)
-        stopping, best = EarlyStopping(patience=self.patience, min_delta=0.0), None
-        self.history_, self.stopped_reason_ = [], StopReason.END_OF_DATA
         with parametrized(module, self._masks):
-            for epoch in range(self.epochs):
-                self._set_temperature(epoch)
-                train_loss = self._epoch(module, train, how, optimizer, epoch)
-                objective, val_loss, kept = self._validate(module, val, how)
-                self.history_.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                      "kept_fraction": kept, "val_objective": objective})
-                stop, reason = stopping.check(objective, epoch)
-                if stopping.improved_:
-                    best = (epoch, copy.deepcopy([m.state_dict() for m in self._masks.values()]),
-                            [p.detach().clone() for p in head])
-                if stop:
-                    self.stopped_reason_ = reason
-                    break
-        self.best_epoch_, states, params = best
+            self.history_, self.stopped_reason_, self.best_epoch_ = self._loop(
+                module, train, val, how, torch.optim.Adam(groups), head, None if self._masks else fixed)
+        self._set_masks({p: m.keep().cpu().numpy() for p, m in self._masks.items()})
+
+    def _loop(self, module: torch.nn.Module, train: ProbeDataset, val: ProbeDataset, how: str, optimizer: Any,
+              head: list[torch.nn.Parameter], fixed: Any) -> tuple[list[dict], StopReason, int]:
+        """Epochs of training with early stopping; the best epoch's masks and head are put back.
+
+        Returns:
+            ``(history, stop reason, best epoch)``.
+        """
+        stopping, best, history, reason = EarlyStopping(patience=self.patience, min_delta=0.0), None, [], \
+            StopReason.END_OF_DATA
+        for epoch in range(self.epochs):
+            self._set_temperature(epoch)
+            train_loss = self._epoch(module, train, how, optimizer, epoch, fixed and fixed[0])
+            objective, val_loss, kept = self._validate(module, val, how, fixed and fixed[1])
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "kept_fraction": kept,
+                            "val_objective": objective})
+            stop, why = stopping.check(objective, epoch)
+            if stopping.improved_:
+                best = (epoch, copy.deepcopy([m.state_dict() for m in self._masks.values()]),
+                        [p.detach().clone() for p in head])
+            if stop:
+                reason = why
+                break
+        epoch, states, params = best
         for mask, state in zip(self._masks.values(), states):
             mask.load_state_dict(state)
         with torch.no_grad():
             for p, value in zip(head, params):
                 p.copy_(value)
-        self._set_masks({p: m.keep().cpu().numpy() for p, m in self._masks.items()})
+        return history, reason, epoch
 
     def _set_temperature(self, epoch: int) -> None:
         """Continuous sparsification: ``temperature_final ** (epoch / (epochs - 1))``, 1 to the final value."""
@@ -220,13 +236,20 @@ class MaskedProbe:
         total = sum(m.logits.numel() for m in self._masks.values())
         return sum(m.penalty() for m in self._masks.values()) / total if total else torch.zeros(())
 
-    def _epoch(self, module: torch.nn.Module, train: ProbeDataset, how: str, optimizer: Any, epoch: int) -> float:
-        """One pass over ``train`` with stochastic (hard concrete) or soft masks; the mean loss."""
+    def _epoch(self, module: torch.nn.Module, train: ProbeDataset, how: str, optimizer: Any, epoch: int,
+               fixed: tuple[torch.Tensor, np.ndarray] | None) -> float:
+        """One pass over ``train`` with stochastic (hard concrete) or soft masks, or over the
+        ``fixed`` rows of an unmasked model; the mean loss."""
         for mask in self._masks.values():
             mask.train()
+        if fixed is None:
+            batches = (self._rows(module, b, how) for b in train.batches(self.batch_size, shuffle=True,
+                                                                          seed=self.seed + epoch))
+        else:
+            order = np.random.default_rng(self.seed + epoch).permutation(len(fixed[1]))
+            batches = ((fixed[0][i], fixed[1][i]) for i in np.array_split(order, max(len(order) // self.batch_size, 1)))
         losses = []
-        for batch in train.batches(self.batch_size, shuffle=True, seed=self.seed + epoch):
-            x, y = self._rows(module, batch, how)
+        for x, y in batches:
             if len(y) == 0:
                 continue
             loss = self._loss(x, self._targets(y, x.device)) + self.l0_lambda * self._penalty().to(x.device)
@@ -236,11 +259,12 @@ class MaskedProbe:
             losses.append(loss.item())
         return float(np.mean(losses)) if losses else float("nan")
 
-    def _validate(self, module: torch.nn.Module, val: ProbeDataset, how: str) -> tuple[float, float, float]:
+    def _validate(self, module: torch.nn.Module, val: ProbeDataset, how: str,
+                  fixed: tuple[torch.Tensor, np.ndarray] | None) -> tuple[float, float, float]:
         """``(objective, loss, fraction kept)`` on ``val`` with the binary masks."""
         for mask in self._masks.values():
             mask.eval()
-        x, y = self._collect(module, val, how)
+        x, y = fixed if fixed is not None else self._collect(module, val, how)
         with torch.no_grad():
             loss = float(self._loss(x, self._targets(y, x.device)))
         kept = self._kept_fraction({p: m.keep() for p, m in self._masks.items()})
