@@ -33,6 +33,7 @@ NAMES = [
     "03_geometry",
     "04_diffusion_gauges",
     "05_logit_lens_and_store",
+    "07_subnetwork_probing",
 ]
 KERNEL = "lm_probe_notebook_test"
 SUMMARY_MARK = "LM_PROBE_SUMMARY "
@@ -166,3 +167,14 @@ def test_logit_lens_and_store(kernel_specs, tmp_path):
     assert s["store_examples"] == 48
     assert s["store_vs_live_max_accuracy_diff"] == 0 and s["store_vs_live_max_loss_diff"] < 1e-5
     assert not list(tmp_path.iterdir()), "the store and the saved probes go to a temporary folder"
+
+
+@pytest.mark.slow
+def test_subnetwork_probing(kernel_specs, tmp_path):
+    s = run_small("07_subnetwork_probing", kernel_specs, tmp_path)
+    assert s["n_test"] == 30
+    assert 0 < s["kept_fractions"][0] < 1, "the masks pruned some of the MLP weights, not all"
+    assert all(0 <= a <= 1 for a in s["accuracies"])
+    assert s["ablation"]["intact model"] == s["plain_accuracy"]
+    assert set(s["ablation"]) == {"intact model", "subnetwork removed", "as many random weights removed",
+                                  "only the subnetwork kept"}
