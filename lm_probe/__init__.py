@@ -21,6 +21,7 @@ _EXPORTS = {
     "ActivationStore": "consumers.store",
     "Architecture": "core.architectures",
     "Cache": "core.replay",
+    "CircuitProbe": "circuits.circuit",
     "Consumer": "core.consumer",
     "DiffusionGauge": "consumers.gauge",
     "EarlyStopping": "probes.early_stopping",
@@ -42,7 +43,9 @@ _EXPORTS = {
     "SiteError": "core.sites",
     "StopReason": "probes.early_stopping",
     "StoredRun": "consumers.store_run",
+    "SubnetworkProbe": "circuits.subnetwork",
     "Trigger": "core.trigger",
+    "ablate": "circuits.targets",
     "describe": "core.architectures",
     "load_model": "core.model",
 }
@@ -50,6 +53,9 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .circuits.circuit import CircuitProbe
+    from .circuits.subnetwork import SubnetworkProbe
+    from .circuits.targets import ablate
     from .consumers.gauge import DiffusionGauge
     from .consumers.geometry import Geometry
     from .consumers.geometry_results import GeometryResults

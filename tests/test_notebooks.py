@@ -34,6 +34,7 @@ NAMES = [
     "04_diffusion_gauges",
     "05_logit_lens_and_store",
     "06_deployed_probes",
+    "07_subnetwork_probing",
 ]
 KERNEL = "lm_probe_notebook_test"
 SUMMARY_MARK = "LM_PROBE_SUMMARY "
@@ -180,3 +181,14 @@ def test_deployed_probes(kernel_specs, tmp_path):
     assert s["mean_score"]["negative"]["last@15"] < 0.5 < s["mean_score"]["positive"]["last@15"]
     assert s["monitor_vs_score_tokens_max_diff"] < 1e-4, "the monitor's scores are score_tokens' on the finished text"
     assert not list(tmp_path.iterdir()), "the saved probes go to a temporary folder"
+
+
+@pytest.mark.slow
+def test_subnetwork_probing(kernel_specs, tmp_path):
+    s = run_small("07_subnetwork_probing", kernel_specs, tmp_path)
+    assert s["n_test"] == 30
+    assert 0 < s["kept_fractions"][0] < 1, "the masks pruned some of the MLP weights, not all"
+    assert all(0 <= a <= 1 for a in s["accuracies"])
+    assert s["ablation"]["intact model"] == s["plain_accuracy"]
+    assert set(s["ablation"]) == {"intact model", "subnetwork removed", "as many random weights removed",
+                                  "only the subnetwork kept"}
