@@ -112,7 +112,7 @@ def test_score_tokens_is_the_linear_map_on_every_real_token(trained, side, monke
     for k, (ids, states) in enumerate(refs):
         rows = frame[frame.text == k]
         assert rows.position.tolist() == list(range(len(ids))) and rows.token_id.tolist() == ids.tolist()
-        assert rows.token.tolist() == [tok.decode([i]) for i in ids]
+        assert "".join(rows.token) == tok.decode(ids.tolist()), "a text's token pieces join back to its text"
         for name in ("lin", "last"):
             probe = runner[name]
             np.testing.assert_allclose(rows[name], linear_map(probe, states[layer_of(probe) + 1]), atol=1e-5)
@@ -166,7 +166,7 @@ def test_monitor_stops_when_the_loop_does_and_at_the_end_of_sequence(trained, tm
     back = ProbeRunner.load(tmp_path / "run", model=load_model(other, tokenizer=tiny_tokenizer()))
     prompt = "a story with brilliant music and"
     steps = list(back.monitor(prompt, max_new_tokens=8))
-    assert [s.token_id for s in steps] == [2] and steps[0].token == "<eos>"
+    assert [s.token_id for s in steps] == [2] and steps[0].token == " <eos>"
     full = back.score_tokens(prompt + " <eos>")
     assert full.token_id.iloc[-1] == 2
     assert steps[0].scores["lin"] == pytest.approx(full["lin"].iloc[-1], abs=1e-5)
@@ -233,3 +233,57 @@ def test_refusals_come_before_any_forward(gpt2, trained, tmp_path):
         handle.remove()
         trained_handle.remove()
     assert calls["n"] == trained_calls["n"] == 0
+
+
+def test_max_length_defaults_to_the_models_positions_and_a_larger_one_is_refused(trained, logs):
+    runner, hf, family = trained
+    tok = runner.model.tokenizer
+    long = " ".join(["good great fun movie"] * 40)  # 160 tokens, past the 128 positions
+    calls, handle = count_calls(hf)
+    try:
+        with pytest.raises(ValueError, match="max_length=200 is more than the model's 128 positions"):
+            runner.predict([long], max_length=200)
+    finally:
+        handle.remove()
+    assert calls["n"] == 0
+    proba = runner.predict_proba(pd.Series([long, "the story"], index=["a", "b"]), "lin")
+    assert any("1 of 2 texts are longer than max_length=128" in m for m in logs)
+    assert list(proba.index) == ["a", "b"], "a Series keeps its index"
+    ids = tok(long)["input_ids"][:128]
+    with torch.no_grad():
+        states = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0].double().numpy()
+    np.testing.assert_allclose(proba.loc["a", ("lin", "pos")], linear_map(runner["lin"], states.mean(0)[None])[0],
+                               atol=1e-5)
+    assert len(runner.score_tokens(long, "lin")) == 128
+
+
+def test_score_tokens_scores_each_batch_as_it_is_read(trained, monkeypatch):
+    import lm_probe.probes.deploy as deploy
+
+    runner, _, _ = trained
+    sizes = []
+    real = deploy.token_scores
+    monkeypatch.setattr(deploy, "token_scores", lambda probe, X: sizes.append(len(X)) or real(probe, X))
+    texts = NEW * 3
+    frame = runner.score_tokens(texts, "lin", batch_size=2)
+    assert len(sizes) == 6 and sum(sizes) == len(frame), "one scoring per batch of two texts"
+    assert max(sizes) <= 2 * max(len(runner.model.tokenizer(t)["input_ids"]) for t in texts)
+
+
+def test_probe_names_that_clash_with_columns_are_refused(gpt2, toy):
+    at = LAYER["gpt2"].format
+    for names, message in [(["token"], "'token' clashes with score_tokens' own columns"),
+                           (["three", "three[b]"], "'three\\[b\\]' clashes with probe 'three'")]:
+        configs = [ProbeConfig(at(1), name=n, **({"classes": [0, 1, 2], "label_names": ["a", "b", "c"]}
+                                                  if n == "three" else {})) for n in names]
+        runner = ProbeRunner(gpt2, configs, progress=False)
+        for probe in runner.probes.values():  # "trained" as far as the column names go
+            probe.classes_ = np.array([0, 1, 2] if probe.config.name == "three" else [0, 1])
+            probe._check_fitted = lambda: None
+        calls, handle = count_calls(gpt2._module)
+        try:
+            with pytest.raises(ValueError, match=message):
+                runner.score_tokens(NEW)
+        finally:
+            handle.remove()
+        assert calls["n"] == 0
