@@ -287,3 +287,31 @@ def test_probe_names_that_clash_with_columns_are_refused(gpt2, toy):
         finally:
             handle.remove()
         assert calls["n"] == 0
+
+
+def test_class_name_labels_come_back_as_names_and_are_saved(gpt2, tmp_path):
+    texts, labels = toy_texts(120, seed=0)
+    data = ProbeDataset.from_texts(texts, list(np.array(["neg", "pos"])[labels]), tokenizer=gpt2.tokenizer)
+    runner = ProbeRunner(gpt2, [ProbeConfig(LAYER["gpt2"].format(1), name="p")], progress=False).fit_probes(data, **FIT)
+    probe = runner["p"]
+    X = runner.pooled(ProbeDataset.from_texts(NEW, [0] * 4, tokenizer=gpt2.tokenizer))[(probe.config.site, "mean")]
+    expected = [["neg", "pos"][k] for k in probe.predict(X)]
+    assert runner.predict(NEW).p.tolist() == expected
+    assert list(runner.predict_proba(NEW)["p"].columns) == ["neg", "pos"]
+    runner.save(tmp_path / "run")
+    assert ProbeRunner.load(tmp_path / "run", model=gpt2).predict(NEW).p.tolist() == expected
+
+
+def test_label_names_that_miss_a_class_are_refused_before_any_forward(gpt2):
+    texts, labels = toy_texts(60, n_classes=3, seed=3)
+    data = ProbeDataset.from_texts(texts, labels + 5, tokenizer=gpt2.tokenizer)  # labels 5, 6, 7
+    runner = ProbeRunner(gpt2, [ProbeConfig(LAYER["gpt2"].format(1), name="p", label_names=["a", "b", "c"])],
+                         progress=False)
+    calls, handle = count_calls(gpt2._module)
+    try:
+        with pytest.raises(ValueError, match=r"label_names \['a', 'b', 'c'\] name labels 0..2 but its classes are "
+                                             r"\[5, 6, 7\]"):
+            runner.fit_probes(data, **FIT)
+    finally:
+        handle.remove()
+    assert calls["n"] == 0
