@@ -5,7 +5,7 @@ float64 numpy; Hugging Face's greedy ``generate``)."""
 
 from __future__ import annotations
 
-import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -91,12 +91,17 @@ def test_predict_and_predict_proba_equal_the_hand_pooled_reference_in_one_forwar
 
 
 def test_control_twins_are_left_out_unless_asked(trained):
-    runner, _, _ = trained
+    runner, hf, _ = trained
     assert "lin [control]" not in runner.predict(NEW[:1]).columns
     both = runner.predict_proba(NEW[:2], include_control=True)
     assert "lin [control]" in both.columns.get_level_values("probe")
     only = runner.predict_proba(NEW[:2], ["lin [control]"])
-    np.testing.assert_allclose(only.to_numpy(), both["lin [control]"].to_numpy())
+    twin = runner["lin [control]"]
+    X = np.stack([hidden_states(hf, t, runner.model.tokenizer)[1][2].mean(0) for t in NEW[:2]])  # layer 1, mean
+    expected = twin.estimator_.predict_proba((X - twin.mean_) / twin.scale_)
+    np.testing.assert_allclose(only.to_numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(both["lin [control]"].to_numpy(), expected, atol=1e-5)
+    assert not np.allclose(expected, runner.predict_proba(NEW[:2], "lin").to_numpy(), atol=1e-3), "the twin's own"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -154,11 +159,16 @@ def test_monitor_yields_the_greedy_generation_with_each_tokens_scores(trained):
 
 
 def test_monitor_stops_when_the_loop_does_and_at_the_end_of_sequence(trained, tmp_path):
-    runner, _, family = trained
-    for step in runner.monitor("the movie was", max_new_tokens=50):
-        if step.step == 1:
-            break
-    assert not [t for t in threading.enumerate() if t.name == "lm_probe-monitor"], "the worker stopped"
+    runner, hf, family = trained
+    calls, handle = count_calls(hf)
+    try:
+        for step in runner.monitor("the movie was", max_new_tokens=50):
+            if step.step == 1:
+                break
+        time.sleep(0.2)
+    finally:
+        handle.remove()
+    assert calls["n"] == 3, "the prompt and the two tokens fed back: no forward after the loop left"
     if family != "llama":
         return
     runner.save(tmp_path / "run")  # the same probes on another llama, whose first new token is the EOS
@@ -194,10 +204,16 @@ def test_multiclass_and_regression_probes(gpt2):
     reg.fit_probes(ProbeDataset.from_texts(texts, share, tokenizer=gpt2.tokenizer), **FIT)
     frame = runner.score_tokens(NEW[:2])
     assert list(frame.columns[4:]) == ["three[neg]", "three[mixed]", "three[pos]"]
-    np.testing.assert_allclose(frame.iloc[:, 4:].sum(axis=1), 1.0)
-    assert set(runner.predict(NEW).three) <= {"neg", "mixed", "pos"}
-    X = runner.pooled(ProbeDataset.from_texts(NEW, [0] * 4, tokenizer=gpt2.tokenizer))[(at(1), "mean")]
-    np.testing.assert_allclose(reg.predict(NEW).share, reg["share"].predict(X), atol=1e-6)
+    probe, names = runner["three"], ["neg", "mixed", "pos"]
+    states = [hidden_states(gpt2._module, t, gpt2.tokenizer)[1][2] for t in NEW]  # layer 1's output
+    per_token = probe.estimator_.predict_proba((np.concatenate(states[:2]) - probe.mean_) / probe.scale_)
+    np.testing.assert_allclose(frame.iloc[:, 4:].to_numpy(), per_token, atol=1e-5)
+    X = np.stack([s.mean(0) for s in states])
+    expected = probe.estimator_.predict_proba((X - probe.mean_) / probe.scale_)
+    np.testing.assert_allclose(runner.predict_proba(NEW)["three"][names].to_numpy(), expected, atol=1e-5)
+    assert runner.predict(NEW).three.tolist() == [names[k] for k in expected.argmax(1)]
+    np.testing.assert_allclose(reg.predict(NEW).share, reg["share"].estimator_.predict(
+        (X - reg["share"].mean_) / reg["share"].scale_), atol=1e-5)
     with pytest.raises(ValueError, match="'share' is a regression probe: use predict"):
         reg.predict_proba(NEW, "share")
     with pytest.raises(ValueError, match="no probe of this runner gives predict_proba"):
