@@ -104,10 +104,11 @@ def _last_row(value: Any) -> torch.Tensor:
 
 
 def _step(model: Any, sites: Sequence[Site], feed: torch.Tensor, length: int, cache: Any,
-          cache_arg: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
-    """One trace feeding ``feed (1, k)``, the last ``k`` of ``length`` tokens, after ``cache``:
-    the last position's rows ``{site name: (hidden,)}``, its logits ``(vocab,)``, the new cache."""
-    params = inspect.signature(model._module.forward).parameters
+          params: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+    """One trace feeding ``feed (1, k)``, the last ``k`` of ``length`` tokens, after ``cache``
+    (``params``: the forward's parameters): the last position's rows ``{site name: (hidden,)}``,
+    its logits ``(vocab,)``, the new cache."""
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
     inputs: dict[str, Any] = {"input_ids": feed, "use_cache": True,
                               "attention_mask": torch.ones(1, length, dtype=torch.long, device=feed.device)}
     if "position_ids" in params:
@@ -119,8 +120,12 @@ def _step(model: Any, sites: Sequence[Site], feed: torch.Tensor, length: int, ca
         for site in sites:  # in execution order
             rows[site.name] = _last_row(getattr(site.envoy(model), site.attr)).save()
         output = model.output.save()
-    new_cache = output[cache_arg] if cache_arg in output else output[1]
-    return rows, output["logits"][0, -1], new_cache
+    new_cache = getattr(output, "cache", None)
+    new_cache = getattr(output, "past_key_values", None) if new_cache is None else new_cache
+    if new_cache is None:
+        raise ValueError(f"{type(model._module).__name__} returned no key-value cache (use_cache=True); "
+                         "monitor needs a causal language model with one")
+    return rows, output.logits[0, -1], new_cache
 
 
 def generated_rows(model: Any, sites: dict[str, Site], input_ids: torch.Tensor, *, max_new_tokens: int,
@@ -144,14 +149,13 @@ def generated_rows(model: Any, sites: dict[str, Site], input_ids: torch.Tensor, 
     ends = set() if eos_token_id is None else {int(eos_token_id)} if np.ndim(eos_token_id) == 0 else \
         {int(i) for i in eos_token_id}
     params = inspect.signature(model._module.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
     by_rank = sorted({site.name: site for site in sites.values()}.values(), key=lambda s: s.rank)
     ids = input_ids.to(model_device(model))
-    _, logits, cache = _step(model, by_rank, ids, ids.shape[1], None, cache_arg)
+    _, logits, cache = _step(model, by_rank, ids, ids.shape[1], None, params)
     for _ in range(max_new_tokens):
         token = choose(ids, logits)
         ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-        rows, logits, cache = _step(model, by_rank, ids[:, -1:], ids.shape[1], cache, cache_arg)
+        rows, logits, cache = _step(model, by_rank, ids[:, -1:], ids.shape[1], cache, params)
         yield ids.shape[1] - 1, token, {spec: rows[site.name].numpy() for spec, site in sites.items()}
         if token in ends:
             return
