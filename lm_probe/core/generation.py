@@ -1,54 +1,98 @@
 """Generation read live: each new token's activations at some sites, as it is made.
 
 A probe is a monitor when it scores a model's output while the model writes it.
-:func:`generated_rows` runs ``model.generate`` through nnsight, reads the requested
-sites in every decoding step (``tracer.iter``) and hands each step's rows over as the
-step runs, so a caller sees token ``t`` while token ``t + 1`` is being computed.
+:func:`generated_rows` decodes one token at a time in the caller's thread, with one
+nnsight ``model.trace`` per new token: the trace feeds only the newest token, with the
+Hugging Face key-value cache of everything before it (``use_cache=True``), and saves
+the cache, the last position's logits and the last position's rows at the requested
+sites. The logits choose the next token (greedy, or sampled with transformers' own
+logit warpers: :func:`next_token_chooser`); the rows are those of the token just fed.
+So token ``t`` is yielded after the trace that fed it, and the first trace (the whole
+prompt) yields nothing. The last new token is fed once more for its rows alone.
 
-Decoding step ``k`` (``k >= 1``, with the key-value cache) feeds the token made by step
-``k - 1``, so its activations at the last position are that token's; step 0 reads the
-prompt and is skipped. The last new token is never fed back, so its rows come from one
-trace of the whole sequence at the end (:func:`~lm_probe.core.trace.read_pooled`,
-``pool="none"``). In a causal model a token's activations do not depend on what follows
-it, so every new token's rows equal those of the finished sequence at its position (up
-to float rounding between the cached and the full forward).
+It is a plain lazy generator: nothing runs until the first ``next``, each ``next`` is
+one forward of one token, and no trace stays open between them, so other traces on the
+same model (``runner.predict`` in the next notebook cell, a second monitor) run in
+between as usual; abandoning the generator (``break``) simply stops the decoding.
 
-The generation runs in a worker thread that puts each step's rows on a queue; the
-generator in the caller's thread yields them. Closing the generator early (``break``)
-tells the worker to stop after its current step (a Hugging Face stopping criterion) and
-waits for it.
+In a causal model a token's activations do not depend on what follows it, so every new
+token's rows equal those of the finished sequence at its position (up to float rounding
+between the cached and the full forward), and greedy decoding gives Hugging Face's
+greedy ``generate`` tokens.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import warnings
-from typing import Any, Iterator, Sequence
+import copy
+import inspect
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .sites import Site
-from .trace import model_device, read_pooled, site_tensor
+from .trace import model_device, site_tensor
 
-__all__ = ["generated_rows"]
+__all__ = ["generated_rows", "next_token_chooser", "SAMPLING_KWARGS"]
 
-#: nnsight's warning when a ``tracer.iter`` loop asks for a step the generation did not make
-#: (it stopped at an end-of-sequence token, or was told to stop): expected here.
-_NEVER_REACHED = ".*was never reached.*"
+#: The keyword arguments :func:`next_token_chooser` takes (generation settings, as for ``generate``).
+SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed")
+
+#: ``generate`` arguments that ask for something a one-sequence monitor cannot do: ``(name, allowed value)``.
+_REFUSED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "num_beam_groups": 1}
 
 
-class _Recorder(StoppingCriteria):
-    """Puts the ids after each new token on the queue; stops the generation once told to."""
+def next_token_chooser(generation_config: Any = None, **kwargs: Any) -> Callable[[torch.Tensor, torch.Tensor], int]:
+    """How the next token is chosen from the last position's logits.
 
-    def __init__(self, events: queue.Queue, stop: threading.Event) -> None:
-        self.events, self.stop = events, stop
+    Greedy (``do_sample=False``, the default) takes the argmax. ``do_sample=True`` applies
+    transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``
+    (in ``generate``'s order) with the settings given here over the model's own
+    ``generation_config``, then draws from the softmax with ``torch.multinomial`` (with
+    ``seed``: from a ``torch.Generator`` seeded once, so a run is reproducible; without:
+    from torch's global generator, as ``generate`` does).
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        self.events.put(("ids", input_ids[0].detach().cpu().numpy().copy()))
-        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+    Args:
+        generation_config: The model's ``GenerationConfig`` (its defaults for the warpers), or None.
+        **kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
+
+    Returns:
+        ``choose(ids (1, tokens), logits (vocab,)) -> token id``.
+
+    Raises:
+        ValueError: a beam search, several sequences, assisted decoding, or an argument
+            not among :data:`SAMPLING_KWARGS` (before any forward).
+    """
+    from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    for name, allowed in _REFUSED.items():
+        if name in kwargs and kwargs.pop(name) != allowed:
+            raise ValueError(f"monitor decodes one sequence token by token; {name} is not supported "
+                             f"(leave it out, or use model.generate for it)")
+    unknown = sorted(set(kwargs) - set(SAMPLING_KWARGS))
+    if unknown:
+        raise ValueError(f"monitor does not take {unknown}; its generation settings are {list(SAMPLING_KWARGS)}")
+    seed = kwargs.pop("seed", None)
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    config.update(**{"do_sample": False, **kwargs})
+    if not config.do_sample:
+        return lambda ids, logits: int(logits.argmax())
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def sample(ids: torch.Tensor, logits: torch.Tensor) -> int:
+        scores = warpers(ids, logits[None].float())
+        probs = torch.softmax(scores, dim=-1).cpu() if generator is not None else torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])
+
+    return sample
 
 
 def _last_row(value: Any) -> torch.Tensor:
@@ -59,69 +103,59 @@ def _last_row(value: Any) -> torch.Tensor:
     return hidden[0, -1].float().cpu()
 
 
-def _generate(model: Any, sites: Sequence[Site], input_ids: torch.Tensor, max_new_tokens: int,
-              events: queue.Queue, stop: threading.Event, kwargs: dict[str, Any]) -> None:
-    """The worker: generate, putting ``("rows", {site name: row})`` after each step from the
-    second on, then ``("done", None)``, or ``("error", exception)``."""
-    try:
-        criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _Recorder(events, stop)])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NEVER_REACHED)
-            with model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                stopping_criteria=criteria, **kwargs) as tracer:
-                for _ in tracer.iter[1:max_new_tokens]:
-                    rows = {}
-                    for site in sites:  # in execution order
-                        rows[site.name] = _last_row(getattr(site.envoy(model), site.attr))
-                    events.put(("rows", rows))
-    except BaseException as err:  # noqa: BLE001 (handed to the caller's thread, raised there)
-        events.put(("error", err))
-    else:
-        events.put(("done", None))
+def _step(model: Any, sites: Sequence[Site], feed: torch.Tensor, length: int, cache: Any,
+          params: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+    """One trace feeding ``feed (1, k)``, the last ``k`` of ``length`` tokens, after ``cache``
+    (``params``: the forward's parameters): the last position's rows ``{site name: (hidden,)}``,
+    its logits ``(vocab,)``, the new cache."""
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+    inputs: dict[str, Any] = {"input_ids": feed, "use_cache": True,
+                              "attention_mask": torch.ones(1, length, dtype=torch.long, device=feed.device)}
+    if "position_ids" in params:
+        inputs["position_ids"] = torch.arange(length - feed.shape[1], length, device=feed.device)[None]
+    if cache is not None:
+        inputs[cache_arg] = cache
+    rows: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), model.trace(**inputs):
+        for site in sites:  # in execution order
+            rows[site.name] = _last_row(getattr(site.envoy(model), site.attr)).save()
+        output = model.output.save()
+    new_cache = getattr(output, "cache", None)
+    new_cache = getattr(output, "past_key_values", None) if new_cache is None else new_cache
+    if new_cache is None:
+        raise ValueError(f"{type(model._module).__name__} returned no key-value cache (use_cache=True); "
+                         "monitor needs a causal language model with one")
+    return rows, output.logits[0, -1], new_cache
 
 
 def generated_rows(model: Any, sites: dict[str, Site], input_ids: torch.Tensor, *, max_new_tokens: int,
-                   **generate_kwargs: Any) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """Generate from one prompt and yield each new token with its activations, as made.
+                   choose: Callable[[torch.Tensor, torch.Tensor], int] | None = None,
+                   eos_token_id: int | Sequence[int] | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Decode from one prompt, lazily, and yield each new token with its activations.
 
     Args:
-        model: An nnsight language model (``model.generate``).
+        model: An nnsight language model of a causal LM with a key-value cache.
         sites: ``{spec: Site}`` to read, resolved for ``model``.
         input_ids: ``(1, prompt_tokens)`` prompt ids.
         max_new_tokens: New tokens at most (fewer if the model ends the sequence).
-        **generate_kwargs: Passed to ``model.generate`` (``do_sample``, ``pad_token_id``, ...).
+        choose: ``choose(ids, logits) -> token id`` (:func:`next_token_chooser`; default greedy).
+        eos_token_id: End-of-sequence id(s): decoding stops after yielding one.
 
     Yields:
         ``(position, token_id, {spec: (hidden,) float32 row})`` per new token, in order;
-        ``position`` counts the prompt's tokens first.
+        ``position`` counts the prompt's tokens first. ``max_new_tokens + 1`` traces at most.
     """
-    device = model_device(model)
-    input_ids = input_ids.to(device)
-    prompt_len = input_ids.shape[1]
+    choose = choose or (lambda ids, logits: int(logits.argmax()))
+    ends = set() if eos_token_id is None else {int(eos_token_id)} if np.ndim(eos_token_id) == 0 else \
+        {int(i) for i in eos_token_id}
+    params = inspect.signature(model._module.forward).parameters
     by_rank = sorted({site.name: site for site in sites.values()}.values(), key=lambda s: s.rank)
-    events: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    worker = threading.Thread(target=_generate, daemon=True, name="lm_probe-monitor",
-                              args=(model, by_rank, input_ids, max_new_tokens, events, stop, dict(generate_kwargs)))
-    worker.start()
-    ids, position = input_ids[0].cpu().numpy(), prompt_len
-    try:
-        while True:
-            kind, value = events.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                break
-            if kind == "ids":
-                ids = value
-                continue
-            yield position, int(ids[position]), {spec: value[site.name].numpy() for spec, site in sites.items()}
-            position += 1
-        if position < len(ids):  # the last new token was never fed back: one trace of the whole sequence
-            full = torch.as_tensor(ids, device=device)[None]
-            rows = read_pooled(model, sites, [(spec, "none") for spec in sites], full, torch.ones_like(full))
-            for at in range(position, len(ids)):
-                yield at, int(ids[at]), {spec: rows[(spec, "none")][at].numpy() for spec in sites}
-    finally:
-        stop.set()
-        worker.join()
+    ids = input_ids.to(model_device(model))
+    _, logits, cache = _step(model, by_rank, ids, ids.shape[1], None, params)
+    for _ in range(max_new_tokens):
+        token = choose(ids, logits)
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+        rows, logits, cache = _step(model, by_rank, ids[:, -1:], ids.shape[1], cache, params)
+        yield ids.shape[1] - 1, token, {spec: rows[site.name].numpy() for spec, site in sites.items()}
+        if token in ends:
+            return

@@ -121,6 +121,12 @@ def check_labels(probes: Sequence[Probe], data: ProbeDataset, what: str,
         return  # a new tag in the test set is reported at scoring time, not an error
     for probe in probes:
         allowed = probe.config.classes or default
+        names = getattr(probe.config, "label_names", None) or data.label_names
+        classes = sorted(int(c) for c in (allowed if allowed is not None else present))
+        if probe.is_classifier and names is not None and not all(0 <= c < len(names) for c in classes):
+            raise ValueError(f"probe {probe.name!r}: label_names {list(names)} name labels 0..{len(names) - 1} but "
+                             f"its classes are {classes}; give one name per label up to the "
+                             "largest (label_names[i] names label i), or relabel the data 0..k-1")
         if probe.is_classifier and allowed is not None and not present <= set(allowed):
             names = class_names(data, [probe.config])
             raise ValueError(

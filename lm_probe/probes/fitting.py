@@ -5,7 +5,9 @@ validation rows (pooled once for all probes, then cut to the rows that probe is 
 on: :func:`~lm_probe.probes.scoring.scored_rows`), a fresh early-stopping rule and step
 budget (the ``fit_probes`` values, or the probe's own :data:`~lm_probe.probes.config.PER_PROBE`
 settings), the training row count ``alpha="auto"`` scales by, and, for a control twin,
-the control labels of the fit split.
+the control labels of the fit split. A probe whose config names no classes learns the
+training set's :attr:`~lm_probe.ProbeDataset.label_names` (``label_names_``, saved with
+it), so deployed predictions come back as class names.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def fit_settings(probes: Mapping[str, Probe], train: ProbeDataset, fit: ProbeDat
     training = {}
     for name, probe in probes.items():
         classes = probe.config.classes or tuple(train.classes.tolist())
+        probe.label_names_ = None if train.label_names is None else [str(n) for n in train.label_names]
         validation, n_bad = None, 0
         if val is not None:
             X, y, _, n_bad = scored_rows(probe, val_acts[probe.requests[0]], val, classes, "validation", control)

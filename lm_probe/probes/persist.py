@@ -122,6 +122,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
             "n_epochs": probe.n_epochs_, "n_rows": probe.n_rows_, "codelength": probe.codelength_.to_dict(),
             "classes": None if probe.classes_ is None else probe.classes_.tolist(),
+            "label_names": getattr(probe, "label_names_", None),  # learned from the training set
             "estimator": _estimator_state(probe.estimator_, f"{prefix}/est", arrays),
         })
     versions = {"lm_probe": __version__, "python": platform.python_version(), "numpy": np.__version__}
@@ -201,6 +202,7 @@ class SavedProbes:
                 probe.stopped_reason_ = StopReason(entry["stop_reason"])
                 probe.n_nonfinite_ = entry.get("n_nonfinite", 0)
                 probe.C_, probe.converged_ = entry.get("C"), entry.get("converged")
+                probe.label_names_ = entry.get("label_names")
                 probe.n_epochs_ = entry.get("n_epochs", 0)
                 if entry.get("codelength") is not None:  # saved before issue 17: a fresh (empty) one
                     probe.codelength_ = Codelength.from_dict(entry["codelength"])

@@ -5,7 +5,7 @@ float64 numpy; Hugging Face's greedy ``generate``)."""
 
 from __future__ import annotations
 
-import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -91,12 +91,17 @@ def test_predict_and_predict_proba_equal_the_hand_pooled_reference_in_one_forwar
 
 
 def test_control_twins_are_left_out_unless_asked(trained):
-    runner, _, _ = trained
+    runner, hf, _ = trained
     assert "lin [control]" not in runner.predict(NEW[:1]).columns
     both = runner.predict_proba(NEW[:2], include_control=True)
     assert "lin [control]" in both.columns.get_level_values("probe")
     only = runner.predict_proba(NEW[:2], ["lin [control]"])
-    np.testing.assert_allclose(only.to_numpy(), both["lin [control]"].to_numpy())
+    twin = runner["lin [control]"]
+    X = np.stack([hidden_states(hf, t, runner.model.tokenizer)[1][2].mean(0) for t in NEW[:2]])  # layer 1, mean
+    expected = twin.estimator_.predict_proba((X - twin.mean_) / twin.scale_)
+    np.testing.assert_allclose(only.to_numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(both["lin [control]"].to_numpy(), expected, atol=1e-5)
+    assert not np.allclose(expected, runner.predict_proba(NEW[:2], "lin").to_numpy(), atol=1e-3), "the twin's own"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -112,7 +117,7 @@ def test_score_tokens_is_the_linear_map_on_every_real_token(trained, side, monke
     for k, (ids, states) in enumerate(refs):
         rows = frame[frame.text == k]
         assert rows.position.tolist() == list(range(len(ids))) and rows.token_id.tolist() == ids.tolist()
-        assert rows.token.tolist() == [tok.decode([i]) for i in ids]
+        assert "".join(rows.token) == tok.decode(ids.tolist()), "a text's token pieces join back to its text"
         for name in ("lin", "last"):
             probe = runner[name]
             np.testing.assert_allclose(rows[name], linear_map(probe, states[layer_of(probe) + 1]), atol=1e-5)
@@ -154,11 +159,16 @@ def test_monitor_yields_the_greedy_generation_with_each_tokens_scores(trained):
 
 
 def test_monitor_stops_when_the_loop_does_and_at_the_end_of_sequence(trained, tmp_path):
-    runner, _, family = trained
-    for step in runner.monitor("the movie was", max_new_tokens=50):
-        if step.step == 1:
-            break
-    assert not [t for t in threading.enumerate() if t.name == "lm_probe-monitor"], "the worker stopped"
+    runner, hf, family = trained
+    calls, handle = count_calls(hf)
+    try:
+        for step in runner.monitor("the movie was", max_new_tokens=50):
+            if step.step == 1:
+                break
+        time.sleep(0.2)
+    finally:
+        handle.remove()
+    assert calls["n"] == 3, "the prompt and the two tokens fed back: no forward after the loop left"
     if family != "llama":
         return
     runner.save(tmp_path / "run")  # the same probes on another llama, whose first new token is the EOS
@@ -166,7 +176,7 @@ def test_monitor_stops_when_the_loop_does_and_at_the_end_of_sequence(trained, tm
     back = ProbeRunner.load(tmp_path / "run", model=load_model(other, tokenizer=tiny_tokenizer()))
     prompt = "a story with brilliant music and"
     steps = list(back.monitor(prompt, max_new_tokens=8))
-    assert [s.token_id for s in steps] == [2] and steps[0].token == "<eos>"
+    assert [s.token_id for s in steps] == [2] and steps[0].token == " <eos>"
     full = back.score_tokens(prompt + " <eos>")
     assert full.token_id.iloc[-1] == 2
     assert steps[0].scores["lin"] == pytest.approx(full["lin"].iloc[-1], abs=1e-5)
@@ -194,10 +204,16 @@ def test_multiclass_and_regression_probes(gpt2):
     reg.fit_probes(ProbeDataset.from_texts(texts, share, tokenizer=gpt2.tokenizer), **FIT)
     frame = runner.score_tokens(NEW[:2])
     assert list(frame.columns[4:]) == ["three[neg]", "three[mixed]", "three[pos]"]
-    np.testing.assert_allclose(frame.iloc[:, 4:].sum(axis=1), 1.0)
-    assert set(runner.predict(NEW).three) <= {"neg", "mixed", "pos"}
-    X = runner.pooled(ProbeDataset.from_texts(NEW, [0] * 4, tokenizer=gpt2.tokenizer))[(at(1), "mean")]
-    np.testing.assert_allclose(reg.predict(NEW).share, reg["share"].predict(X), atol=1e-6)
+    probe, names = runner["three"], ["neg", "mixed", "pos"]
+    states = [hidden_states(gpt2._module, t, gpt2.tokenizer)[1][2] for t in NEW]  # layer 1's output
+    per_token = probe.estimator_.predict_proba((np.concatenate(states[:2]) - probe.mean_) / probe.scale_)
+    np.testing.assert_allclose(frame.iloc[:, 4:].to_numpy(), per_token, atol=1e-5)
+    X = np.stack([s.mean(0) for s in states])
+    expected = probe.estimator_.predict_proba((X - probe.mean_) / probe.scale_)
+    np.testing.assert_allclose(runner.predict_proba(NEW)["three"][names].to_numpy(), expected, atol=1e-5)
+    assert runner.predict(NEW).three.tolist() == [names[k] for k in expected.argmax(1)]
+    np.testing.assert_allclose(reg.predict(NEW).share, reg["share"].estimator_.predict(
+        (X - reg["share"].mean_) / reg["share"].scale_), atol=1e-5)
     with pytest.raises(ValueError, match="'share' is a regression probe: use predict"):
         reg.predict_proba(NEW, "share")
     with pytest.raises(ValueError, match="no probe of this runner gives predict_proba"):
@@ -233,3 +249,85 @@ def test_refusals_come_before_any_forward(gpt2, trained, tmp_path):
         handle.remove()
         trained_handle.remove()
     assert calls["n"] == trained_calls["n"] == 0
+
+
+def test_max_length_defaults_to_the_models_positions_and_a_larger_one_is_refused(trained, logs):
+    runner, hf, family = trained
+    tok = runner.model.tokenizer
+    long = " ".join(["good great fun movie"] * 40)  # 160 tokens, past the 128 positions
+    calls, handle = count_calls(hf)
+    try:
+        with pytest.raises(ValueError, match="max_length=200 is more than the model's 128 positions"):
+            runner.predict([long], max_length=200)
+    finally:
+        handle.remove()
+    assert calls["n"] == 0
+    proba = runner.predict_proba(pd.Series([long, "the story"], index=["a", "b"]), "lin")
+    assert any("1 of 2 texts are longer than max_length=128" in m for m in logs)
+    assert list(proba.index) == ["a", "b"], "a Series keeps its index"
+    ids = tok(long)["input_ids"][:128]
+    with torch.no_grad():
+        states = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0].double().numpy()
+    np.testing.assert_allclose(proba.loc["a", ("lin", "pos")], linear_map(runner["lin"], states.mean(0)[None])[0],
+                               atol=1e-5)
+    assert len(runner.score_tokens(long, "lin")) == 128
+
+
+def test_score_tokens_scores_each_batch_as_it_is_read(trained, monkeypatch):
+    import lm_probe.probes.deploy as deploy
+
+    runner, _, _ = trained
+    sizes = []
+    real = deploy.token_scores
+    monkeypatch.setattr(deploy, "token_scores", lambda probe, X: sizes.append(len(X)) or real(probe, X))
+    texts = NEW * 3
+    frame = runner.score_tokens(texts, "lin", batch_size=2)
+    assert len(sizes) == 6 and sum(sizes) == len(frame), "one scoring per batch of two texts"
+    assert max(sizes) <= 2 * max(len(runner.model.tokenizer(t)["input_ids"]) for t in texts)
+
+
+def test_probe_names_that_clash_with_columns_are_refused(gpt2, toy):
+    at = LAYER["gpt2"].format
+    for names, message in [(["token"], "'token' clashes with score_tokens' own columns"),
+                           (["three", "three[b]"], "'three\\[b\\]' clashes with probe 'three'")]:
+        configs = [ProbeConfig(at(1), name=n, **({"classes": [0, 1, 2], "label_names": ["a", "b", "c"]}
+                                                  if n == "three" else {})) for n in names]
+        runner = ProbeRunner(gpt2, configs, progress=False)
+        for probe in runner.probes.values():  # "trained" as far as the column names go
+            probe.classes_ = np.array([0, 1, 2] if probe.config.name == "three" else [0, 1])
+            probe._check_fitted = lambda: None
+        calls, handle = count_calls(gpt2._module)
+        try:
+            with pytest.raises(ValueError, match=message):
+                runner.score_tokens(NEW)
+        finally:
+            handle.remove()
+        assert calls["n"] == 0
+
+
+def test_class_name_labels_come_back_as_names_and_are_saved(gpt2, tmp_path):
+    texts, labels = toy_texts(120, seed=0)
+    data = ProbeDataset.from_texts(texts, list(np.array(["neg", "pos"])[labels]), tokenizer=gpt2.tokenizer)
+    runner = ProbeRunner(gpt2, [ProbeConfig(LAYER["gpt2"].format(1), name="p")], progress=False).fit_probes(data, **FIT)
+    probe = runner["p"]
+    X = runner.pooled(ProbeDataset.from_texts(NEW, [0] * 4, tokenizer=gpt2.tokenizer))[(probe.config.site, "mean")]
+    expected = [["neg", "pos"][k] for k in probe.predict(X)]
+    assert runner.predict(NEW).p.tolist() == expected
+    assert list(runner.predict_proba(NEW)["p"].columns) == ["neg", "pos"]
+    runner.save(tmp_path / "run")
+    assert ProbeRunner.load(tmp_path / "run", model=gpt2).predict(NEW).p.tolist() == expected
+
+
+def test_label_names_that_miss_a_class_are_refused_before_any_forward(gpt2):
+    texts, labels = toy_texts(60, n_classes=3, seed=3)
+    data = ProbeDataset.from_texts(texts, labels + 5, tokenizer=gpt2.tokenizer)  # labels 5, 6, 7
+    runner = ProbeRunner(gpt2, [ProbeConfig(LAYER["gpt2"].format(1), name="p", label_names=["a", "b", "c"])],
+                         progress=False)
+    calls, handle = count_calls(gpt2._module)
+    try:
+        with pytest.raises(ValueError, match=r"label_names \['a', 'b', 'c'\] name labels 0..2 but its classes are "
+                                             r"\[5, 6, 7\]"):
+            runner.fit_probes(data, **FIT)
+    finally:
+        handle.remove()
+    assert calls["n"] == 0
