@@ -31,7 +31,7 @@ _EXPORTS = {
     "LinearProbe": "probes.probe",
     "LogitLens": "consumers.lens",
     "ModelNotFoundError": "core.model",
-    "MonitorStep": "probes.deploy",
+    "MonitorStep": "probes.monitor",
     "Probe": "probes.probe",
     "NotComputedError": "core.consumer",
     "PooledBatch": "core.consumer",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .core.sites import Site, SiteError
     from .core.trigger import Trigger
     from .probes.config import ProbeConfig
-    from .probes.deploy import MonitorStep
+    from .probes.monitor import MonitorStep
     from .probes.early_stopping import EarlyStopping, StopReason
     from .probes.probe import LinearProbe, Probe
     from .runner import ProbeRunner
