@@ -1,7 +1,8 @@
 """Activation stores: pooled activations on disk, to train probes without the model.
 
 An :class:`ActivationStore` is a consumer: during a pass (``runner.collect(dataset,
-consumers=[store])``, or alongside probes) it writes each batch's pooled activations per
+consumers=[store])``, or alongside probes, where it sees the training split only, not the
+rows ``fit_probes`` holds out for validation) it writes each batch's pooled activations per
 site, the labels and the example ids to ``<root>/<run>/`` as a Hugging Face ``datasets``
 Arrow dataset: one float32 column per site, ``example_id`` and ``label``, each example's
 ``n_tokens`` and ``token_hash`` (a 64-bit hash of its token ids), and for ``pool="none"``

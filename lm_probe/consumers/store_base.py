@@ -125,8 +125,11 @@ class RunRows:
             return np.array([self._pos_of[int(i)] for i in example_ids], dtype=np.int64)
         except KeyError as err:
             lost = f" ({len(self.bad_shards)} shards were unreadable)" if self.bad_shards else ""
-            raise KeyError(f"example id {err.args[0]} is not in run {self.name!r}{lost}; train on the data the run "
-                           "was collected from (or its tt_split parts)") from None
+            held = f"; it holds {len(self._pos_of)} examples"
+            raise KeyError(f"example id {err.args[0]} is not in run {self.name!r}{lost}{held}; train on the data the "
+                           "run was collected from (or its tt_split parts). A run written alongside fit_probes holds "
+                           "its training split only, without the validation rows: to store a whole dataset, use "
+                           "runner.collect(dataset, consumers=[store])") from None
 
     def rows_of(self, example_ids: Sequence[int]) -> np.ndarray:
         """The row numbers of the given examples, example by example (all tokens of each)."""

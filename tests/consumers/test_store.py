@@ -336,3 +336,17 @@ def test_a_pass_cut_by_max_tokens_is_recorded_as_incomplete(llama, toy, tmp_path
     table = ActivationStore.open(tmp_path).table.set_index("run")
     assert table.loc["cut", "complete"] == False and table.loc["cut", "max_tokens"] == budget  # noqa: E712
     assert table.loc["all", "complete"] == True and pd.isna(table.loc["all", "max_tokens"])  # noqa: E712
+
+
+def test_a_run_written_alongside_fit_probes_holds_the_training_split_and_says_so(llama, toy, tmp_path):
+    """fit_probes shows its consumers the fit rows only: the validation rows it holds out are
+    not in the run, and training from it on the same data names that and the fix."""
+    train = toy[0].subset(np.arange(80))
+    store = ActivationStore(tmp_path, SITES, run="fit")
+    runner = ProbeRunner(llama, [ProbeConfig(SITES[0])], consumers=[store], seed=2, progress=False)
+    runner.fit_probes(train, batch_size=16, num_epochs=1, val_size=0.1)
+    run = ActivationStore.open(tmp_path).run("fit")
+    assert run.n_examples == 72  # 80 examples, 8 held out for validation
+    with pytest.raises(KeyError, match=r"holds 72 examples.*alongside fit_probes.*runner\.collect"):
+        ProbeRunner.from_store(run, [ProbeConfig(SITES[0])], seed=2, progress=False).fit_probes(
+            train, batch_size=16, num_epochs=1)
