@@ -78,11 +78,14 @@ class HardConcrete(torch.nn.Module):
 
     Args:
         shape: The weight's shape.
+        device: Where the logits live.
+        init: The initial logit of every gate (:data:`HARD_CONCRETE_INIT` if ``None``).
     """
 
-    def __init__(self, shape: torch.Size, device: torch.device | None = None) -> None:
+    def __init__(self, shape: torch.Size, device: torch.device | None = None, init: float | None = None) -> None:
         super().__init__()
-        self.logits = torch.nn.Parameter(torch.full(shape, HARD_CONCRETE_INIT, device=device))
+        init = HARD_CONCRETE_INIT if init is None else init
+        self.logits = torch.nn.Parameter(torch.full(shape, float(init), device=device))
 
     def forward(self, weight: Tensor) -> Tensor:
         gate = hard_concrete_sample(self.logits) if self.training else self.keep().to(weight.dtype)
@@ -101,12 +104,14 @@ class Sparsification(torch.nn.Module):
     """``weight -> weight * sigmoid(temperature * score)`` (continuous sparsification).
 
     In eval mode the mask is the binary ``score > 0`` (:meth:`keep`). The fitting loop
-    raises :attr:`temperature` from 1 as training goes on.
+    raises :attr:`temperature` from 1 as training goes on. ``init`` is the initial score
+    (:data:`SPARSIFICATION_INIT` if ``None``).
     """
 
-    def __init__(self, shape: torch.Size, device: torch.device | None = None) -> None:
+    def __init__(self, shape: torch.Size, device: torch.device | None = None, init: float | None = None) -> None:
         super().__init__()
-        self.logits = torch.nn.Parameter(torch.full(shape, SPARSIFICATION_INIT, device=device))
+        init = SPARSIFICATION_INIT if init is None else init
+        self.logits = torch.nn.Parameter(torch.full(shape, float(init), device=device))
         self.temperature = 1.0
 
     def forward(self, weight: Tensor) -> Tensor:
