@@ -191,4 +191,4 @@ def test_subnetwork_probing(kernel_specs, tmp_path):
     assert all(0 <= a <= 1 for a in s["accuracies"])
     assert s["ablation"]["intact model"] == s["plain_accuracy"]
     assert set(s["ablation"]) == {"intact model", "subnetwork removed", "as many random weights removed",
-                                  "only the subnetwork kept"}
+                                  "only the subnetwork kept", "only as many random weights kept"}

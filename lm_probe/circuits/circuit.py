@@ -54,7 +54,7 @@ class CircuitProbe(MaskedProbe):
 
     Args:
         model, site, masked, method, l0_lambda, pool, epochs, batch_size, mask_lr,
-        patience, temperature_final, standardize, seed: As for
+        patience, temperature_final, standardize, mask_init, seed: As for
             :class:`~lm_probe.circuits.SubnetworkProbe`. ``masked`` must not be empty:
             with nothing to mask there is nothing to learn.
         snn_temperature: The loss's temperature per row dimension.

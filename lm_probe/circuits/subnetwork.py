@@ -51,6 +51,8 @@ class SubnetworkProbe(MaskedProbe):
         warm_start: Fit the head on the unmasked site's rows first (the model runs once for
             them), then train it jointly with the masks, so pruning starts from plain
             probing's accuracy.
+        mask_init: Initial mask logit of every weight (``None``: the method's default,
+            :data:`~lm_probe.circuits.masks.HARD_CONCRETE_INIT` or ``SPARSIFICATION_INIT``).
         seed: Seed of the batch order, the head's initialization and the mask noise.
 
     Attributes:

@@ -4,7 +4,10 @@ Unlike the frozen-model probes, a subnetwork or circuit probe trains *through* t
 the base weights are frozen (``requires_grad`` off for the fit), masks over the chosen
 weights are parametrizations (:mod:`~lm_probe.circuits.targets`), and gradients of the
 probe's loss plus ``l0_lambda`` times the expected fraction of weights kept flow to the mask
-logits and the probe's own parameters (Adam, one learning rate each). The underlying
+logits and the probe's own parameters (Adam, one learning rate each; the mask logits' Adam
+``eps`` is divided by the number of masked weights, since a penalty averaged over millions of
+weights gives each logit a gradient near Adam's default ``eps`` of 1e-8, which would otherwise
+damp their updates to almost nothing). The underlying
 Hugging Face module runs directly, with a hook on the site's module that takes its output
 (or input) and stops the forward there, so nothing after the site is computed.
 
@@ -54,12 +57,13 @@ class MaskedProbe:
     """
 
     _PARAMS = ("masked", "method", "l0_lambda", "pool", "epochs", "batch_size", "lr", "mask_lr", "patience",
-               "temperature_final", "standardize", "warm_start", "seed")
+               "temperature_final", "standardize", "warm_start", "mask_init", "seed")
 
     def __init__(self, model: Any, site: str, *, masked: Masked | str | None = None, method: str = "hard_concrete",
                  l0_lambda: float = 1.0, pool: str | None = None, epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-2, mask_lr: float = 0.1, patience: int = 3, temperature_final: float = 200.0,
-                 standardize: bool = True, warm_start: bool = True, seed: int = 0) -> None:
+                 standardize: bool = True, warm_start: bool = True, mask_init: float | None = None,
+                 seed: int = 0) -> None:
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; choose one of {sorted(METHODS)}")
         if pool is not None:
@@ -72,7 +76,7 @@ class MaskedProbe:
         self.epochs, self.batch_size, self.lr, self.mask_lr = epochs, batch_size, lr, mask_lr
         self.patience, self.temperature_final, self.standardize, self.seed = (patience, temperature_final,
                                                                               standardize, seed)
-        self.warm_start = warm_start
+        self.warm_start, self.mask_init = warm_start, mask_init
         module = _torch_module(model)
         self._site = resolve_sites(module, [site])[site]  # parsed once, checked before any forward
         self.targets_ = resolve_masked(module, masked)
@@ -183,14 +187,17 @@ class MaskedProbe:
             self._moments(module, train, how)
         sample = self._rows(module, next(train.batches(1)), how)[0]
         head = self._build(sample.shape[1], len(self.classes_))
-        self._masks = {p: METHODS[self.method](module.get_submodule(p).weight.shape, device) for p in self.targets_}
+        self._masks = {p: METHODS[self.method](module.get_submodule(p).weight.shape, device, self.mask_init)
+                       for p in self.targets_}
         warm = self.warm_start and head and self._masks
         # the unmasked site's rows never change, so the model runs once for them
         fixed = (self._collect(module, train, how), self._collect(module, val, how)) if warm or not self._masks else None
         if warm:  # the head first learns the unmasked rows; the history records the joint training only
             self._loop(module, train, val, how, torch.optim.Adam(head, lr=self.lr), head, fixed)
         logits = [m.logits for m in self._masks.values()]
-        groups = [{"params": head, "lr": self.lr}] + ([{"params": logits, "lr": self.mask_lr}] if logits else [])
+        # Adam's eps is relative to the per-logit gradient of a penalty averaged over n weights
+        eps = 1e-8 / max(sum(t.numel() for t in logits), 1)
+        groups = [{"params": head, "lr": self.lr}] + ([{"params": logits, "lr": self.mask_lr, "eps": eps}] if logits else [])
         with parametrized(module, self._masks):
             self.history_, self.stopped_reason_, self.best_epoch_ = self._loop(
                 module, train, val, how, torch.optim.Adam(groups), head, None if self._masks else fixed)

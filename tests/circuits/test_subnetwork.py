@@ -72,6 +72,16 @@ def test_it_reaches_the_plain_probes_accuracy(fitted, planted):
     assert set(probe.metrics_) >= {"accuracy", "f1", "loss", "kept_fraction", "kept"}
 
 
+def test_with_no_penalty_it_keeps_everything_and_the_plain_accuracy(planted):
+    model, train, val = planted
+    x, y = mean_pooled_mlp_output(model, train)
+    xv, yv = mean_pooled_mlp_output(model, val)
+    plain = LogisticRegression(C=100, max_iter=5000).fit(x, y).score(xv, yv)
+    probe = SubnetworkProbe(model, SITE, masked=[MLP], l0_lambda=0.0, epochs=3).fit(train, val)
+    assert probe.kept_fraction_ == 1.0
+    assert probe.metrics_["accuracy"] >= plain - 0.02
+
+
 def test_ablating_the_found_subnetwork_drops_the_probe_to_chance(fitted, planted):
     probe, _ = fitted
     model, _, val = planted
@@ -135,7 +145,8 @@ def test_with_nothing_masked_it_is_plain_probing():
 def test_token_level_labels_find_the_same_neuron():
     model = planted_model()
     train, val = planted_tokens(160).tt_split(0.3, seed=0)
-    probe = SubnetworkProbe(model, SITE, masked=[MLP], epochs=10).fit(train, val)
+    # mask_init=1 starts near the keep threshold (logit 0), so ten epochs suffice here
+    probe = SubnetworkProbe(model, SITE, masked=[MLP], epochs=10, mask_init=1.0).fit(train, val)
     assert probe.mask_[FC][0, NEURON] and probe.mask_[PROJ][NEURON].any() and probe.kept_fraction_ < 0.02
     assert probe.metrics_["accuracy"] >= 0.98
     assert sum(probe.metrics_["support"].values()) == sum((t != -100).sum() for t in val.token_labels)
