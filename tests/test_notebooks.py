@@ -192,3 +192,6 @@ def test_subnetwork_probing(kernel_specs, tmp_path):
     assert s["ablation"]["intact model"] == s["plain_accuracy"]
     assert set(s["ablation"]) == {"intact model", "subnetwork removed", "as many random weights removed",
                                   "only the subnetwork kept", "only as many random weights kept"}
+    assert 0 < s["circuit"]["kept fraction"] < 1, "the circuit probe pruned some of the MLP weights, not all"
+    assert set(s["circuit"]) == {"circuit's nearest-centroid test accuracy", "kept fraction",
+                                 "plain probe, circuit removed", "plain probe, only the circuit kept"}
