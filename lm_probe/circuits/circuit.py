@@ -74,6 +74,9 @@ class CircuitProbe(MaskedProbe):
         if not self.targets_:
             raise ValueError("a circuit probe learns only a mask: give masked modules (e.g. masked=[('mlp', [0])])")
 
+    def _code_reason(self, warm: bool) -> str | None:
+        return "a circuit probe reads by the class centroids of all training rows: no online sequence of models"
+
     def _build(self, hidden: int, n_classes: int) -> list[torch.nn.Parameter]:
         self._width = hidden
         self.__dict__.pop("centroids_", None)  # a refit validates with the loss, not old centroids

@@ -15,7 +15,12 @@ Each epoch ends with an evaluation on the validation set with the binary masks; 
 stopping watches the validation objective (the loss plus ``l0_lambda`` times the fraction
 kept: the loss alone would favour keeping everything) and the best epoch's masks and probe
 are kept. Continuous sparsification's temperature rises geometrically from 1 to
-``temperature_final`` over the epochs; hard concrete has no schedule.
+``temperature_final`` over the epochs; hard concrete has no schedule. The training labels'
+online codelength (:class:`~lm_probe.probes.codelength.Codelength`, issue 17's definition) is
+coded in the first epoch of the joint training, each batch under the probe before it steps
+on it (the uniform code for the first): ``codelength_bits``, ``compression``... in
+:meth:`MaskedProbe.score`. With ``warm_start`` the head has seen every training label first,
+so there is no online code (NaN, the reason in ``codelength_.reason``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..core.labels import IGNORE
 from ..core.pooling import check_pool, pool
 from ..core.sites import resolve_sites
 from ..functional.metrics import classification_metrics
+from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
 from .masks import METHODS, FixedMask
 from .targets import Masked, check_upstream, parametrized, resolve_masked
@@ -192,8 +198,10 @@ class MaskedProbe:
         warm = self.warm_start and head and self._masks
         # the unmasked site's rows never change, so the model runs once for them
         fixed = (self._collect(module, train, how), self._collect(module, val, how)) if warm or not self._masks else None
+        self._coder = None
         if warm:  # the head first learns the unmasked rows; the history records the joint training only
             self._loop(module, train, val, how, torch.optim.Adam(head, lr=self.lr), head, fixed)
+        self._coder = self.codelength_ = Codelength(len(self.classes_), reason=self._code_reason(bool(warm)))
         logits = [m.logits for m in self._masks.values()]
         # Adam's eps is relative to the per-logit gradient of a penalty averaged over n weights
         eps = 1e-8 / max(sum(t.numel() for t in logits), 1)
@@ -233,6 +241,10 @@ class MaskedProbe:
                 p.copy_(value)
         return history, reason, epoch
 
+    def _code_reason(self, warm: bool) -> str | None:
+        """Why this fit has no online codelength (``None``: it has one)."""
+        return "warm_start: the head first saw every training label (warm_start=False codes them)" if warm else None
+
     def _set_temperature(self, epoch: int) -> None:
         """Continuous sparsification: ``temperature_final ** (epoch / (epochs - 1))``, 1 to the final value."""
         for mask in self._masks.values():
@@ -256,9 +268,13 @@ class MaskedProbe:
             order = np.random.default_rng(self.seed + epoch).permutation(len(fixed[1]))
             batches = ((fixed[0][i], fixed[1][i]) for i in np.array_split(order, max(len(order) // self.batch_size, 1)))
         losses = []
-        for x, y in batches:
+        for k, (x, y) in enumerate(batches):
             if len(y) == 0:
                 continue
+            if epoch == 0 and self._coder is not None and self._coder.reason is None:  # before the step: online
+                with torch.no_grad():
+                    proba = None if k == 0 else self._proba(x).double().cpu().numpy()
+                self._coder.code(None if proba is None else proba / proba.sum(1, keepdims=True), y, self.classes_)
             loss = self._loss(x, self._targets(y, x.device)) + self.l0_lambda * self._penalty().to(x.device)
             optimizer.zero_grad()
             loss.backward()
@@ -333,8 +349,8 @@ class MaskedProbe:
         ``accuracy``, ``f1``...) plus ``kept_fraction`` (of all masked weights) and ``kept``
         (``{module path: fraction of its weights kept}``). ``use_mask`` as in :meth:`predict_proba`."""
         proba, y = self.predict_proba(data, use_mask=use_mask)
-        return {**classification_metrics(y, proba, self.classes_), "kept_fraction": self.kept_fraction_,
-                "kept": dict(self.kept_)}
+        return {**classification_metrics(y, proba, self.classes_), **self.codelength_.compute(),
+                "kept_fraction": self.kept_fraction_, "kept": dict(self.kept_)}
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
@@ -346,7 +362,7 @@ class MaskedProbe:
         params = {name: getattr(self, name) for name in self._PARAMS if name != "masked"}
         meta = {"kind": type(self).__name__, "site": self.site, "targets": self.targets_, "params": params,
                 "classes": self.classes_.tolist(), "history": self.history_, "best_epoch": self.best_epoch_,
-                "stopped_reason": str(self.stopped_reason_)}
+                "stopped_reason": str(self.stopped_reason_), "codelength": self.codelength_.to_dict()}
         arrays = {f"mask/{p}": k for p, k in self.mask_.items()}
         arrays.update({f"head/{k}": v for k, v in self._head_arrays().items()})
         if self.standardize:
@@ -368,6 +384,7 @@ class MaskedProbe:
         probe.classes_ = np.asarray(meta["classes"])
         probe.history_, probe.best_epoch_ = meta["history"], meta["best_epoch"]
         probe.stopped_reason_ = StopReason(meta["stopped_reason"])
+        probe.codelength_ = Codelength.from_dict(meta["codelength"])
         device = next(_torch_module(model).parameters()).device
         if probe.standardize:
             probe._mean, probe._std = (torch.as_tensor(arrays[k], device=device) for k in ("mean", "std"))

@@ -178,6 +178,7 @@ def test_save_and_load_round_trip_without_pickle(fitted, planted, tmp_path):
     assert all(np.array_equal(loaded.mask_[p], probe.mask_[p]) for p in probe.mask_)
     np.testing.assert_array_equal(loaded.predict_proba(val)[0], probe.predict_proba(val)[0])
     assert loaded.kept_ == probe.kept_ and loaded.best_epoch_ == probe.best_epoch_
+    assert loaded.codelength_ == probe.codelength_ and loaded.score(val)["n_coded"] == probe.score(val)["n_coded"]
 
 
 def test_bad_settings_and_unfitted_use_are_refused(planted):
@@ -190,3 +191,32 @@ def test_bad_settings_and_unfitted_use_are_refused(planted):
         SubnetworkProbe(model, "transformer.h.0.attn.output", masked=[MLP])
     with pytest.raises(NotFittedError, match="call fit"):
         SubnetworkProbe(model, SITE, masked=[MLP]).score(val)
+
+
+def test_online_codelength_of_the_joint_training():
+    """Issue 17's online code: the first epoch's batches, each coded before the probe steps on
+    it, the first with the uniform code. One batch holding every row is coded uniformly
+    (n log2 K bits exactly); on informative rows later batches cost less than uniform
+    (compression above 1), and with the labels shuffled they do not; with warm_start the head
+    has seen every label first, and a circuit probe reads by centroids of all rows: no code."""
+    model = tiny_model("gpt2", layers=2, seed=1)
+    texts, labels = toy_texts(400, seed=0)
+    data = ProbeDataset.from_texts(texts, labels, tiny_tokenizer(pad=True))
+    train, val = data.tt_split(0.3, seed=0)
+    site = "transformer.h.1.output"
+    one = SubnetworkProbe(model, site, masked=None, epochs=1, batch_size=len(train), warm_start=False).fit(train, val)
+    assert one.codelength_.n_coded == len(train)
+    assert one.metrics_["codelength_bits"] == pytest.approx(len(train) * np.log2(2))
+    assert one.metrics_["compression"] == pytest.approx(1.0)
+    fit = dict(masked=None, epochs=1, batch_size=8, lr=0.05, warm_start=False)
+    learned = SubnetworkProbe(model, site, **fit).fit(train, val)
+    assert learned.metrics_["n_coded"] == len(train) and learned.metrics_["compression"] > 1.3
+    shuffled = ProbeDataset.from_texts([texts[i] for i in train.example_ids],
+                                       np.random.default_rng(0).permutation(train.labels), tiny_tokenizer(pad=True))
+    noise = SubnetworkProbe(model, site, **fit).fit(shuffled, val)
+    assert noise.metrics_["compression"] < 1.05
+    warm = SubnetworkProbe(model, site, masked=[f"transformer.h.0.mlp"], epochs=1, l0_lambda=0.1).fit(train, val)
+    assert np.isnan(warm.metrics_["codelength_bits"]) and "warm_start" in warm.codelength_.reason
+    from lm_probe.circuits import CircuitProbe
+    circuit = CircuitProbe(model, site, masked=["transformer.h.0.mlp"], epochs=1).fit(train, val)
+    assert np.isnan(circuit.metrics_["compression"]) and "centroids" in circuit.codelength_.reason
