@@ -11,7 +11,7 @@ import torch
 
 from lm_probe.circuits import CircuitProbe, ablate, soft_nearest_neighbour_loss
 
-from planted import MLP, NEURON, SITE, planted_data, planted_model
+from planted import MLP, NEURON, SITE, planted_data, planted_model, planted_tokens
 from test_targets import identical, snapshot
 
 
@@ -71,3 +71,13 @@ def test_a_saved_circuit_probe_loads_with_its_centroids(planted, tmp_path):
 def test_a_circuit_probe_needs_something_to_mask(planted):
     with pytest.raises(ValueError, match="give masked modules"):
         CircuitProbe(planted[0], SITE, masked=[])
+
+
+def test_token_level_labels_find_the_same_circuit():
+    """Token labels (pool="none"): every labeled token's row clusters by its label."""
+    model = planted_model()
+    train, val = planted_tokens(160).tt_split(0.3, seed=0)
+    probe = CircuitProbe(model, SITE, masked=[MLP], epochs=10, mask_init=1.0).fit(train, val)
+    assert probe.mask_[f"{MLP}.c_fc"][0, NEURON] and probe.mask_[f"{MLP}.c_proj"][NEURON].any()
+    assert probe.kept_fraction_ < 0.05 and probe.metrics_["accuracy"] >= 0.95
+    assert sum(probe.metrics_["support"].values()) == sum((t != -100).sum() for t in val.token_labels)
