@@ -134,11 +134,13 @@ class StoreIndex:
             out.append(StoredRun.open(folder))
         return out
 
-    def run(self, name: str, *, model: str | None = None, sites: Iterable[str] = ()) -> StoredRun | LegacyRun:
-        """Open one run, checking it is of ``model`` and has ``sites`` (ValueError otherwise)."""
+    def run(self, name: str, *, model: str | None = None, sites: Iterable[str] = (),
+            verify: bool = False) -> StoredRun | LegacyRun:
+        """Open one run, checking it is of ``model`` and has ``sites`` (ValueError otherwise);
+        ``verify=True`` hashes its shards against their recorded SHA-256 (see :meth:`StoredRun.open`)."""
         if name not in self._runs:
             raise KeyError(f"no run {name!r} in {self.path}; runs are {list(self._runs)}")
-        run = StoredRun.open(self._runs[name])
+        run = StoredRun.open(self._runs[name], verify=verify)
         run.check(model=model, sites=sites)
         return run
 

@@ -39,18 +39,22 @@ class StoredRun(RunRows):
     Attributes:
         metadata: Model and config hash, sites, pooling, tokenizer, dataset fingerprint,
             lm_probe version, creation time, tags, and the shards with their rows and bytes.
-        bad_shards: Shard files left out (truncated or corrupted), with the reason.
+        bad_shards: Shard files left out (truncated, corrupted, or with ``verify=True`` a
+            ``"checksum mismatch"``), with the reason.
         source: Where it was opened from (the folder, or ``"hub:org/name"``).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, verify: bool = False) -> None:
         self.path = self.source = Path(path)
         if not (self.path / "state.json").exists():
             raise FileNotFoundError(f"{self.path} has no state.json: it is not a stored run, or the pass that "
                                     "wrote it did not finish")
         metadata = read_info(self.path)
         check_schema_version(metadata, SCHEMA_VERSION, "store", self.path)
-        tables, bad = read_shards(self.path, metadata["shards"])
+        if verify and not all(s.get("sha256") for s in metadata["shards"]):
+            logger.warning("store run {!r} was written without shard checksums (before lm_probe recorded "
+                           "them): verify=True checks only its sizes and row counts", metadata["run"])
+        tables, bad = read_shards(self.path, metadata["shards"], verify=verify)
         for file, problem in bad.items():
             rows = next(s["rows"] for s in metadata["shards"] if s["file"] == file)
             logger.warning("store run {!r}: shard {} is unreadable ({}); its {} rows are left out, the other "
@@ -70,23 +74,34 @@ class StoredRun(RunRows):
         self._index_rows()
 
     @classmethod
-    def open(cls, source: str | Path, *, cache_dir: str | Path | None = None,
-             token: str | None = None) -> "StoredRun | LegacyRun":
+    def open(cls, source: str | Path, *, cache_dir: str | Path | None = None, token: str | None = None,
+             verify: bool = False) -> "StoredRun | LegacyRun":
         """Open a run folder, an old-format run folder (with a warning), or ``"hub:org/name"``.
 
         Args:
             source: A folder, or ``"hub:"`` and a hub dataset id (or a local folder standing in for one).
             cache_dir, token: For ``datasets.load_dataset`` of a hub run.
+            verify: Hash every shard of a run folder against the SHA-256 recorded when it was
+                written (reads every byte once): a mismatch (flipped bits inside the data, which
+                the default size/row checks do not see) leaves the shard out like a corrupted
+                one, in ``bad_shards`` as ``"checksum mismatch"``. Old-format and hub runs carry
+                no checksums: they open with a warning saying so.
         """
         text = str(source)
         if text.startswith(HUB_PREFIX):
+            if verify:
+                logger.warning("{} is read through datasets, not from lm_probe's shards: verify=True has no "
+                               "checksums to check", text)
             return cls._from_hub(text[len(HUB_PREFIX):], cache_dir=cache_dir, token=token)
         path = Path(source)
         if is_legacy(path):
+            if verify:
+                logger.warning("the old-format run at {} carries no checksums: verify=True checks nothing more "
+                               "(convert it with `lm-probe store convert` to record them)", path)
             return LegacyRun(path)
         if not path.is_dir():
             raise FileNotFoundError(f"no stored run at {path} (for a hub dataset write 'hub:org/name')")
-        return cls(path)
+        return cls(path, verify=verify)
 
     @classmethod
     def _from_hub(cls, repo_id: str, *, cache_dir: str | Path | None, token: str | None) -> "StoredRun":

@@ -11,8 +11,10 @@ info's ``description``) and ``state.json`` (the shard files, in order).
 a shard is full and writes it, so the memory it holds is at most one shard, whatever the
 dataset's size. :func:`finish_run` names the shards and writes the two JSON files.
 :func:`read_shards` memory-maps the shards back, each checked against the metadata (its
-byte size, that pyarrow reads it, its row count): a truncated or corrupted shard is
-reported and left out, and the other shards stay readable. :class:`ChunkedArray` is a
+byte size, that pyarrow reads it, its row count, and with ``verify=True`` its SHA-256, which
+:class:`ShardWriter` records at write time and which catches flipped bits inside the data
+that the other checks miss): a truncated or corrupted shard is reported and left out, and
+the other shards stay readable. :class:`ChunkedArray` is a
 site's ``(rows, hidden)`` float32 activations over those memory-mapped shards, read
 without copying them into memory until rows are asked for.
 """
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
+           "file_sha256",
            "ChunkedArray", "site_parts", "token_hashes", "check_run_name", "check_removable", "remove_run_folder"]
 
 #: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
@@ -93,7 +96,7 @@ class ShardWriter:
             group alone); a group's rows must come in one :meth:`add`.
 
     ``buffered_rows`` is the number of rows held in memory: below ``shard_rows`` after every
-    :meth:`add`. ``shards`` lists the written files: ``{"file", "rows", "bytes"}``.
+    :meth:`add`. ``shards`` lists the written files: ``{"file", "rows", "bytes", "sha256"}``.
     """
 
     def __init__(self, folder: Path, shard_rows: int, group: str | None = None) -> None:
@@ -140,10 +143,19 @@ class ShardWriter:
         file = self.folder / f"data-{len(self.shards):05d}.arrow"
         with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
             writer.write_batch(pa.record_batch(arrays, schema=self.schema))
-        self.shards.append({"file": file.name, "rows": n, "bytes": os.path.getsize(file)})
+        self.shards.append({"file": file.name, "rows": n, "bytes": os.path.getsize(file), "sha256": file_sha256(file)})
         left = {k: v[n:] for k, v in rows.items()}
         self.buffered_rows -= n
         self._buffer = [left] if self.buffered_rows else []
+
+
+def file_sha256(file: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _arrow(values: np.ndarray) -> pa.Array:
@@ -195,8 +207,13 @@ def read_info(folder: Path) -> dict[str, Any]:
                          "lm_probe's metadata)") from None
 
 
-def read_shards(folder: Path, shards: list[dict[str, Any]]) -> tuple[list[pa.Table], dict[str, str]]:
-    """Memory-map each shard; ``(tables of the good shards, {bad file: why})``."""
+def read_shards(folder: Path, shards: list[dict[str, Any]], *,
+                verify: bool = False) -> tuple[list[pa.Table], dict[str, str]]:
+    """Memory-map each shard; ``(tables of the good shards, {bad file: why})``.
+
+    With ``verify`` each shard that has a recorded ``sha256`` is hashed (reading every byte)
+    and a mismatch makes it bad with the reason ``"checksum mismatch"``; shards without one
+    (runs written before checksums) are not hashed."""
     tables, bad = [], {}
     for shard in shards:
         file = Path(folder) / shard["file"]
@@ -204,6 +221,8 @@ def read_shards(folder: Path, shards: list[dict[str, Any]]) -> tuple[list[pa.Tab
             size = os.path.getsize(file)
             if size != shard["bytes"]:
                 raise ValueError(f"it has {size} of {shard['bytes']} bytes (truncated)")
+            if verify and shard.get("sha256") and file_sha256(file) != shard["sha256"]:
+                raise ValueError("checksum mismatch")
             table = pa.ipc.open_stream(pa.memory_map(str(file))).read_all()
             if table.num_rows != shard["rows"]:
                 raise ValueError(f"it holds {table.num_rows} of {shard['rows']} rows")

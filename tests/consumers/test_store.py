@@ -16,7 +16,7 @@ import torch
 from lm_probe import ActivationStore, ProbeConfig, ProbeDataset, ProbeRunner
 from lm_probe.consumers.store import StoredRun
 from lm_probe.consumers.store_index import StoreIndex
-from lm_probe.consumers.store_shards import ShardWriter
+from lm_probe.consumers.store_shards import ShardWriter, write_info
 from lm_probe.testing import NEGATIVE, POSITIVE, tiny_tokenizer, toy_texts
 
 SITES = ["model.layers.0.output", "model.layers[-1].output"]
@@ -191,6 +191,32 @@ def test_a_truncated_or_corrupted_shard_is_reported_and_the_rest_readable(stored
     kept = run.example_ids  # every row left equals the row read before the damage
     np.testing.assert_array_equal(run.read(kept, [(SITES[0], "mean")])[(SITES[0], "mean")],
                                   intact[[list(data.example_ids).index(i) for i in kept]])
+
+
+def test_a_flipped_bit_in_a_shard_is_caught_only_with_verify(stored, logs):
+    data, root = stored
+    key = (SITES[0], "mean")
+    intact = ActivationStore.open(root).run("toy").read(data.example_ids, [key])[key]
+    shards = StoredRun(root / "toy").metadata["shards"]
+    assert all(s["sha256"] == hashlib.sha256((root / "toy" / s["file"]).read_bytes()).hexdigest() for s in shards)
+    damaged = root / "toy" / shards[2]["file"]  # rows 100..149
+    raw = bytearray(damaged.read_bytes())
+    at = bytes(raw).find(intact[100, 0].tobytes())  # the first float of the site's data in that shard
+    raw[at + 3] ^= 0x7F  # sign and exponent bits: same size, readable, wrong value
+    damaged.write_bytes(bytes(raw))
+    unverified = ActivationStore.open(root).run("toy")  # the default checks miss it: documented
+    assert unverified.bad_shards == {}
+    assert unverified.read([int(data.example_ids[100])], [key])[key][0, 0] != intact[100, 0]
+    run = ActivationStore.open(root).run("toy", verify=True)
+    assert run.bad_shards == {damaged.name: "checksum mismatch"}
+    assert any(f"shard {damaged.name} is unreadable (checksum mismatch)" in m for m in logs)
+    assert len(run.example_ids) == len(data) - 50
+    np.testing.assert_array_equal(run.read(run.example_ids, [key])[key],
+                                  intact[[list(data.example_ids).index(i) for i in run.example_ids]])
+    meta = dict(run.metadata, shards=[{k: v for k, v in s.items() if k != "sha256"} for s in shards])
+    write_info(root / "toy", meta)  # a run written before checksums
+    assert StoredRun.open(root / "toy", verify=True).bad_shards == {}
+    assert any("written without shard checksums" in m for m in logs)
 
 
 def test_wrong_model_or_site_is_refused(stored):
