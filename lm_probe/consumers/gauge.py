@@ -258,6 +258,28 @@ class DiffusionGauge(Consumer):
         """``(step, site, operator)`` in measurement order."""
         return [(row["step"], row["site"], self._operators.get((row["site"], row["step"]))) for row in self._rows]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The measurements as plain data (numpy arrays, python values) for a checkpoint:
+        ``rows`` (the trajectory's), ``operators`` (``[site, step, operator]``; a sparse one as
+        ``{"csr": (data, indices, indptr), "shape": ...}``), ``measured_steps``."""
+        def plain(op: Any) -> Any:
+            if hasattr(op, "tocsr"):
+                op = op.tocsr()
+                return {"csr": (op.data, op.indices, op.indptr), "shape": tuple(op.shape)}
+            return op if op is None else np.asarray(op)
+
+        return {"rows": [dict(r) for r in self._rows], "measured_steps": sorted(self._measured_steps),
+                "operators": [[site, step, plain(op)] for (site, step), op in self._operators.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the measurements of :meth:`state_dict` (the subset is drawn again, the same)."""
+        from scipy.sparse import csr_matrix
+
+        self._rows = [dict(r) for r in state["rows"]]
+        self._measured_steps = {int(s) for s in state["measured_steps"]}
+        self._operators = {(site, int(step)): csr_matrix(tuple(op["csr"]), shape=tuple(op["shape"]))
+                           if isinstance(op, dict) else op for site, step, op in state["operators"]}
+
     def extra_metrics(self, result: DiffusionResult) -> dict[str, Any]:
         """Extra trajectory columns for one site's result; override in a subclass."""
         return self._extra(result) if self._extra is not None else {}

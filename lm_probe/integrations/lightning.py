@@ -17,7 +17,11 @@ each validation, when a checkpoint is saved, at the start or the end of training
 Steps 3 and 4 run a :class:`~lm_probe.ProbeRunner` over the pooled rows
 (:class:`~lm_probe.core.sources.ArraySource`), so the model runs once per subset example per
 measurement, whatever is measured. A step is measured at most once (a checkpoint saved at a
-step already measured adds nothing). The counters are the trigger's: ``step`` is
+step already measured adds nothing). The measurements so far (firings, the gauges'
+trajectories and operators, the metric tables) are saved in Lightning checkpoints
+(:meth:`ProbeCallback.state_dict`, as tensors and plain python values that
+``torch.load(weights_only=True)`` reads), so a run resumed with ``trainer.fit(...,
+ckpt_path=...)`` continues them. The counters are the trigger's: ``step`` is
 ``trainer.global_step`` (optimizer steps completed) and ``epoch`` the epochs completed
 (``trainer.current_epoch``; one more at the ``"epoch_end"`` event of the epoch just ended).
 
@@ -188,6 +192,36 @@ class ProbeCallback(Callback):
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._event(trainer, pl_module, "checkpoint")
+        if self.state_key in checkpoint.get("callbacks", {}):  # taken before this hook: add its measurement
+            checkpoint["callbacks"][self.state_key] = self.state_dict()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def state_key(self) -> str:
+        """The callback's key in a checkpoint's ``callbacks`` (one per sites, seed and trigger)."""
+        return self._generate_state_key(sites=[s for s, _ in self._requests()], seed=self.seed,
+                                        trigger=repr(self.trigger))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measurements so far, as tensors and plain python values (what Lightning stores in
+        a checkpoint and ``torch.load(weights_only=True)`` reads back): ``firings``, each
+        gauge's :meth:`~lm_probe.DiffusionGauge.state_dict`, the probe and geometry tables."""
+        return _encode({"firings": [list(f) for f in self.firings], "gauges": [g.state_dict() for g in self.gauges],
+                        "probe_tables": [_columns(t) for t in self._probe_tables],
+                        "geometry_tables": [_columns(t) for t in self._geometry_tables]})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (Lightning calls this when ``trainer.fit`` resumes from
+        ``ckpt_path``): the resumed run continues the firings, trajectories and tables."""
+        state = _decode(state_dict)
+        if len(state["gauges"]) != len(self.gauges):
+            raise ValueError(f"the checkpoint holds {len(state['gauges'])} gauges' measurements, this callback "
+                             f"has {len(self.gauges)} gauges: resume with the callback configured as before")
+        self.firings = [(int(step), str(event)) for step, event in state["firings"]]
+        for gauge, saved in zip(self.gauges, state["gauges"]):
+            gauge.load_state_dict(saved)
+        self._probe_tables = [pd.DataFrame(t) for t in state["probe_tables"]]
+        self._geometry_tables = [pd.DataFrame(t) for t in state["geometry_tables"]]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._event(trainer, pl_module, "end")
@@ -306,3 +340,31 @@ def _stacked(tables: list[pd.DataFrame]) -> pd.DataFrame:
     stamped = ["step", "epoch", "event"]
     table = pd.concat(tables, ignore_index=True)
     return table[stamped + [c for c in table.columns if c not in stamped]]
+
+
+def _columns(table: pd.DataFrame) -> dict[str, list]:
+    return {str(c): table[c].tolist() for c in table.columns}
+
+
+def _encode(value: Any) -> Any:
+    """numpy arrays to tensors and numpy scalars to python values, through dicts, lists, tuples."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_encode(v) for v in value)
+    return value
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of :func:`_encode`: tensors back to numpy arrays."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v) for v in value)
+    return value

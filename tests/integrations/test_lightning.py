@@ -167,6 +167,44 @@ def test_epochs_validation_and_checkpoints_fire_when_lightning_does(data, tmp_pa
     assert [s for s, _ in saves.get_trajectory(SITE)] == [3, 6]
 
 
+def test_a_resumed_run_continues_firings_trajectory_and_tables(data, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, folder, ckpt_path=None):
+        steps = ProbeCallback(data, trigger=Trigger(every_n_steps=2, at_start=True), gauges=gauge(),
+                              geometry=Geometry([SITE]), probes=[ProbeConfig(SITE)],
+                              fit_kwargs=dict(num_epochs=2, val_size=0))
+        saves = ProbeCallback(data, trigger=Trigger(on_checkpoint=True), gauges=gauge())
+        each_step = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1)
+        module = TinyLM()
+        for m in module.modules():  # no dropout: a resumed run does not restore the random state
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        trainer([steps, saves, each_step], max_steps=max_steps, enable_checkpointing=True).fit(
+            module, loader(data, batch_size=64), ckpt_path=ckpt_path)  # a step an epoch: the same batch each step
+        return steps, saves
+
+    whole, whole_saves = run(10, tmp_path / "whole")
+    run(6, tmp_path / "cut")
+    (ckpt,) = (tmp_path / "cut").glob("*step=6.ckpt")
+    assert torch.load(ckpt, weights_only=True)["callbacks"]  # plain tensors and python values
+    resumed, resumed_saves = run(10, tmp_path / "resumed", ckpt_path=ckpt)
+    assert whole.firings == [(0, "start"), (2, "step"), (4, "step"), (6, "step"), (8, "step"), (10, "step")]
+    assert resumed.firings == whole.firings and resumed_saves.firings == whole_saves.firings
+    assert [s for s, _ in whole_saves.firings] == list(range(1, 11))  # step 6's, taken in the checkpoint it measures
+    for got, want in [(resumed.trajectory, whole.trajectory), (resumed_saves.trajectory, whole_saves.trajectory)]:
+        assert [s for s, _ in got] == [s for s, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    for got, want in [(resumed.probe_metrics, whole.probe_metrics), (resumed.geometry_metrics, whole.geometry_metrics)]:
+        assert got["step"].tolist() == want["step"].tolist() == [0, 2, 4, 6, 8, 10]
+        numeric = want.select_dtypes("number").columns
+        np.testing.assert_allclose(got[numeric].to_numpy(float), want[numeric].to_numpy(float), atol=1e-6)
+    got, want = resumed.gauges[0].trajectory, whole.gauges[0].trajectory  # the gauge's own table, eigenvalues too
+    assert got[["step", "epoch", "event"]].values.tolist() == want[["step", "epoch", "event"]].values.tolist()
+    np.testing.assert_allclose(np.stack(got["eigenvalues"]), np.stack(want["eigenvalues"]), atol=1e-6)
+
+
 def test_one_measurement_per_step_and_a_model_attribute(data):
     class Wrapped(L.LightningModule):
         def __init__(self):
