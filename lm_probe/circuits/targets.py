@@ -14,6 +14,8 @@ weight to ``parametrizations.weight.original`` untouched and computes ``weight *
 each access; :func:`parametrized` removes them in a ``finally`` block with
 ``leave_parametrized=False``, which puts the original parameter object back, so the model
 is bit-identical afterwards, whether the block ended normally or with an exception.
+Masks nest: on a weight that is already parametrized (inside :func:`ablate`, or a user's own
+parametrization) the mask is appended to its list and only that entry is removed afterwards.
 :func:`ablate` uses the same machinery to zero a found subnetwork (or everything but it).
 """
 
@@ -128,16 +130,20 @@ def parametrized(model: Any, masks: Mapping[str, torch.nn.Module]) -> Iterator[t
         The underlying ``torch.nn.Module``.
     """
     module = _torch_module(model)
-    done: list[tuple[torch.nn.Module, list[str]]] = []
+    done: list[tuple[torch.nn.Module, list[str] | None]] = []
     try:
         for path, mask in masks.items():
             owner = module.get_submodule(path)
-            order = list(owner._parameters)
+            # already parametrized (nested ablate, a user's parametrization): append ours, pop only it later
+            order = None if parametrize.is_parametrized(owner, "weight") else list(owner._parameters)
             parametrize.register_parametrization(owner, "weight", mask, unsafe=True)
             done.append((owner, order))
         yield module
     finally:
         for owner, order in reversed(done):
+            if order is None:
+                owner.parametrizations.weight.pop(-1)
+                continue
             parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
             owner._parameters = {name: owner._parameters[name] for name in order}  # the state_dict's key order too
 
