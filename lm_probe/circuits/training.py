@@ -38,6 +38,7 @@ from ..core.dataset import ProbeDataset
 from ..core.labels import IGNORE
 from ..core.pooling import check_pool, pool
 from ..core.sites import resolve_sites
+from ..core.trace import model_inputs
 from ..functional.metrics import classification_metrics
 from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
@@ -130,7 +131,7 @@ class MaskedProbe:
                 lambda m, args, kwargs: take(args if args else list(kwargs.values())), with_kwargs=True)
         device = next(module.parameters()).device
         try:
-            module(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+            module(**model_inputs(module, batch.input_ids.to(device), batch.attention_mask.to(device)))
         except _Stop:
             pass
         finally:

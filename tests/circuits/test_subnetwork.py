@@ -220,3 +220,25 @@ def test_online_codelength_of_the_joint_training():
     from lm_probe.circuits import CircuitProbe
     circuit = CircuitProbe(model, site, masked=["transformer.h.0.mlp"], epochs=1).fit(train, val)
     assert np.isnan(circuit.metrics_["compression"]) and "centroids" in circuit.codelength_.reason
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_rows_equal_single_example_forwards(family):
+    """Position ids follow the attention mask: a left-padded example reads as it would alone
+    (the reference: Hugging Face's hidden states of each example without padding)."""
+    model = tiny_model(family, layers=2, seed=1)
+    tok = tiny_tokenizer(pad=True)
+    tok.padding_side = "left"
+    data = ProbeDataset.from_texts(*toy_texts(12, seed=0), tok)
+    probe = SubnetworkProbe(model, model_of_block_0_output(family), pool="last", standardize=False)
+    batch = next(data.batches(12))
+    assert (batch.attention_mask[:, 0] == 0).any()  # some rows really are left-padded
+    with torch.no_grad():
+        rows = probe._rows(model, batch, "last")[0]
+        reference = torch.stack([model(input_ids=ids[keep.bool()][None], output_hidden_states=True).hidden_states[1][0, -1]
+                                 for ids, keep in zip(batch.input_ids, batch.attention_mask)])
+    torch.testing.assert_close(rows, reference, atol=1e-4, rtol=1e-4)
+
+
+def model_of_block_0_output(family: str) -> str:
+    return {"gpt2": "transformer.h.0.output", "llama": "model.layers.0.output"}[family]
