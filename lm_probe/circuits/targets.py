@@ -32,7 +32,7 @@ from ..core.architectures import _torch_module, describe, sites
 from ..core.sites import Site, SiteError, resolve_sites
 from .masks import FixedMask
 
-__all__ = ["ROLES", "Masked", "resolve_masked", "check_upstream", "parametrized", "ablate"]
+__all__ = ["ROLES", "Masked", "resolve_masked", "check_upstream", "parametrized", "ablate", "frozen", "kept_fraction"]
 
 #: The roles ``masked`` understands, beside module paths.
 ROLES = ("mlp", "attn", "block")
@@ -180,3 +180,25 @@ def ablate(model: Any, mask: Mapping[str, np.ndarray], *, complement: bool = Fal
         fixed[path] = FixedMask(keep if complement else ~keep)
     with parametrized(module, fixed):
         yield model
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module in eval mode with ``requires_grad`` off for the block; afterwards every
+    submodule's train/eval mode and every parameter's flag is put back as it was (also
+    after an exception), not only the root's."""
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    modes = {name: m.training for name, m in module.named_modules()}
+    try:
+        yield module.eval().requires_grad_(False)
+    finally:
+        for name, m in module.named_modules():
+            m.training = modes.get(name, m.training)
+        for name, p in module.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def kept_fraction(keep: Mapping[str, Any]) -> float:
+    """Fraction of all masked weights kept, over every module of ``{path: boolean mask}`` (1.0 if none)."""
+    total = sum(int(np.prod(k.shape)) for k in keep.values())
+    return float(sum(int(k.sum()) for k in keep.values()) / total) if total else 1.0

@@ -43,7 +43,7 @@ from ..functional.metrics import classification_metrics
 from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
 from .masks import METHODS, FixedMask
-from .targets import Masked, check_upstream, parametrized, resolve_masked
+from .targets import Masked, check_upstream, frozen, kept_fraction, parametrized, resolve_masked
 
 __all__ = ["MaskedProbe", "NotFittedError"]
 
@@ -171,19 +171,11 @@ class MaskedProbe:
         self.classes_ = train.classes
         if len(self.classes_) < 2:
             raise ValueError(f"the training set has {len(self.classes_)} class; a probe needs two or more")
-        flags = {name: p.requires_grad for name, p in module.named_parameters()}
-        was_training = module.training
         for key in ("_mean", "_std"):
             self.__dict__.pop(key, None)
-        try:
-            module.eval().requires_grad_(False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self._fit(module, train, val, how)
-        finally:
-            module.train(was_training)
-            for name, p in module.named_parameters():
-                p.requires_grad_(flags[name])
+        with frozen(module), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._fit(module, train, val, how)
         self._finish(train)
         self.metrics_ = self.score(val)
         return self
@@ -291,7 +283,7 @@ class MaskedProbe:
         x, y = fixed if fixed is not None else self._collect(module, val, how)
         with torch.no_grad():
             loss = float(self._loss(x, self._targets(y, x.device)))
-        kept = self._kept_fraction({p: m.keep() for p, m in self._masks.items()})
+        kept = kept_fraction({p: m.keep() for p, m in self._masks.items()})
         return loss + self.l0_lambda * kept, loss, kept
 
     def _collect(self, module: torch.nn.Module, data: ProbeDataset, how: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -307,15 +299,10 @@ class MaskedProbe:
         """Labels as column indices of ``classes_``."""
         return torch.as_tensor(np.searchsorted(self.classes_, y), device=device)
 
-    @staticmethod
-    def _kept_fraction(keep: dict[str, Any]) -> float:
-        total = sum(int(np.prod(k.shape)) for k in keep.values())
-        return float(sum(int(k.sum()) for k in keep.values()) / total) if total else 1.0
-
     def _set_masks(self, mask: dict[str, np.ndarray]) -> None:
         self.mask_ = mask
         self.kept_ = {p: float(k.mean()) for p, k in mask.items()}
-        self.kept_fraction_ = self._kept_fraction(mask)
+        self.kept_fraction_ = kept_fraction(mask)
 
     # ---------------------------------------------------------------- using a fitted probe
     def _check_fitted(self) -> None:

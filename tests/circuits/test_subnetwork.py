@@ -242,3 +242,17 @@ def test_left_padded_rows_equal_single_example_forwards(family):
 
 def model_of_block_0_output(family: str) -> str:
     return {"gpt2": "transformer.h.0.output", "llama": "model.layers.0.output"}[family]
+
+
+def test_fit_restores_every_submodules_mode(planted):
+    model, train, val = planted
+    model.eval()
+    dropout = model.get_submodule(MLP).dropout
+    dropout.train()
+    try:
+        SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, val)
+        assert dropout.training and not model.training
+        assert not any(m.training for m in model.modules() if m is not dropout)
+    finally:
+        model.eval()
+
