@@ -226,6 +226,9 @@ class MaskedProbe:
             if stop:
                 reason = why
                 break
+        if best is None:
+            raise FloatingPointError(f"the validation objective was non-finite at epoch 0 ({history[0]['val_objective']}); "
+                                     "lower lr / mask_lr or check the data")
         epoch, states, params = best
         for mask, state in zip(self._masks.values(), states):
             mask.load_state_dict(state)

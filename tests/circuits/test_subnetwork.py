@@ -256,3 +256,14 @@ def test_fit_restores_every_submodules_mode(planted):
     finally:
         model.eval()
 
+
+def test_a_non_finite_objective_at_the_first_epoch_is_a_clear_error(planted):
+    class NaNLoss(SubnetworkProbe):
+        def _loss(self, x, y):
+            return super()._loss(x, y) * float("nan")
+
+    model, train, val = planted
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match="non-finite at epoch 0.*lower lr"):
+        NaNLoss(model, SITE, masked=[MLP], epochs=2, warm_start=False).fit(train, val)
+    assert identical(model, before)
