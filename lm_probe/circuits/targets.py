@@ -6,8 +6,8 @@ and layers, ``("mlp", range(6))`` / ``("attn", [0, 1])`` / ``("block", 3)``, fou
 structural rules of :func:`lm_probe.core.architectures.sites`. A path stands for every
 weight matrix (a parameter named ``weight`` with two or more dimensions: linear, GPT-2
 ``Conv1D`` and embedding layers) at or below it; biases and norm scales are never masked.
-A path holding no weight matrix, or a site that runs before every masked module (so no
-mask could change it), is refused before any forward pass.
+A path holding no weight matrix, or a masked module that runs after the site (no mask on it
+could change what the site reads), is refused before any forward pass.
 
 Masks are ``torch.nn.utils.parametrize`` parametrizations: registering one moves the
 weight to ``parametrizations.weight.original`` untouched and computes ``weight * mask`` on
@@ -103,19 +103,26 @@ def resolve_masked(model: Any, masked: Masked | str | None) -> list[str]:
 
 
 def check_upstream(model: Any, site: Site, targets: Sequence[str]) -> None:
-    """Refuse a site that runs before every masked module: no mask could change what it reads.
+    """Refuse masked modules that run at or after the site: no mask on them can change what
+    it reads, so only the sparsity penalty would reach them and drive them to zero (a
+    ``kept_fraction_`` sparser than what the probe needs). Order is the execution rank of
+    each module's input against the site's.
 
     Raises:
-        ValueError: quoting the site and the earliest masked module.
+        ValueError: quoting the site and the masked modules downstream of it.
     """
     if not targets:
         return
     module = _torch_module(model)
     entries = resolve_sites(module, [f"{t}.input" for t in targets])
-    first = min(entries.values())
-    if first.rank >= site.rank:
-        raise ValueError(f"site {site.spec!r} is read before the first masked module {first.path!r} runs, so no mask "
+    late = [e.path for e in entries.values() if e.rank >= site.rank]
+    if len(late) == len(targets):
+        raise ValueError(f"site {site.spec!r} is read before the first masked module {late[0]!r} runs, so no mask "
                          "can change it (nothing to learn); mask modules upstream of the site or read a later site")
+    if late:
+        raise ValueError(f"masked modules {late} run after site {site.spec!r}, so their masks cannot change it and "
+                         "the sparsity penalty alone would prune them; mask only modules upstream of the site "
+                         "(e.g. layers up to the site's) or read a later site")
 
 
 @contextmanager

@@ -158,3 +158,12 @@ def test_a_users_parametrization_survives_a_mask():
         np.testing.assert_array_equal(owner.weight.detach().numpy(), np.where(keep, 0.0, 2 * original))
     assert len(owner.parametrizations.weight) == 1 and isinstance(owner.parametrizations.weight[0], Double)
     np.testing.assert_array_equal(owner.weight.detach().numpy(), 2 * original)
+
+
+def test_masked_modules_after_the_site_are_refused_by_name():
+    model = tiny_model("gpt2", layers=2)
+    site = resolve_sites(model, ["transformer.h.0.output"])["transformer.h.0.output"]
+    with pytest.raises(ValueError, match=r"\['transformer.h.1.mlp.c_fc', 'transformer.h.1.mlp.c_proj'\] run after "
+                                         r"site 'transformer.h.0.output'"):
+        check_upstream(model, site, resolve_masked(model, [("mlp", [0, 1])]))
+    check_upstream(model, site, resolve_masked(model, [("mlp", [0])]))  # upstream only: fine
