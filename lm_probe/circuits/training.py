@@ -171,6 +171,7 @@ class MaskedProbe:
         self.classes_ = train.classes
         if len(self.classes_) < 2:
             raise ValueError(f"the training set has {len(self.classes_)} class; a probe needs two or more")
+        self._check_labels(val, "val")
         for key in ("_mean", "_std"):
             self.__dict__.pop(key, None)
         with frozen(module), torch.random.fork_rng(devices=[]):
@@ -236,6 +237,12 @@ class MaskedProbe:
             for p, value in zip(head, params):
                 p.copy_(value)
         return history, reason, epoch
+
+    def _check_labels(self, data: ProbeDataset, name: str) -> None:
+        """Refuse labels the probe was not trained on (``searchsorted`` would map them silently)."""
+        if unseen := sorted(set(data.classes.tolist()) - set(self.classes_.tolist())):
+            raise ValueError(f"{name} has labels {unseen} that the training set lacks (classes {self.classes_.tolist()});"
+                             " drop those examples or split stratified so every class is in train")
 
     def _code_reason(self, warm: bool) -> str | None:
         """Why this fit has no online codelength (``None``: it has one)."""
@@ -326,6 +333,7 @@ class MaskedProbe:
         """
         self._check_fitted()
         module, how = _torch_module(self.model), self._pool_for(data)
+        self._check_labels(data, "data")
         masks = {p: FixedMask(torch.as_tensor(k, device=module.get_submodule(p).weight.device))
                  for p, k in self.mask_.items()} if use_mask else {}
         with parametrized(module, masks):

@@ -267,3 +267,14 @@ def test_a_non_finite_objective_at_the_first_epoch_is_a_clear_error(planted):
     with pytest.raises(FloatingPointError, match="non-finite at epoch 0.*lower lr"):
         NaNLoss(model, SITE, masked=[MLP], epochs=2, warm_start=False).fit(train, val)
     assert identical(model, before)
+
+
+def test_labels_the_training_set_lacks_are_refused(planted):
+    model, train, val = planted
+    texts, labels = toy_texts(40, seed=3)
+    other = ProbeDataset.from_texts(texts, np.where(np.arange(40) % 4 == 0, 2, labels), tiny_tokenizer(pad=True))
+    with pytest.raises(ValueError, match=r"val has labels \[2\] that the training set lacks"):
+        SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, other)
+    probe = SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, val)
+    with pytest.raises(ValueError, match=r"data has labels \[2\]"):
+        probe.score(other)
