@@ -32,7 +32,8 @@ from ..core.architectures import _torch_module, describe, sites
 from ..core.sites import Site, SiteError, resolve_sites
 from .masks import FixedMask
 
-__all__ = ["ROLES", "Masked", "resolve_masked", "check_upstream", "parametrized", "ablate", "frozen", "kept_fraction"]
+__all__ = ["ROLES", "Masked", "resolve_masked", "check_upstream", "parametrized", "ablate", "frozen", "kept_fraction",
+           "check_shapes"]
 
 #: The roles ``masked`` understands, beside module paths.
 ROLES = ("mlp", "attn", "block")
@@ -100,6 +101,7 @@ def resolve_masked(model: Any, masked: Masked | str | None) -> list[str]:
         owners.extend(found)
     order = {name: i for i, (name, _) in enumerate(module.named_modules())}
     return sorted(dict.fromkeys(owners), key=order.__getitem__)
+
 
 
 def check_upstream(model: Any, site: Site, targets: Sequence[str]) -> None:
@@ -178,15 +180,31 @@ def ablate(model: Any, mask: Mapping[str, np.ndarray], *, complement: bool = Fal
         ValueError: a mask whose shape is not its module's weight's.
     """
     module = _torch_module(model)
+    check_shapes(module, mask)
     fixed = {}
     for path, keep in mask.items():
-        weight = module.get_submodule(path).weight
-        keep = torch.as_tensor(np.asarray(keep, bool), device=weight.device)
-        if keep.shape != weight.shape:
-            raise ValueError(f"mask for {path!r} has shape {tuple(keep.shape)}, its weight {tuple(weight.shape)}")
+        keep = torch.as_tensor(np.asarray(keep, bool), device=module.get_submodule(path).weight.device)
         fixed[path] = FixedMask(keep if complement else ~keep)
     with parametrized(module, fixed):
         yield model
+
+
+def check_shapes(model: Any, mask: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Refuse a mask whose shape is not its module's weight's (a mask from another model).
+
+    Returns:
+        ``mask``, unchanged.
+
+    Raises:
+        ValueError: naming the module and both shapes.
+    """
+    module = _torch_module(model)
+    for path, keep in mask.items():
+        weight = module.get_submodule(path).weight
+        if tuple(np.shape(keep)) != tuple(weight.shape):
+            raise ValueError(f"mask for {path!r} has shape {tuple(np.shape(keep))}, its weight {tuple(weight.shape)}; "
+                             "was it found on another model?")
+    return mask
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from ..functional.metrics import classification_metrics
 from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
 from .masks import METHODS, FixedMask
-from .targets import Masked, check_upstream, frozen, kept_fraction, parametrized, resolve_masked
+from .targets import Masked, check_shapes, check_upstream, frozen, kept_fraction, parametrized, resolve_masked
 
 __all__ = ["MaskedProbe", "NotFittedError"]
 
@@ -388,7 +388,7 @@ class MaskedProbe:
         if probe.standardize:
             probe._mean, probe._std = (torch.as_tensor(arrays[k], device=device) for k in ("mean", "std"))
         probe._load_head({k[5:]: v for k, v in arrays.items() if k.startswith("head/")}, device)
-        probe._set_masks({k[5:]: arrays[k].astype(bool) for k in arrays if k.startswith("mask/")})
+        probe._set_masks(check_shapes(model, {k[5:]: arrays[k].astype(bool) for k in arrays if k.startswith("mask/")}))
         return probe
 
     def _head_arrays(self) -> dict[str, np.ndarray]:

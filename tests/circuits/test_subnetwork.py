@@ -278,3 +278,15 @@ def test_labels_the_training_set_lacks_are_refused(planted):
     probe = SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, val)
     with pytest.raises(ValueError, match=r"data has labels \[2\]"):
         probe.score(other)
+
+
+def test_load_refuses_masks_of_another_shape(fitted, planted, tmp_path):
+    probe, _ = fitted
+    model = planted[0]
+    folder = probe.save(tmp_path / "probe")
+    with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[f"mask/{FC}"] = arrays[f"mask/{FC}"][:, :-1]  # as if found on a model with a narrower MLP
+    np.savez(folder / "arrays.npz", **arrays)
+    with pytest.raises(ValueError, match=f"mask for '{FC}' has shape .*another model"):
+        SubnetworkProbe.load(folder, model)

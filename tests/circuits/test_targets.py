@@ -167,3 +167,4 @@ def test_masked_modules_after_the_site_are_refused_by_name():
                                          r"site 'transformer.h.0.output'"):
         check_upstream(model, site, resolve_masked(model, [("mlp", [0, 1])]))
     check_upstream(model, site, resolve_masked(model, [("mlp", [0])]))  # upstream only: fine
+
