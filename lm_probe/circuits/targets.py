@@ -100,8 +100,19 @@ def resolve_masked(model: Any, masked: Masked | str | None) -> list[str]:
                              "or embedding layer, or a part of a block holding them (its MLP or attention)")
         owners.extend(found)
     order = {name: i for i, (name, _) in enumerate(module.named_modules())}
-    return sorted(dict.fromkeys(owners), key=order.__getitem__)
+    owners = sorted(dict.fromkeys(owners), key=order.__getitem__)
+    _check_untied(module, owners)
+    return owners
 
+
+def _check_untied(module: torch.nn.Module, owners: Sequence[str]) -> None:
+    """Refuse two masked modules sharing one weight (GPT-2's ``wte`` and ``lm_head``): their masks would fight."""
+    seen: dict[int, str] = {}
+    for path in owners:
+        first = seen.setdefault(id(module.get_submodule(path)._parameters["weight"]), path)
+        if first != path:
+            raise ValueError(f"masked modules {first!r} and {path!r} share one weight (tied embeddings); mask only one "
+                             "of them")
 
 
 def check_upstream(model: Any, site: Site, targets: Sequence[str]) -> None:

@@ -168,3 +168,10 @@ def test_masked_modules_after_the_site_are_refused_by_name():
         check_upstream(model, site, resolve_masked(model, [("mlp", [0, 1])]))
     check_upstream(model, site, resolve_masked(model, [("mlp", [0])]))  # upstream only: fine
 
+
+def test_masking_both_aliases_of_a_tied_weight_is_refused():
+    model = tiny_model("gpt2", layers=1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match="'transformer.wte' and 'lm_head' share one weight"):
+        resolve_masked(model, ["transformer.wte", "lm_head"])
+    assert resolve_masked(model, ["transformer.wte"]) == ["transformer.wte"]
