@@ -38,11 +38,12 @@ from ..core.dataset import ProbeDataset
 from ..core.labels import IGNORE
 from ..core.pooling import check_pool, pool
 from ..core.sites import resolve_sites
+from ..core.trace import model_inputs
 from ..functional.metrics import classification_metrics
 from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
 from .masks import METHODS, FixedMask
-from .targets import Masked, check_upstream, parametrized, resolve_masked
+from .targets import Masked, check_shapes, check_upstream, frozen, kept_fraction, parametrized, resolve_masked
 
 __all__ = ["MaskedProbe", "NotFittedError"]
 
@@ -130,7 +131,7 @@ class MaskedProbe:
                 lambda m, args, kwargs: take(args if args else list(kwargs.values())), with_kwargs=True)
         device = next(module.parameters()).device
         try:
-            module(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+            module(**model_inputs(module, batch.input_ids.to(device), batch.attention_mask.to(device)))
         except _Stop:
             pass
         finally:
@@ -170,19 +171,12 @@ class MaskedProbe:
         self.classes_ = train.classes
         if len(self.classes_) < 2:
             raise ValueError(f"the training set has {len(self.classes_)} class; a probe needs two or more")
-        flags = {name: p.requires_grad for name, p in module.named_parameters()}
-        was_training = module.training
+        self._check_labels(val, "val")
         for key in ("_mean", "_std"):
             self.__dict__.pop(key, None)
-        try:
-            module.eval().requires_grad_(False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self._fit(module, train, val, how)
-        finally:
-            module.train(was_training)
-            for name, p in module.named_parameters():
-                p.requires_grad_(flags[name])
+        with frozen(module), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._fit(module, train, val, how)
         self._finish(train)
         self.metrics_ = self.score(val)
         return self
@@ -233,6 +227,9 @@ class MaskedProbe:
             if stop:
                 reason = why
                 break
+        if best is None:
+            raise FloatingPointError(f"the validation objective was non-finite at epoch 0 ({history[0]['val_objective']}); "
+                                     "lower lr / mask_lr or check the data")
         epoch, states, params = best
         for mask, state in zip(self._masks.values(), states):
             mask.load_state_dict(state)
@@ -240,6 +237,12 @@ class MaskedProbe:
             for p, value in zip(head, params):
                 p.copy_(value)
         return history, reason, epoch
+
+    def _check_labels(self, data: ProbeDataset, name: str) -> None:
+        """Refuse labels the probe was not trained on (``searchsorted`` would map them silently)."""
+        if unseen := sorted(set(data.classes.tolist()) - set(self.classes_.tolist())):
+            raise ValueError(f"{name} has labels {unseen} that the training set lacks (classes {self.classes_.tolist()});"
+                             " drop those examples or split stratified so every class is in train")
 
     def _code_reason(self, warm: bool) -> str | None:
         """Why this fit has no online codelength (``None``: it has one)."""
@@ -290,7 +293,7 @@ class MaskedProbe:
         x, y = fixed if fixed is not None else self._collect(module, val, how)
         with torch.no_grad():
             loss = float(self._loss(x, self._targets(y, x.device)))
-        kept = self._kept_fraction({p: m.keep() for p, m in self._masks.items()})
+        kept = kept_fraction({p: m.keep() for p, m in self._masks.items()})
         return loss + self.l0_lambda * kept, loss, kept
 
     def _collect(self, module: torch.nn.Module, data: ProbeDataset, how: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -306,15 +309,10 @@ class MaskedProbe:
         """Labels as column indices of ``classes_``."""
         return torch.as_tensor(np.searchsorted(self.classes_, y), device=device)
 
-    @staticmethod
-    def _kept_fraction(keep: dict[str, Any]) -> float:
-        total = sum(int(np.prod(k.shape)) for k in keep.values())
-        return float(sum(int(k.sum()) for k in keep.values()) / total) if total else 1.0
-
     def _set_masks(self, mask: dict[str, np.ndarray]) -> None:
         self.mask_ = mask
         self.kept_ = {p: float(k.mean()) for p, k in mask.items()}
-        self.kept_fraction_ = self._kept_fraction(mask)
+        self.kept_fraction_ = kept_fraction(mask)
 
     # ---------------------------------------------------------------- using a fitted probe
     def _check_fitted(self) -> None:
@@ -335,6 +333,7 @@ class MaskedProbe:
         """
         self._check_fitted()
         module, how = _torch_module(self.model), self._pool_for(data)
+        self._check_labels(data, "data")
         masks = {p: FixedMask(torch.as_tensor(k, device=module.get_submodule(p).weight.device))
                  for p, k in self.mask_.items()} if use_mask else {}
         with parametrized(module, masks):
@@ -389,7 +388,7 @@ class MaskedProbe:
         if probe.standardize:
             probe._mean, probe._std = (torch.as_tensor(arrays[k], device=device) for k in ("mean", "std"))
         probe._load_head({k[5:]: v for k, v in arrays.items() if k.startswith("head/")}, device)
-        probe._set_masks({k[5:]: arrays[k].astype(bool) for k in arrays if k.startswith("mask/")})
+        probe._set_masks(check_shapes(model, {k[5:]: arrays[k].astype(bool) for k in arrays if k.startswith("mask/")}))
         return probe
 
     def _head_arrays(self) -> dict[str, np.ndarray]:

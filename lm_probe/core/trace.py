@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .architectures import _torch_module
 from .pooling import pool
 from .sites import Site
 
@@ -31,14 +32,14 @@ def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     cache is switched off where the model has one.
 
     Args:
-        model: The nnsight model.
+        model: The nnsight model (or its ``torch.nn.Module``).
         input_ids: ``(batch, tokens)`` token ids.
         attention_mask: ``(batch, tokens)`` mask, 1 for real tokens.
 
     Returns:
         Keyword arguments for ``model.trace``.
     """
-    params = inspect.signature(model._module.forward).parameters
+    params = inspect.signature(_torch_module(model).forward).parameters
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "position_ids" in params:
         inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + _first_position(model)
@@ -50,7 +51,8 @@ def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
 def _first_position(model: Any) -> int:
     """Position id of a sequence's first token: 0, but ``padding_idx + 1`` for RoBERTa-style
     embeddings, which number positions after the padding index."""
-    base = getattr(model._module, "base_model", model._module)
+    module = _torch_module(model)
+    base = getattr(module, "base_model", module)
     padding_idx = getattr(getattr(base, "embeddings", None), "padding_idx", None)
     return 0 if padding_idx is None else int(padding_idx) + 1
 

@@ -220,3 +220,73 @@ def test_online_codelength_of_the_joint_training():
     from lm_probe.circuits import CircuitProbe
     circuit = CircuitProbe(model, site, masked=["transformer.h.0.mlp"], epochs=1).fit(train, val)
     assert np.isnan(circuit.metrics_["compression"]) and "centroids" in circuit.codelength_.reason
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_rows_equal_single_example_forwards(family):
+    """Position ids follow the attention mask: a left-padded example reads as it would alone
+    (the reference: Hugging Face's hidden states of each example without padding)."""
+    model = tiny_model(family, layers=2, seed=1)
+    tok = tiny_tokenizer(pad=True)
+    tok.padding_side = "left"
+    data = ProbeDataset.from_texts(*toy_texts(12, seed=0), tok)
+    probe = SubnetworkProbe(model, model_of_block_0_output(family), pool="last", standardize=False)
+    batch = next(data.batches(12))
+    assert (batch.attention_mask[:, 0] == 0).any()  # some rows really are left-padded
+    with torch.no_grad():
+        rows = probe._rows(model, batch, "last")[0]
+        reference = torch.stack([model(input_ids=ids[keep.bool()][None], output_hidden_states=True).hidden_states[1][0, -1]
+                                 for ids, keep in zip(batch.input_ids, batch.attention_mask)])
+    torch.testing.assert_close(rows, reference, atol=1e-4, rtol=1e-4)
+
+
+def model_of_block_0_output(family: str) -> str:
+    return {"gpt2": "transformer.h.0.output", "llama": "model.layers.0.output"}[family]
+
+
+def test_fit_restores_every_submodules_mode(planted):
+    model, train, val = planted
+    model.eval()
+    dropout = model.get_submodule(MLP).dropout
+    dropout.train()
+    try:
+        SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, val)
+        assert dropout.training and not model.training
+        assert not any(m.training for m in model.modules() if m is not dropout)
+    finally:
+        model.eval()
+
+
+def test_a_non_finite_objective_at_the_first_epoch_is_a_clear_error(planted):
+    class NaNLoss(SubnetworkProbe):
+        def _loss(self, x, y):
+            return super()._loss(x, y) * float("nan")
+
+    model, train, val = planted
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match="non-finite at epoch 0.*lower lr"):
+        NaNLoss(model, SITE, masked=[MLP], epochs=2, warm_start=False).fit(train, val)
+    assert identical(model, before)
+
+
+def test_labels_the_training_set_lacks_are_refused(planted):
+    model, train, val = planted
+    texts, labels = toy_texts(40, seed=3)
+    other = ProbeDataset.from_texts(texts, np.where(np.arange(40) % 4 == 0, 2, labels), tiny_tokenizer(pad=True))
+    with pytest.raises(ValueError, match=r"val has labels \[2\] that the training set lacks"):
+        SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, other)
+    probe = SubnetworkProbe(model, SITE, masked=[MLP], epochs=1).fit(train, val)
+    with pytest.raises(ValueError, match=r"data has labels \[2\]"):
+        probe.score(other)
+
+
+def test_load_refuses_masks_of_another_shape(fitted, planted, tmp_path):
+    probe, _ = fitted
+    model = planted[0]
+    folder = probe.save(tmp_path / "probe")
+    with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[f"mask/{FC}"] = arrays[f"mask/{FC}"][:, :-1]  # as if found on a model with a narrower MLP
+    np.savez(folder / "arrays.npz", **arrays)
+    with pytest.raises(ValueError, match=f"mask for '{FC}' has shape .*another model"):
+        SubnetworkProbe.load(folder, model)

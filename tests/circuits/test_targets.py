@@ -124,3 +124,54 @@ def test_ablate_refuses_a_mask_of_another_shape():
     with pytest.raises(ValueError, match="mask for 'transformer.h.0.mlp.c_fc' has shape"):
         with ablate(model, {"transformer.h.0.mlp.c_fc": np.ones((3, 3), bool)}):
             pass
+
+
+def test_nested_masks_compose_and_come_off_exactly():
+    model = tiny_model("gpt2", layers=2)
+    before, path = snapshot(model), MLP_1["gpt2"][0]
+    rng = np.random.default_rng(0)
+    shape = model.get_submodule(path).weight.shape
+    a, b = rng.random(shape) < 0.5, rng.random(shape) < 0.5
+    original = model.get_submodule(path).weight.detach().numpy().copy()
+    with ablate(model, {path: a}):
+        with ablate(model, {path: b}, complement=True):  # zero a, then everything but b
+            np.testing.assert_array_equal(model.get_submodule(path).weight.detach().numpy(),
+                                          np.where(a | ~b, 0.0, original))
+        np.testing.assert_array_equal(model.get_submodule(path).weight.detach().numpy(), np.where(a, 0.0, original))
+    assert identical(model, before)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+class Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_users_parametrization_survives_a_mask():
+    model = tiny_model("gpt2", layers=2)
+    path = MLP_1["gpt2"][0]
+    owner = model.get_submodule(path)
+    original = owner.weight.detach().numpy().copy()
+    parametrize.register_parametrization(owner, "weight", Double())
+    keep = np.random.default_rng(0).random(original.shape) < 0.5
+    with ablate(model, {path: keep}):
+        np.testing.assert_array_equal(owner.weight.detach().numpy(), np.where(keep, 0.0, 2 * original))
+    assert len(owner.parametrizations.weight) == 1 and isinstance(owner.parametrizations.weight[0], Double)
+    np.testing.assert_array_equal(owner.weight.detach().numpy(), 2 * original)
+
+
+def test_masked_modules_after_the_site_are_refused_by_name():
+    model = tiny_model("gpt2", layers=2)
+    site = resolve_sites(model, ["transformer.h.0.output"])["transformer.h.0.output"]
+    with pytest.raises(ValueError, match=r"\['transformer.h.1.mlp.c_fc', 'transformer.h.1.mlp.c_proj'\] run after "
+                                         r"site 'transformer.h.0.output'"):
+        check_upstream(model, site, resolve_masked(model, [("mlp", [0, 1])]))
+    check_upstream(model, site, resolve_masked(model, [("mlp", [0])]))  # upstream only: fine
+
+
+def test_masking_both_aliases_of_a_tied_weight_is_refused():
+    model = tiny_model("gpt2", layers=1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match="'transformer.wte' and 'lm_head' share one weight"):
+        resolve_masked(model, ["transformer.wte", "lm_head"])
+    assert resolve_masked(model, ["transformer.wte"]) == ["transformer.wte"]
