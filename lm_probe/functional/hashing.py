@@ -5,13 +5,18 @@ examples arrive in another order, in other batches, or split across processes. D
 from a generator in stream order cannot give that; hashing the row's identity can:
 :func:`hash_uniform` maps ``(seed, key, key, ...)`` to a number in ``[0, 1)`` with the
 SplitMix64 finalizer (Steele, Lea and Flood, 2014), vectorized over numpy arrays.
+:func:`file_sha256` is the one digest of a file's bytes (the embedded assets' checks, the
+activation store's shard checksums).
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["hash_uniform"]
+__all__ = ["hash_uniform", "file_sha256"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -43,3 +48,12 @@ def hash_uniform(seed: int, *keys: np.ndarray | int) -> np.ndarray:
         for key in parts:
             h = _mix(_mix(h ^ (key.astype(np.uint64) * _GOLDEN)) + _GOLDEN)
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def file_sha256(file: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
