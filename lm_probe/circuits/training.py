@@ -38,7 +38,7 @@ from ..core.dataset import ProbeDataset
 from ..core.labels import IGNORE
 from ..core.pooling import check_pool, pool
 from ..core.sites import resolve_sites
-from ..core.trace import model_inputs
+from ..core.trace import model_inputs, site_tensor
 from ..functional.metrics import classification_metrics
 from ..probes.codelength import Codelength
 from ..probes.early_stopping import EarlyStopping, StopReason
@@ -121,7 +121,7 @@ class MaskedProbe:
         owner = module.get_submodule(self._site.path)
 
         def take(value: Any) -> None:
-            captured["x"] = value[0] if isinstance(value, (tuple, list)) or hasattr(value, "to_tuple") else value
+            captured["x"] = site_tensor(value)
             raise _Stop
 
         if self._site.attr == "output":
