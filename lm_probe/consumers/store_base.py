@@ -133,7 +133,9 @@ class RunRows:
 
     def rows_of(self, example_ids: Sequence[int]) -> np.ndarray:
         """The row numbers of the given examples, example by example (all tokens of each)."""
-        pos = self._positions(example_ids)
+        return self._rows_at(self._positions(example_ids))
+
+    def _rows_at(self, pos: np.ndarray) -> np.ndarray:
         start, count = self._start[pos], self._count[pos]
         return np.repeat(start - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
 
@@ -147,16 +149,19 @@ class RunRows:
             requests: ``(site, pool)`` pairs.
             tokens: Each example's token ids: checked against the run's (see :meth:`check_tokens`).
         """
-        rows = self.rows_of(example_ids)
+        pos = self._positions(example_ids)  # one id lookup serves both the rows and the check
+        rows = self._rows_at(pos)
         if tokens is not None:
-            self.check_tokens(example_ids, tokens)
+            self._check_tokens_at(pos, example_ids, tokens)
         return {(site, how): self.array(site)[rows] for site, how in requests}
 
     def check_tokens(self, example_ids: Sequence[int], tokens: Sequence[np.ndarray]) -> None:
         """Raise a ValueError unless the run's rows of these examples were collected from these
         token ids: a pooled run's ``n_tokens`` and ``token_hash``, a token run's ``token_id``
         rows (runs written before these columns existed are not checked)."""
-        pos = self._positions(example_ids)
+        self._check_tokens_at(self._positions(example_ids), example_ids, tokens)
+
+    def _check_tokens_at(self, pos: np.ndarray, example_ids: Sequence[int], tokens: Sequence[np.ndarray]) -> None:
         have = np.array([len(t) for t in tokens], np.int64)
         if self._token_ids is not None:
             stored, same = self._count[pos], np.ones(len(pos), bool)
