@@ -17,7 +17,7 @@ import numpy as np
 
 from .probe import Probe
 
-__all__ = ["class_name", "label_names_of", "score_columns", "token_scores", "token_strings", "METADATA"]
+__all__ = ["class_name", "label_names_of", "score_columns", "token_scores", "token_strings", "next_piece", "METADATA"]
 
 #: The columns :meth:`~lm_probe.ProbeRunner.score_tokens` puts before the probes' scores.
 METADATA = ("text", "position", "token", "token_id")
@@ -70,7 +70,14 @@ def token_strings(tokenizer: Any, ids: Sequence[int], start: int = 0) -> list[st
     ids = [int(i) for i in ids]
     pieces, done = [], tokenizer.decode(ids[:start]) if start else ""
     for k in range(start, len(ids)):
-        text = tokenizer.decode(ids[:k + 1])
-        pieces.append(text[len(done):] if text.startswith(done) else tokenizer.decode([ids[k]]))
-        done = text
+        piece, done = next_piece(tokenizer, done, ids[:k + 1])
+        pieces.append(piece)
     return pieces
+
+
+def next_piece(tokenizer: Any, done: str, ids: Sequence[int]) -> tuple[str, str]:
+    """``(the piece ids[-1] adds to done, decode(ids))``, where ``done`` is
+    ``decode(ids[:-1])`` (the rule of :func:`token_strings`, one token at a time: a live
+    generation decodes each prefix once)."""
+    text = tokenizer.decode(ids)
+    return (text[len(done):] if text.startswith(done) else tokenizer.decode([ids[-1]])), text

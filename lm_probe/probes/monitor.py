@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..core.generation import generated_rows, next_token_chooser
-from .columns import score_columns, token_scores, token_strings
+from .columns import next_piece, score_columns, token_scores
 from .probe import Probe
 
 __all__ = ["Monitoring", "MonitorStep"]
@@ -87,14 +87,14 @@ class Monitoring:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}; give some text to continue")
         module = self.model._module
-        choose = next_token_chooser(getattr(module, "generation_config", None), **generation)
+        config = getattr(module, "generation_config", None)
+        choose = next_token_chooser(config, **generation)
         limit = self._max_length(None)
         ids = self._dataset([prompt], max_length=10**9).ids[0]
         if limit is not None and len(ids) + max_new_tokens > limit:
             raise ValueError(f"the prompt's {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceed the "
                              f"model's {limit} positions; shorten the prompt or lower max_new_tokens")
         sites = {spec: self.sites[spec] for spec in dict.fromkeys(p.config.site for p in chosen.values())}
-        config = getattr(module, "generation_config", None)
         eos = getattr(config, "eos_token_id", None)
         eos = eos if eos is not None else getattr(getattr(module, "config", None), "eos_token_id", None)
         return self._monitor(torch.as_tensor(ids)[None], chosen, sites, max_new_tokens, choose, eos)
@@ -104,11 +104,12 @@ class Monitoring:
         """The generator behind :meth:`monitor` (its checks ran when it was called)."""
         rows = generated_rows(self.model, sites, ids, max_new_tokens=max_new_tokens, choose=choose, eos_token_id=eos)
         sequence = ids[0].tolist()
+        done = self.model.tokenizer.decode(sequence)  # the text so far, decoded once per step
         for step, (position, token_id, acts) in enumerate(rows):
             scores = {}
             for name, probe in chosen.items():
                 values = token_scores(probe, acts[probe.config.site][None])[0]
                 scores.update(zip(score_columns(name, probe), values.tolist()))
             sequence.append(token_id)
-            token = token_strings(self.model.tokenizer, sequence, len(sequence) - 1)[0]
+            token, done = next_piece(self.model.tokenizer, done, sequence)
             yield MonitorStep(step, position, token_id, token, scores)
