@@ -185,8 +185,9 @@ class MaskedProbe:
         device = next(module.parameters()).device
         if self.standardize:
             self._moments(module, train, how)
-        sample = self._rows(module, next(train.batches(1)), how)[0]
-        head = self._build(sample.shape[1], len(self.classes_))
+        # the moments give the row width; without them one batch of one row does
+        width = self._mean.numel() if self.standardize else self._rows(module, next(train.batches(1)), how)[0].shape[1]
+        head = self._build(width, len(self.classes_))
         self._masks = {p: METHODS[self.method](module.get_submodule(p).weight.shape, device, self.mask_init)
                        for p in self.targets_}
         warm = self.warm_start and head and self._masks
