@@ -304,13 +304,14 @@ def report_command(run_dir: str | Path, output: str | Path | None = None) -> Pat
 def store_convert_command(path: str | Path, *, drop_unreadable: bool = False) -> list[Path]:
     """``lm-probe store convert``: convert the old-format runs at ``path``; returns their folders
     (``drop_unreadable``: convert runs with unreadable chunks too, recording the loss)."""
-    from ..consumers.store import StoredRun, convert_store
+    from ..consumers.store import convert_store
+    from ..consumers.store_shards import read_info
 
     folders = convert_store(path, drop_unreadable=drop_unreadable)
-    for folder in folders:
-        run = StoredRun(folder)
-        lost = run.metadata.get("lost_rows")
-        print(f"converted run {run.name!r}: {run.n_examples} examples x {len(run.site_names)} sites -> {folder}"
+    for folder in folders:  # the metadata the conversion just wrote says it all: no need to open the run
+        meta = read_info(folder)
+        lost = meta.get("lost_rows")
+        print(f"converted run {meta['run']!r}: {meta['n_examples']} examples x {len(meta['sites'])} sites -> {folder}"
               + (f" ({lost} rows of unreadable chunks left out)" if lost else ""))
     if not folders:
         print(f"no old-format runs at {path}: nothing to convert")
