@@ -42,6 +42,11 @@ SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed")
 _REFUSED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "num_beam_groups": 1}
 
 
+def greedy(ids: torch.Tensor, logits: torch.Tensor) -> int:
+    """The greedy choice of the next token: the argmax of its logits."""
+    return int(logits.argmax())
+
+
 def next_token_chooser(generation_config: Any = None, **kwargs: Any) -> Callable[[torch.Tensor, torch.Tensor], int]:
     """How the next token is chosen from the last position's logits.
 
@@ -77,7 +82,7 @@ def next_token_chooser(generation_config: Any = None, **kwargs: Any) -> Callable
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     config.update(**{"do_sample": False, **kwargs})
     if not config.do_sample:
-        return lambda ids, logits: int(logits.argmax())
+        return greedy
     warpers = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
@@ -145,7 +150,7 @@ def generated_rows(model: Any, sites: dict[str, Site], input_ids: torch.Tensor, 
         ``(position, token_id, {spec: (hidden,) float32 row})`` per new token, in order;
         ``position`` counts the prompt's tokens first. ``max_new_tokens + 1`` traces at most.
     """
-    choose = choose or (lambda ids, logits: int(logits.argmax()))
+    choose = choose or greedy
     ends = set() if eos_token_id is None else {int(eos_token_id)} if np.ndim(eos_token_id) == 0 else \
         {int(i) for i in eos_token_id}
     params = inspect.signature(model._module.forward).parameters
