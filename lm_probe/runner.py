@@ -160,7 +160,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
 
         The first epoch traces each training batch once for every consumer; epochs 2..n
         replay the pooled rows to the probes (:mod:`lm_probe.core.replay`), in a new seeded
-        shuffle each; validation and test rows are pooled once each. Each call starts from
+        plain shuffle each (the traced epoch groups similar lengths to save padding); validation and test rows are pooled once each. Each call starts from
         fresh probes and replaces :attr:`metrics`. A :class:`ProbeConfig`'s own
         ``patience``, ``warmup_steps`` or ``max_steps`` replace the values given here.
 
@@ -236,7 +236,7 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
                                 len(self.cache_info_["requests"]), recorder.nbytes_in_memory / 2**20,
                                 recorder.nbytes_spilled / 2**20)
                 step = self._pass(fit, trainers, recorder or self.source, range(1, num_epochs), clock, step=step,
-                                  **schedule)
+                                  **{**schedule, "by_length": False})  # no padding to save: a plain shuffle
             clock.end(trainers, step, num_epochs)
         finally:
             if recorder is not None:

@@ -4,9 +4,10 @@ The model is frozen while probes train, so a second epoch that traced the traini
 again would recompute activations that were already pooled. In ``fit_probes`` the first
 epoch traces each batch once (stopping after the deepest site still needed), and a
 :class:`ReplayCache`, riding that epoch as one more consumer, keeps the pooled rows of
-the requests that still-active probes read. Epochs 2..n take the same seeded batches
-(a new shuffle each epoch) and read their rows from the cache: no trace runs. Validation
-and test activations are pooled once each, outside the cache.
+the requests that still-active probes read. Epochs 2..n take seeded batches (a new plain
+shuffle each epoch: only a traced batch has padding to save by grouping lengths) and read
+their rows from the cache: no trace runs. Validation and test activations are pooled once
+each, outside the cache.
 
 What it costs: ``rows x hidden x 4`` bytes per cached ``(site, pooling)`` request, where
 rows is the number of fit examples (one per example) or of their real tokens (for

@@ -123,6 +123,7 @@ class _Group:
         self.alpha = torch.tensor([float(a) if k["penalty"] == "l2" else 0.0 for a, k in zip(alphas, kws)], **f32)
         self.fit_intercept = torch.tensor([float(bool(k["fit_intercept"])) for k in kws], **f32)
         self.average_from = np.array([0 if not k["average"] else int(k["average"]) for k in kws])
+        self.restarted_at, self.decays = np.zeros(P, np.int64), np.zeros(P, np.int64)  # the average's restarts
         self.class_weight = [k["class_weight"] or {} for k in kws]
         self.standardize = torch.tensor([p.config.standardize for p in probes], device=device)
         self.hidden, self.device = hidden, device
@@ -209,11 +210,14 @@ class _Group:
         at a time; averaged SGD keeps the mean of the iterates, each row counted once (as
         the sklearn backend)."""
         eta = torch.as_tensor(self.eta(idx, masks), dtype=torch.float32, device=self.device)
+        for k in idx:  # a probe whose step decayed restarts its average here, as Probe.partial_fit does
+            if self.probes[k].n_decays_ > self.decays[k]:
+                self.restarted_at[k], self.decays[k] = self.seen[k], self.probes[k].n_decays_
         c = rows_per_step
         bounds = list(range(0, masks.shape[1], c))
         n = np.add.reduceat(masks, bounds, axis=1) if bounds else np.zeros((len(idx), 0), np.int64)
-        before = self.seen[idx][:, None] + np.cumsum(n, axis=1) - n
-        start = np.maximum(self.average_from[idx], 1)[:, None]
+        before = self.seen[idx][:, None] - self.restarted_at[idx][:, None] + np.cumsum(n, axis=1) - n
+        start = np.where(self.restarted_at[idx] > 0, 1, np.maximum(self.average_from[idx], 1))[:, None]
         averaging = (self.average_from[idx] > 0)[:, None]
         frac = torch.as_tensor(np.where(averaging, asgd_weight(before, n, start), 1.0), dtype=torch.float32,
                                device=self.device)

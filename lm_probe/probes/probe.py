@@ -72,6 +72,8 @@ class Probe(Consumer):
             (each training row counted once, in the first epoch, whatever the number of
             epochs).
         codelength_: The online codelength of the first epoch's labels (:class:`Codelength`).
+        n_decays_, avg_from_: Step decays so far (``lr_decay``), and the training rows seen
+            at the last one: the average of the iterates restarts there.
     """
 
     def __init__(self, config: ProbeConfig, classes: Iterable[int] | None = None,
@@ -97,14 +99,12 @@ class Probe(Consumer):
         self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
         self.C_: float | None = None
         self.converged_: bool | None = None
-        self.n_epochs_ = 0
-        self.lr_scale_ = 1.0
+        self.n_epochs_, self.lr_scale_ = 0, 1.0
         self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
         self._avg: tuple[np.ndarray, np.ndarray] | None = None
-        self._seen = 0
+        self._seen = self.avg_from_ = self.n_decays_ = 0  # rows seen; at the last step decay; decays
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
-        self.n_steps_ = 0
-        self.best_loss_ = float("inf")
+        self.n_steps_, self.best_loss_ = 0, float("inf")
         self.best_step_: int | None = None
         self.stopped_reason_ = StopReason.NONE
         self._best: tuple | None = None
@@ -197,8 +197,9 @@ class Probe(Consumer):
             est.partial_fit(self._transform(X), np.asarray(y, np.float64))
         if self._average:
             self._running = (est.coef_.copy(), np.atleast_1d(est.intercept_).copy())
-            self._avg = asgd_average(self._avg, self._running, self._seen, len(y), self._average)
-            if self._seen + len(y) >= int(self._average):
+            seen, start = self._seen - self.avg_from_, self._average if not self.avg_from_ else 1
+            self._avg = asgd_average(self._avg, self._running, seen, len(y), start)
+            if seen + len(y) >= int(start):
                 est.coef_, est.intercept_ = self._avg[0].copy(), self._avg[1].copy().reshape(est.intercept_.shape)
         self._seen += len(y)
         self.n_steps_ += 1
@@ -337,8 +338,10 @@ class Probe(Consumer):
         self.history_.append((self.n_steps_, loss))
         stop, reason = self._stopper.check(loss, self.n_steps_)
         if self._decay is not None and decide:
-            self.lr_scale_ = self._decay.check(self._stopper.improved_)
+            decays, self.lr_scale_ = self._decay.n_decays_, self._decay.check(self._stopper.improved_)
             self.estimator_.eta0 = self._eta0 * self.lr_scale_
+            if self._decay.n_decays_ > decays:  # the average restarts: it forgets the larger step's iterates
+                self.avg_from_, self.n_decays_ = self._seen, self._decay.n_decays_
         if self._stopper.improved_:
             self.best_loss_, self.best_step_ = loss, self.n_steps_
             self._best = (copy.deepcopy(self.estimator_), np.copy(self._mean), np.copy(self._m2), self._n)
@@ -347,7 +350,6 @@ class Probe(Consumer):
 
     def _stop(self, reason: StopReason) -> None:
         self.stopped_reason_ = reason
-        logger.trace("probe {!r} stopped after {} steps: {}", self.name, self.n_steps_, reason)
 
     def finish(self) -> None:
         """End of training: score the final weights too, then restore the best ones."""
@@ -395,5 +397,4 @@ class Probe(Consumer):
                 f"stop={self.stopped_reason_})")
 
 
-#: The name of issue 2's API; every head is a :class:`Probe`.
-LinearProbe = Probe
+LinearProbe = Probe  #: The name of issue 2's API; every head is a :class:`Probe`.

@@ -232,3 +232,27 @@ def test_a_non_finite_example_is_left_out_and_counted_everywhere(gpt2, toy, back
     assert train.example_ids[5] in fit.example_ids  # the planted training example is traced in the first epoch
     assert geometry.n_nonfinite_ == lens.n_nonfinite_ == 1
     assert geometry.n_rows_ == lens.n_examples_ == len(fit) - 1
+
+
+def test_replayed_epochs_are_plainly_shuffled(llama, toy, monkeypatch):
+    """The traced epoch groups similar lengths (less padding); replayed epochs have no padding
+    to save, so each is a plain seeded shuffle (seed + epoch), with and without the cache."""
+    from lm_probe.core.batching import batch_order
+    from lm_probe.probes.probe import Probe
+    from lm_probe.probes.checks import split_validation
+
+    train, _ = toy
+    seen = []
+    original = Probe.update
+    monkeypatch.setattr(Probe, "update", lambda self, batch: (seen.append((batch.epoch, batch.index.tolist())),
+                                                               original(self, batch))[1])
+    fit, _ = split_validation(train, 0.1, 0)
+    lengths = np.array([len(r) for r in fit.ids])
+    expected = [(e, b.tolist()) for e in range(3) for b in batch_order(lengths, 16, shuffle=True, seed=e,
+                                                                       by_length=e == 0)]
+    assert expected[:3] != [(e, b.tolist()) for e in range(1) for b in batch_order(lengths, 16, shuffle=True,
+                                                                                   seed=0)][:3]
+    for cache in (Cache(), None):
+        seen.clear()
+        ProbeRunner(llama, CONFIGS[:1], progress=False).fit_probes(train, cache=cache, **FIT)
+        assert seen == expected

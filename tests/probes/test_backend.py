@@ -253,3 +253,41 @@ def test_the_bank_uses_public_probe_methods_only():
     load_weights, load_moments), never their private state."""
     source = inspect.getsource(backend_module)
     assert not re.findall(r"\b(?:probe|p|probes\[\w+\])\._\w+", source)
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_the_average_restarts_at_each_step_decay(backend):
+    """With ``lr_decay`` the running average of the iterates restarts at each step decay: it
+    then equals the mean of the iterates since the last decay, recomputed here by a plain
+    per-row logistic SGD loop (scikit-learn's update) on the step sizes the probe took."""
+    from lm_probe.probes.early_stopping import DecayOnPlateau, EarlyStopping
+
+    X, y = rows(n=300)
+    Xv, yv = rows(n=80, seed=1)
+    config = ProbeConfig("s", classes=(0, 1), standardize=False, eta0=0.05)
+    training = Training(classes=(0, 1), validation=(Xv, yv), early_stopping=EarlyStopping(patience=10**6),
+                        eval_every=10, decay=DecayOnPlateau(0.5, 1))
+    probe = Probe(config, random_state=0)
+    trainer = probe if backend == "sklearn" else ProbeBank([probe])
+    trainer.start(RunContext(training={"s": training}))
+    etas, decays = [], []
+    for epoch in range(3):
+        for i in range(len(y)):
+            etas.append(0.05 * probe.lr_scale_)
+            trainer.update(PooledBatch({("s", "mean"): X[i:i + 1]}, y[i:i + 1], index=np.array([i]), epoch=epoch))
+            decays.append(probe.n_decays_)
+    assert decays[-1] >= 2, "the test needs decays to mean anything"
+    w, b, iterates = np.zeros(X.shape[1]), 0.0, []
+    for eta, x, target in zip(etas, np.tile(X.astype(np.float64), (3, 1)), np.tile(y, 3)):
+        g = 1 / (1 + np.exp(-(w @ x + b))) - target
+        w, b = w * (1 - eta * 1e-4) - eta * g * x, b - eta * g
+        iterates.append(np.append(w, b))
+    restart = int(np.flatnonzero(np.diff(decays))[-1]) + 1  # the first step after the last decay
+    expected, everything = np.mean(iterates[restart:], axis=0), np.mean(iterates, axis=0)
+    if backend == "sklearn":
+        got = np.append(probe.estimator_.coef_[0], probe.estimator_.intercept_)
+    else:
+        group = trainer.groups[0]
+        got = np.append(group.W_avg[0, 0].numpy(), group.b_avg[0].numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    assert np.abs(expected - everything).max() > 100 * 1e-4 * np.abs(expected).max()
