@@ -24,6 +24,7 @@ from lm_probe.core.replay import ReplayCache
 from lm_probe.probes.backend import ProbeBank
 from lm_probe.probes.early_stopping import EarlyStopping
 from lm_probe.probes.training import Training
+from lm_probe.probes.twins import TwinProbe
 
 from conformance import check_consumer
 import test_diffusion as diff_ref
@@ -264,6 +265,39 @@ def lbfgs_case(request):
     return dict(make=lambda: Probe(config, random_state=0), batches=batches, same=same_exactly, reference=reference,
                 mergeable=False, read=probe_state,
                 context=RunContext(training={config.name: Training(classes=(0, 1, 2))}))
+
+
+@case("probe_sgd_twins", TwinProbe)
+def twins_case(request):
+    """SGD twins: each twin is the plain probe of its alpha = 1 / (C * rows) (the probe_sgd
+    case checks that probe against scikit-learn), and the probe keeps the one whose weights
+    give the lowest validation log-loss (scikit-learn's, applied by hand to those weights)."""
+    X, y, batches = labeled(n=240, batch=12, seed=5)
+    Xv, yv, _ = labeled(n=60, seed=6)
+    config = ProbeConfig(SITE, classes=(0, 1, 2), Cs=[1e-3, 0.1, 10.0], eta0=0.05)
+    training = Training(classes=(0, 1, 2), validation=(Xv.astype(np.float32), yv), eval_every=4,
+                        early_stopping=EarlyStopping(patience=3), n_rows=len(y))
+
+    def reference(state):
+        losses = {}
+        for C in (1e-3, 0.1, 10.0):
+            alone = Probe(ProbeConfig(SITE, classes=(0, 1, 2), alpha=1 / (C * len(y)), eta0=0.05), random_state=2)
+            alone.start(RunContext(training={SITE: training}))
+            for batch in batches:
+                if alone.active:
+                    alone.update(batch)
+            alone.finish()
+            Z = (Xv - alone.mean_) / alone.scale_ @ alone.coef_.T + alone.intercept_
+            proba = 1 / (1 + np.exp(-Z))
+            losses[C] = (log_loss(yv, proba / proba.sum(1, keepdims=True), labels=[0, 1, 2]), alone)
+        best = min(losses, key=lambda C: losses[C][0])
+        assert len({round(v[0], 4) for v in losses.values()}) == 3 and state["summary"]["C"] == best
+        np.testing.assert_allclose(state["coef"], losses[best][1].coef_, rtol=1e-12)
+        assert state["summary"]["best_val_loss"] == pytest.approx(losses[best][0], rel=1e-9)
+
+    return dict(make=lambda: TwinProbe(config, random_state=2), batches=batches, same=same_exactly,
+                reference=reference, mergeable=False, read=probe_state,
+                context=RunContext(training={config.name: training}))
 
 
 @case("probe_bank", ProbeBank)

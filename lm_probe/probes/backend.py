@@ -70,8 +70,9 @@ def check_backend(backend: str) -> str:
 
 
 def supports(probe: Probe) -> bool:
-    """Whether the torch backend trains this probe (linear classifiers; others stay on scikit-learn)."""
-    return probe.config.head == "linear" and probe.config.task == "classification" and probe.config.solver == "sgd"
+    """Whether the torch backend trains this probe (one linear classifier; others stay on scikit-learn)."""
+    c = probe.config
+    return c.head == "linear" and c.task == "classification" and c.solver == "sgd" and not c.Cs  # Cs: twins
 
 
 def _check_kwargs(probe: Probe) -> dict[str, Any]:
@@ -384,10 +385,9 @@ def bank_for(probes: dict[str, Probe], backend: str, device: str | torch.device)
     """The torch backend's bank of linear classifiers (``None`` for scikit-learn, or no such probe)."""
     if check_backend(backend) == "sklearn":
         return None
-    banked = [p for p in probes.values() if supports(p)]
-    others = [p.name for p in probes.values() if not supports(p)]
+    banked, others = [p for p in probes.values() if supports(p)], [n for n, p in probes.items() if not supports(p)]
     if others:
-        logger.info("backend='torch' trains linear classifiers; {} stay on scikit-learn: {}", len(others), others)
+        logger.info("backend='torch' trains linear classifiers of one alpha; these stay on scikit-learn: {}", others)
     return ProbeBank(banked, device) if banked else None
 
 

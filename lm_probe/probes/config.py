@@ -22,7 +22,7 @@ from ..core.labels import format_labels
 from ..core.pooling import check_pool
 from .softmax import SoftmaxSGDClassifier
 
-__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SOLVERS", "SCORINGS", "PER_PROBE",
+__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SGD_CS", "SOLVERS", "SCORINGS", "PER_PROBE",
            "ORIGINAL_ARGUMENTS", "default_alpha"]
 
 _HEADS: dict[tuple[str, str], type] = {
@@ -47,6 +47,11 @@ SCORINGS = ("accuracy", "log_loss")
 #: (the same grid as scikit-learn's ``LogisticRegressionCV(Cs=10)``).
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
 _LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
+#: A ``C`` grid for SGD twins (``ProbeConfig(site, Cs=SGD_CS)``): on benchmarks/quality_sweep.py's
+#: real activations (675 training rows, 64 to 576 features) the offline ceiling's 5-fold
+#: choice of ``C`` ranged from 0.006 (most decoder probes) to 1e4; five twins spanning that
+#: range, kept by validation log-loss, brought 5 of its 6 (model, task) pairs within 0.02 / 0.05.
+SGD_CS: tuple[float, ...] = (0.001, 0.005, 0.05, 0.5, 1e4)
 
 #: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
 #: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
@@ -191,7 +196,11 @@ class ProbeConfig:
         solver: ``"sgd"`` (default: online, batch by batch) or ``"lbfgs"`` (linear
             classifiers: scikit-learn's ``LogisticRegression`` fit on all the fit rows at
             the end of the first epoch, ``C`` chosen from ``Cs``); see :data:`SOLVERS`.
-        Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`).
+        Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`). With the SGD
+            linear or softmax classifier (default ``None``: one probe): train one twin per
+            ``C``, with ``alpha = 1 / (C * rows)`` (:func:`default_alpha`), side by side on
+            the same batches, and keep the one of lowest validation log-loss
+            (:class:`~lm_probe.probes.twins.TwinProbe`; :data:`SGD_CS` is a measured grid).
         cv: How ``solver="lbfgs"`` chooses ``C``: by the mean log-loss of a ``cv``-fold
             stratified cross-validation over the fit and validation rows together (default
             5, as ``LogisticRegressionCV``), or, with ``cv="validation"``, by the log-loss
@@ -264,12 +273,18 @@ class ProbeConfig:
         if solver == "lbfgs" and (head, task) != ("linear", "classification"):
             raise ValueError(f"probe {label!r}: solver='lbfgs' fits linear classifiers; got head={head!r}, "
                              f"task={task!r} (use solver='sgd')")
-        if Cs is not None and solver != "lbfgs":
-            raise ValueError(f"probe {label!r}: Cs is the C grid of solver='lbfgs'; the SGD head takes alpha")
+        if Cs is not None and solver == "sgd" and (head not in _SGD_LINEAR or task != "classification"):
+            raise ValueError(f"probe {label!r}: Cs is the C grid of solver='lbfgs' or of the SGD linear and softmax "
+                             f"classifiers; head={head!r}, task={task!r} takes alpha")
+        if Cs is not None and solver == "sgd" and "alpha" in probe_kwargs:
+            raise ValueError(f"probe {label!r}: Cs gives each SGD twin its alpha = 1 / (C * rows); remove alpha="
+                             f"{probe_kwargs['alpha']!r}, or Cs")
         self.solver = solver
-        self.Cs = None if solver != "lbfgs" else tuple(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
-        if self.Cs is not None and (not self.Cs or min(self.Cs) <= 0):
+        self.Cs = tuple(float(c) for c in (DEFAULT_CS if Cs is None and solver == "lbfgs" else () if Cs is None else Cs))
+        self.Cs = self.Cs or None  # None: one SGD probe (its alpha)
+        if Cs is not None and (not self.Cs or min(self.Cs) <= 0):
             raise ValueError(f"probe {label!r}: Cs must be positive values of C, got {Cs!r}")
+        self.l2_C = DEFAULT_SGD_C  # alpha="auto"'s C (an SGD twin's own, see lm_probe.probes.twins)
         if cv is not None and solver != "lbfgs":
             raise ValueError(f"probe {label!r}: cv is how solver='lbfgs' chooses C; the SGD head stops early on "
                              "the validation split instead (remove cv, or add solver='lbfgs')")
@@ -333,7 +348,7 @@ class ProbeConfig:
         if sgd_linear:
             kwargs["average"] = False  # averaged here: see DEFAULT_PROBE_KWARGS
         if kwargs.get("alpha") == "auto":
-            kwargs["alpha"] = default_alpha(n_rows)
+            kwargs["alpha"] = default_alpha(n_rows, getattr(self, "l2_C", DEFAULT_SGD_C))
         return self.estimator(random_state=random_state, **kwargs), average
 
     def training(self, **defaults: Any) -> dict[str, Any]:
@@ -345,7 +360,7 @@ class ProbeConfig:
     def __repr__(self) -> str:
         own = {k: getattr(self, k, None) for k in PER_PROBE if getattr(self, k, None) is not None}
         extra = "".join(f", {k}={v!r}" for k, v in {**own, **self.probe_kwargs}.items())
-        solver = "" if self.solver == "sgd" else f", solver={self.solver!r}"
+        solver = (f", Cs={self.Cs!r}" if self.Cs else "") if self.solver == "sgd" else f", solver={self.solver!r}"
         names = "" if getattr(self, "label_names", None) is None else f", label_names={self.label_names!r}"
         return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "
                 f"task={self.task!r}, name={self.name!r}{names}{solver}{extra})")

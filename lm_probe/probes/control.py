@@ -32,6 +32,7 @@ from ..core.labels import IGNORE
 from ..functional.hashing import hash_uniform
 from .config import ProbeConfig
 from .probe import Probe
+from .twins import make_probe
 
 __all__ = ["ControlTask", "control_sequence_labels", "control_token_labels", "label_distribution",
            "CONTROL_SUFFIX", "is_control", "probes_for"]
@@ -49,7 +50,7 @@ def probes_for(configs: Iterable[ProbeConfig], seed: int) -> dict[str, Probe]:
     probes = {}
     for c in configs:
         for name in [c.name] + ([c.name + CONTROL_SUFFIX] if c.control else []):
-            probes[name] = Probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
+            probes[name] = make_probe(c, random_state=(seed + zlib.crc32(name.encode())) % 2**32, name=name)
     return probes
 
 

@@ -32,6 +32,7 @@ from .config import PER_PROBE, ProbeConfig
 from .control import ControlTask
 from .early_stopping import StopReason
 from .probe import Probe
+from .twins import make_probe
 
 __all__ = ["Persistent", "save_probes", "SavedProbes", "SCHEMA_VERSION"]
 
@@ -196,7 +197,8 @@ class SavedProbes:
         probes = {}
         with np.load(self.path / "arrays.npz", allow_pickle=False) as arrays:
             for k, (config, entry) in enumerate(self._states):
-                probe = Probe(config, classes=entry["classes"], random_state=entry["random_state"], name=entry["name"])
+                probe = make_probe(config, classes=entry["classes"], random_state=entry["random_state"],
+                                   name=entry["name"])
                 probe.n_steps_, probe.best_loss_ = entry["n_steps"], entry["best_loss"]
                 probe.best_step_ = entry["best_step"]
                 probe.stopped_reason_ = StopReason(entry["stop_reason"])

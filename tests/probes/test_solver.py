@@ -240,7 +240,7 @@ def test_bad_solver_settings_are_refused():
     with pytest.raises(ValueError, match="chooses C from Cs"):
         ProbeConfig(SITE, solver="lbfgs", C=1.0)
     with pytest.raises(ValueError, match="Cs is the C grid"):
-        ProbeConfig(SITE, Cs=[1.0])
+        ProbeConfig(SITE, Cs=[1.0], head="mlp")  # the SGD linear and softmax heads take Cs (twins)
     with pytest.raises(ValueError, match="cv is how solver='lbfgs' chooses C"):
         ProbeConfig(SITE, cv=5)
     for bad in (1, "folds", 2.5):
