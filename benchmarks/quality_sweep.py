@@ -30,6 +30,7 @@ Usage (each step writes under --out, default /tmp/sgd_feats):
     python benchmarks/quality_sweep.py ceiling dec:length enc:keyword   # quality.py's ceiling per probe
     python benchmarks/quality_sweep.py run NAME '{"eta0": 0.1, "avg_restart": true}' dec:length
     python benchmarks/quality_sweep.py check dec:length     # lm_probe's fit_probes beside the replica
+    python benchmarks/quality_sweep.py lm NAME '{"probe": {"Cs": [0.005, 0.05]}, "fit": {"num_epochs": 100}}' dec:length
     python benchmarks/quality_sweep.py table NAME [NAME ...]   # NAME+NAME: choose among both runs' twins
 """
 
@@ -271,6 +272,41 @@ def check(out: Path, tag: str, task: str, n_probes: int = 4) -> None:
               f"epochs, replica {replica['test_acc']:.3f} in {replica['epochs']}")
 
 
+def run_lm(out: Path, name: str, settings: dict, pairs: list[tuple[str, str]]) -> None:
+    """lm_probe's own ``fit_probes`` on the cached rows (an ArraySource), every probe of each
+    pair: ``settings = {"probe": ProbeConfig kwargs, "fit": fit_probes kwargs, "multiclass":
+    ProbeConfig kwargs added for more than two classes, "seed": the runner's seed (its
+    validation split and batch order)}``. Saved as a run of one "twin" per
+    probe (the probe lm_probe kept), so ``table`` reads it."""
+    from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
+    from lm_probe.core.sites import Site
+    from lm_probe.core.sources import ArraySource
+
+    path = out / "runs" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for tag, task in pairs:
+        f = np.load(out / f"{tag}.npz")
+        y, keys = f[f"y/{task}"], [k for k in f.files if k.startswith("X/")]
+        requests = {key: tuple(key[2:].rsplit("/", 1)) for key in keys}
+        data = ProbeDataset([np.ones(int(n), np.int64) for n in f["lengths"]], y)  # rows by position = example id
+        source = ArraySource({r: f[key].astype(np.float32) for key, r in requests.items()}, data.example_ids,
+                             {site: Site(0, "x", "output", site, None) for site, _ in requests.values()})
+        train, test = data.tt_split(0.25, seed=0)
+        probe = {**settings.get("probe", {}), **(settings.get("multiclass", {}) if len(np.unique(y)) > 2 else {})}
+        configs = [ProbeConfig(site, pool=pool, name=key, **probe) for key, (site, pool) in requests.items()]
+        clock = time.perf_counter()
+        runner = ProbeRunner.from_source(source, configs, progress=False, seed=settings.get("seed", 0))
+        runner.fit_probes(train, test, **settings.get("fit", {}))
+        m = runner.metrics
+        for key in keys:
+            results[f"{tag}|{task}|{key}"] = [dict(C=float(m.loc[key, "C"]), val_loss=float(runner[key].best_loss_),
+                                                   val_acc=float("nan"), test_acc=float(m.loc[key, "accuracy"]),
+                                                   epochs=int(m.loc[key, "n_epochs"]), reason=str(m.loc[key, "stop_reason"]))]
+        path.write_text(json.dumps(results))
+        print(f"{tag}:{task}: {time.perf_counter() - clock:.0f} s", file=sys.stderr)
+
+
 def _union(runs: list[dict]) -> dict:
     """Runs "A+B": every probe's twins of all the runs, as one grid to choose from."""
     return {key: [o for r in runs for o in r[key]] for key in runs[0] if all(key in r for r in runs)}
@@ -285,6 +321,7 @@ def table(out: Path, names: list[str]) -> None:
     for name in names:
         results = _union([json.loads((out / "runs" / f"{part}.json").read_text()) for part in name.split("+")])
         rules = ["loss", "acc"] if "+" in name else ["loss", "acc", *[o["C"] for o in next(iter(results.values()))]]
+        rules = ["loss"] if all(len(o) == 1 for o in results.values()) else rules  # an lm run: the probe kept
         for tag, task in sorted({tuple(k.split("|")[:2]) for k in results}):
             keys = [k for k in results if k.startswith(f"{tag}|{task}|") and k in ceil]
             cells = []
@@ -298,7 +335,7 @@ def table(out: Path, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["rows", "ceiling", "run", "table", "check"])
+    parser.add_argument("step", choices=["rows", "ceiling", "run", "lm", "table", "check"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--out", default="/tmp/sgd_feats")
     a = parser.parse_args()
@@ -315,6 +352,8 @@ def main() -> None:
         check(out, *pairs[0])
     elif a.step == "run":
         run(out, a.args[0], json.loads(a.args[1]), pairs)
+    elif a.step == "lm":
+        run_lm(out, a.args[0], json.loads(a.args[1]), pairs)
     else:
         table(out, a.args)
     print(f"{a.step}: {time.perf_counter() - clock:.0f} s", file=sys.stderr)
