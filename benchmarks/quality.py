@@ -36,19 +36,15 @@ import torch
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, load_model
 from lm_probe.core.sources import ArraySource
+from lm_probe.probes.config import SGD_CS
 
-#: Probe training settings compared (keyword arguments of fit_probes, plus the probe's solver).
+#: Probe training settings compared (keyword arguments of fit_probes, plus the probe's own).
 VARIANTS = {
     "defaults": dict(),
-    "3 epochs, constant step (0.1.0)": dict(num_epochs=3, lr_decay=None),
-    "50 epochs, constant step": dict(num_epochs=50, lr_decay=None),
-    "50 epochs, decay 0.5 after 2": dict(num_epochs=50, lr_decay=0.5, decay_patience=2),
-    "50 epochs, decay 0.5 after 1": dict(num_epochs=50, lr_decay=0.5, decay_patience=1),
-    "100 epochs, decay 0.5 after 3, patience 15": dict(num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15),
-    "100 epochs, decay, alpha auto, eta0 0.01": dict(num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15,
-                                                     alpha="auto", eta0=0.01),
-    "100 epochs, decay, alpha auto, eta0 0.01, softmax head": dict(
-        num_epochs=100, lr_decay=0.5, decay_patience=3, patience=15, alpha="auto", eta0=0.01, head="softmax"),
+    "3 epochs, constant step (defaults until December 2026)": dict(num_epochs=3, patience=5, lr_decay=None,
+                                                                   eta0=0.003, alpha=1e-4),
+    "defaults, 5 twins (Cs=SGD_CS)": dict(Cs=SGD_CS),
+    "defaults, 5 twins, softmax head": dict(Cs=SGD_CS, head="softmax"),
     "lbfgs": dict(solver="lbfgs"),
     "lbfgs, C on the validation split": dict(solver="lbfgs", cv="validation"),
 }
@@ -163,7 +159,7 @@ def main() -> None:
                   "(median) | converged | s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for variant in args.variants:
                 settings = dict(VARIANTS[variant])
-                probe = {key: settings.pop(key) for key in ("solver", "cv", "alpha", "eta0", "head") if key in settings}
+                probe = {key: settings.pop(key) for key in ("solver", "cv", "alpha", "eta0", "head", "Cs") if key in settings}
                 configs = [ProbeConfig(s, pool=p, name=f"{s}/{p}", **probe) for s, p in requests]
                 clock = time.perf_counter()
                 runner = ProbeRunner.from_source(source, configs, progress=False)

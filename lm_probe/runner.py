@@ -151,25 +151,25 @@ class ProbeRunner(ProbeFeatures, Persistent, Deployed):
     # ------------------------------------------------------------------ training
     @then_fit_baseline  # with a baseline_runner: fit it too, with the same arguments, and add its metrics
     def fit_probes(self, train: ProbeDataset, test: ProbeDataset | None = None, *, batch_size: int = 16,
-                   num_epochs: int = 3, val_size: float = 0.1, eval_every: int = 10, patience: int = 5,
+                   num_epochs: int = 100, val_size: float = 0.1, eval_every: int = 10, patience: int = 15,
                    min_delta: float = 1e-4, warmup_steps: int = 0, max_steps: int | None = None,
-                   cache: Cache | None = Cache(), lr_decay: float | None = None,
-                   decay_patience: int = 2, ci: float = 0.95, n_boot: int = 1000) -> "ProbeRunner":
+                   cache: Cache | None = Cache(), lr_decay: float | None = 0.5,
+                   decay_patience: int = 3, ci: float = 0.95, n_boot: int = 1000) -> "ProbeRunner":
         """Train every probe online, with early stopping, then score them on ``test``
         (:attr:`metrics`); returns ``self``.
 
-        The first epoch traces each training batch once for every consumer; epochs 2..n
-        replay the pooled rows to the probes (:mod:`lm_probe.core.replay`), in a new seeded
-        plain shuffle each (the traced epoch groups similar lengths to save padding); validation and test rows are pooled once each. Each call starts from
-        fresh probes and replaces :attr:`metrics`. A :class:`ProbeConfig`'s own
-        ``patience``, ``warmup_steps`` or ``max_steps`` replace the values given here.
+        The first epoch traces each training batch once for every consumer; epochs 2..n replay
+        the pooled rows to the probes (:mod:`lm_probe.core.replay`), in a new seeded plain shuffle
+        each (the traced epoch groups lengths to save padding); validation and test rows are pooled
+        once each. Each call starts from fresh probes and replaces :attr:`metrics`. A
+        :class:`ProbeConfig`'s own ``patience``, ``warmup_steps`` or ``max_steps`` replace these.
 
         Args:
             train: Training examples; a stratified ``val_size`` share is held out once.
             test: Examples for :attr:`metrics` and :attr:`baselines` (``None`` leaves them ``None``).
             batch_size: Examples per forward pass (and per probe step, times :attr:`world`).
-            num_epochs: Passes of the probes over the training examples at most (replayed
-                epochs cost no forward; with ``cache=None`` every epoch traces again).
+            num_epochs: Passes over the training examples at most: early stopping ends training
+                first on ordinary data (replayed epochs cost no forward; ``cache=None`` traces each).
             val_size: Validation share (0 disables validation and early stopping).
             eval_every: Training steps between validation evaluations.
             patience: Evaluations without a ``min_delta`` (smallest improvement that counts)

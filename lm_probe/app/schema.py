@@ -98,14 +98,15 @@ class ProbesSection:
     solver: Any = _key("sgd", types=(str, list), items=str, choices=("sgd", "lbfgs"),
                        help="'sgd' (online, batch by batch) or 'lbfgs' (linear classifiers: a full-batch "
                             "logistic regression on the cached rows, C chosen by 5-fold cross-validation; sweepable)")
-    num_epochs: int = _key(3, types=(int,), minimum=1, help="passes over the training examples at most")
+    num_epochs: int = _key(100, types=(int,), minimum=1,
+                           help="passes over the training examples at most (early stopping ends training first)")
     val_size: float = _key(0.1, types=(float, int), minimum=0, help="validation share for early stopping (0: none)")
     eval_every: int = _key(10, types=(int,), minimum=1, help="training steps between validations")
-    patience: int = _key(5, types=(int,), minimum=1, help="validations without improvement before a probe stops")
-    lr_decay: float = _key(0.0, types=(float, int), minimum=0,
+    patience: int = _key(15, types=(int,), minimum=1, help="validations without improvement before a probe stops")
+    lr_decay: float = _key(0.5, types=(float, int), minimum=0,
                            help="multiply an SGD probe's step by this after decay_patience validations without "
                                 "improvement (0: constant steps)")
-    decay_patience: int = _key(2, types=(int,), minimum=1, help="validations without improvement before each decay")
+    decay_patience: int = _key(3, types=(int,), minimum=1, help="validations without improvement before each decay")
     min_delta: float = _key(1e-4, types=(float, int), minimum=0,
                             help="smallest validation-loss improvement that counts")
     warmup_steps: int = _key(0, types=(int,), minimum=0, help="no early stop before this many steps")

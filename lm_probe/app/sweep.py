@@ -119,7 +119,7 @@ def _format_setting(key: str, value: Any) -> str:
 
 def check_estimator(spec: ProbeSpec) -> None:
     """scikit-learn checks argument values only when fitting: check them now, before any forward."""
-    estimator = spec.config.estimator(**spec.config.probe_kwargs)
+    estimator, _ = spec.config.build_estimator(None)  # alpha="auto" resolved (for no rows: a number to check)
     validate = getattr(estimator, "_validate_params", None)
     if validate is None:
         return

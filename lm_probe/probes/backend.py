@@ -71,8 +71,8 @@ def check_backend(backend: str) -> str:
 
 def supports(probe: Probe) -> bool:
     """Whether the torch backend trains this probe (one linear classifier; others stay on scikit-learn)."""
-    c = probe.config
-    return c.head == "linear" and c.task == "classification" and c.solver == "sgd" and not c.Cs  # Cs: twins
+    c = probe.config  # a TwinProbe is not: its twins are (bank_for)
+    return c.head == "linear" and c.task == "classification" and c.solver == "sgd" and not getattr(probe, "twins", 0)
 
 
 def _check_kwargs(probe: Probe) -> dict[str, Any]:
@@ -367,11 +367,7 @@ class ProbeBank(Group):
             probe.finish()
 
     def compute(self) -> dict[str, Any]:
-        """Each trained probe's training summary, by name.
-
-        Raises:
-            NotComputedError: no probe has trained yet.
-        """
+        """Each trained probe's training summary, by name (a ``NotComputedError`` before any)."""
         trained = {p.name: p.compute() for p in self.probes if p.n_steps_}
         if not trained:
             raise NotComputedError("the probe bank has not trained yet: feed it batches (fit_probes does)")
@@ -382,12 +378,14 @@ class ProbeBank(Group):
 
 
 def bank_for(probes: dict[str, Probe], backend: str, device: str | torch.device) -> ProbeBank | None:
-    """The torch backend's bank of linear classifiers (``None`` for scikit-learn, or no such probe)."""
+    """The torch backend's bank of linear classifiers, SGD twins included (``None``: scikit-learn, or none)."""
     if check_backend(backend) == "sklearn":
         return None
-    banked, others = [p for p in probes.values() if supports(p)], [n for n, p in probes.items() if not supports(p)]
-    if others:
-        logger.info("backend='torch' trains linear classifiers of one alpha; these stay on scikit-learn: {}", others)
+    trainable = [q for p in probes.values() for q in getattr(p, "twins", None) or [p]]  # SGD twins: each one
+    banked, others = [p for p in trainable if supports(p)], [p.name for p in trainable if not supports(p)]
+    for p in (p for p in probes.values() if getattr(p, "twins", None)):  # the bank steps them, not their probe
+        p.banked = all(supports(t) for t in p.twins)
+    logger.info("backend='torch' trains linear classifiers; these stay on scikit-learn: {}", others or "none")
     return ProbeBank(banked, device) if banked else None
 
 

@@ -53,21 +53,21 @@ _LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
 #: range, kept by validation log-loss, brought 5 of its 6 (model, task) pairs within 0.02 / 0.05.
 SGD_CS: tuple[float, ...] = (0.001, 0.005, 0.05, 0.5, 1e4)
 
-#: lm_probe's defaults for ``SGDClassifier``, overridden by any keyword given to a
-#: ProbeConfig. scikit-learn's own default schedule (``learning_rate="optimal"``)
-#: makes online probes far too confident on real activations (test log-loss near 10
-#: on the demo data at 85% of the accuracy), which defeats early stopping on
-#: validation log-loss; a small constant step is calibrated (log-loss about 0.5).
-#: Averaging the iterates (ASGD) then takes the gap to an offline cross-validated
-#: logistic regression on the same activations from 0.028 to 0.005 on average over
-#: 11 layers of the demo model (benchmarks/overhead.py measures it).
+#: lm_probe's defaults for ``SGDClassifier`` (and the softmax head), overridden by any
+#: keyword given to a ProbeConfig. scikit-learn's own default schedule
+#: (``learning_rate="optimal"``) makes online probes far too confident on real activations
+#: (test log-loss near 10 on the demo data at 85% of the accuracy), which defeats early
+#: stopping on validation log-loss; a constant step that ``fit_probes``' ``lr_decay``
+#: halves on validation plateaus converges instead, and averaging the iterates (ASGD)
+#: smooths the last epochs. ``eta0=0.01`` with that decay (0.003 with 3 fixed epochs
+#: until December 2026) was chosen on benchmarks/quality_sweep.py's six (model, task) pairs.
 #:
-#: ``alpha="auto"`` (opt-in) is the L2 strength of ``LogisticRegression(C=DEFAULT_SGD_C)``
-#: on the probe's training rows, ``alpha = 1 / (DEFAULT_SGD_C * rows)``
-#: (:func:`default_alpha`): regularization that weakens as the data grows, as a
-#: cross-validated ``C`` does. On benchmarks/quality.py's real activations (675 training
-#: rows) ``LogisticRegressionCV`` chose ``C`` near 0.006 for most probes, where
-#: scikit-learn's ``alpha=1e-4`` is ``C`` near 15, and only early stopping regularizes.
+#: ``alpha="auto"`` is the L2 strength of ``LogisticRegression(C=DEFAULT_SGD_C)`` on the
+#: probe's training rows, ``alpha = 1 / (DEFAULT_SGD_C * rows)`` (:func:`default_alpha`):
+#: regularization that weakens as the data grows, as a cross-validated ``C`` does. On
+#: benchmarks/quality.py's real activations (675 training rows) ``LogisticRegressionCV``
+#: chose ``C`` near 0.006 for most probes, where scikit-learn's ``alpha=1e-4`` is ``C``
+#: near 15 and leaves regularization to early stopping alone.
 #:
 #: ``average`` is implemented by the probe, not by scikit-learn: with ``partial_fit``,
 #: scikit-learn 1.x restarts the running intercept of an averaged SGD from a stale value
@@ -76,9 +76,8 @@ SGD_CS: tuple[float, ...] = (0.001, 0.005, 0.05, 0.5, 1e4)
 #: its averaged intercept is shrunk towards 0 (0.22 instead of 1.75 on a 3:1 toy set).
 #: The probe trains a plain SGD (``average=False``) and keeps the average of its
 #: iterates after each batch, weighted by the batch's rows (:func:`asgd_weight`).
-DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003, "average": True}
+DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.01, "average": True, "alpha": "auto"}
 #: ``alpha="auto"``'s regularization in LogisticRegression's units (see :func:`default_alpha`).
-#: An SGD probe's ``alpha`` may be ``"auto"`` (``ProbeConfig(site, alpha="auto")``).
 DEFAULT_SGD_C = 0.005
 #: ``alpha="auto"`` for a probe stepped by hand (``partial_fit`` without ``start``): no
 #: row count to scale by, so scikit-learn's default.
@@ -197,10 +196,11 @@ class ProbeConfig:
             classifiers: scikit-learn's ``LogisticRegression`` fit on all the fit rows at
             the end of the first epoch, ``C`` chosen from ``Cs``); see :data:`SOLVERS`.
         Cs: The ``C`` grid of ``solver="lbfgs"`` (default :data:`DEFAULT_CS`). With the SGD
-            linear or softmax classifier (default ``None``: one probe): train one twin per
-            ``C``, with ``alpha = 1 / (C * rows)`` (:func:`default_alpha`), side by side on
-            the same batches, and keep the one of lowest validation log-loss
-            (:class:`~lm_probe.probes.twins.TwinProbe`; :data:`SGD_CS` is a measured grid).
+            linear or softmax classifier: train one twin per ``C``, with ``alpha = 1 / (C *
+            rows)`` (:func:`default_alpha`), side by side on the same batches, and keep the
+            one of lowest validation log-loss (:class:`~lm_probe.probes.twins.TwinProbe`);
+            default :data:`SGD_CS`, unless ``alpha`` is given; ``Cs=()``: one probe at
+            ``alpha="auto"``.
         cv: How ``solver="lbfgs"`` chooses ``C``: by the mean log-loss of a ``cv``-fold
             stratified cross-validation over the fit and validation rows together (default
             5, as ``LogisticRegressionCV``), or, with ``cv="validation"``, by the log-loss
@@ -276,13 +276,14 @@ class ProbeConfig:
         if Cs is not None and solver == "sgd" and (head not in _SGD_LINEAR or task != "classification"):
             raise ValueError(f"probe {label!r}: Cs is the C grid of solver='lbfgs' or of the SGD linear and softmax "
                              f"classifiers; head={head!r}, task={task!r} takes alpha")
-        if Cs is not None and solver == "sgd" and "alpha" in probe_kwargs:
+        if Cs is not None and solver == "sgd" and probe_kwargs.get("alpha", "auto") != "auto":
             raise ValueError(f"probe {label!r}: Cs gives each SGD twin its alpha = 1 / (C * rows); remove alpha="
                              f"{probe_kwargs['alpha']!r}, or Cs")
         self.solver = solver
-        self.Cs = tuple(float(c) for c in (DEFAULT_CS if Cs is None and solver == "lbfgs" else () if Cs is None else Cs))
-        self.Cs = self.Cs or None  # None: one SGD probe (its alpha)
-        if Cs is not None and (not self.Cs or min(self.Cs) <= 0):
+        twins = solver == "sgd" and head in _SGD_LINEAR and task == "classification" and "alpha" not in probe_kwargs
+        default = DEFAULT_CS if solver == "lbfgs" else SGD_CS if twins else ()
+        self.Cs = tuple(float(c) for c in (default if Cs is None else Cs)) or None  # None: one SGD probe, its alpha
+        if Cs is not None and ((not self.Cs and solver == "lbfgs") or min(self.Cs or (1,)) <= 0):
             raise ValueError(f"probe {label!r}: Cs must be positive values of C, got {Cs!r}")
         self.l2_C = DEFAULT_SGD_C  # alpha="auto"'s C (an SGD twin's own, see lm_probe.probes.twins)
         if cv is not None and solver != "lbfgs":

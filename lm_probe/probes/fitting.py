@@ -68,4 +68,5 @@ def fit_settings(probes: Mapping[str, Probe], train: ProbeDataset, fit: ProbeDat
                                   n_nonfinite=n_bad, early_stopping=EarlyStopping(**own), max_steps=max_steps,
                                   decay=decay, n_rows=n_rows[probe.config.pool == "none"],
                                   relabel=control_fit if is_control(name) else None, **settings)
+        training.update({twin.name: training[name] for twin in getattr(probe, "twins", ())})  # SGD twins: the same
     return training

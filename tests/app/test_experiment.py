@@ -570,10 +570,12 @@ def test_torch_backend_from_the_file(tmp_path, workdir, model):
 
 
 def test_the_step_decay_settings_reach_fit_probes(workdir, model, monkeypatch):
-    """[probes] lr_decay and decay_patience are fit_probes' (0: constant steps, its None)."""
+    """[probes] lr_decay and decay_patience are fit_probes' (0: constant steps, its None; by
+    default fit_probes' own 0.5 and 3)."""
     seen = []
     monkeypatch.setattr(ProbeRunner, "fit_probes", lambda self, *a, **kw: seen.append(kw) or self)
-    for body, expected in (("lr_decay = 0.5\ndecay_patience = 4", (0.5, 4)), ("", (None, 2))):
+    for body, expected in (("lr_decay = 0.25\ndecay_patience = 4", (0.25, 4)), ("lr_decay = 0", (None, 3)),
+                           ("", (0.5, 3))):
         text = experiment_text(probes='pool = "mean"\nnum_epochs = 2\n' + body, geometry=None, gauges=None)
         exp = load_experiment(write(workdir, text, "decay.toml"), out=workdir / "runs" / f"decay{len(seen)}")
         try:

@@ -36,7 +36,8 @@ def data(n, seed):
 
 
 def configs(sites=SITES):
-    return [ProbeConfig(sites[0], name="l1"), ProbeConfig(sites[1], pool="last", name="l3", control=True)]
+    # l1: one probe (its own early stopping is checked); l3: the default SGD twins, with a control task
+    return [ProbeConfig(sites[0], name="l1", alpha="auto"), ProbeConfig(sites[1], pool="last", name="l3", control=True)]
 
 
 def run(batch_size, folder, **runner_kwargs):

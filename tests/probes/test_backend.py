@@ -136,7 +136,10 @@ def test_torch_backend_matches_sklearn_backend(both):
 
 def test_only_linear_classifiers_are_banked(both):
     _, th = both
-    assert {p.name for p in th.bank.probes} == set(th.probes) - {"2mean-mlp"}
+    twins = {name: [t.name for t in probe.twins] for name, probe in th.probes.items() if hasattr(probe, "twins")}
+    assert set(twins) == set(th.probes) - {"2mean-mlp", "2mean-a1e-2"}  # an explicit alpha: one probe, no twins
+    assert {p.name for p in th.bank.probes} == {"2mean-a1e-2", *(t for names in twins.values() for t in names)}
+    assert all(th[name].banked for name in twins)
     pd.testing.assert_series_equal(both[0].metrics.loc["2mean-mlp"], th.metrics.loc["2mean-mlp"])
 
 

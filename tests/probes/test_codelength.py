@@ -36,9 +36,9 @@ def rows(n=160, d=6, n_classes=2, seed=0, signal=0.8):
 
 
 def reference_bits(X, y, batch, classes, *, alpha=1e-4, eta0=0.003, shuffle=True, standardize=True):
-    """The online codelength recomputed with scikit-learn (see the module docstring):
-    lm_probe's default probe is ``SGDClassifier(loss="log_loss", learning_rate="constant",
-    eta0=0.003)`` stepped from its plain iterates, predicting with their row-weighted mean,
+    """The online codelength recomputed with scikit-learn (see the module docstring): the
+    test's probe is ``SGDClassifier(loss="log_loss", learning_rate="constant", eta0=0.003,
+    alpha=1e-4)`` stepped from its plain iterates, predicting with their row-weighted mean,
     on features standardized with the moments of all rows so far, the batch included."""
     sgd = SGDClassifier(loss="log_loss", learning_rate="constant", eta0=eta0, alpha=alpha, random_state=0,
                         shuffle=shuffle)
@@ -73,7 +73,9 @@ def feed(consumer, X, y, batch, epochs=1):
 
 
 def probe(n_classes=2, **kwargs):
-    return Probe(ProbeConfig("s", classes=range(n_classes), name="p", **kwargs), random_state=0)
+    sgd = kwargs.get("head", "linear") == "linear" and kwargs.get("solver", "sgd") == "sgd"
+    settings = {**(dict(eta0=0.003, alpha=1e-4) if sgd else {}), **kwargs}  # the reference's step and L2 strength
+    return Probe(ProbeConfig("s", classes=range(n_classes), name="p", **settings), random_state=0)
 
 
 def test_functions_against_numpy():
@@ -117,10 +119,11 @@ def test_replayed_epochs_do_not_change_it():
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_bank_codes_each_probe_with_its_own_weights(n_classes):
     """One row per batch and per step: the bank is scikit-learn's per-example SGD (to
-    float32), and each probe, the defaults and a different step, is coded with its own."""
+    float32), and each probe, of a different step, is coded with its own."""
     X, y = rows(n=96, n_classes=n_classes)
     classes = list(range(n_classes))
-    configs = [ProbeConfig("s", classes=classes, name="p"), ProbeConfig("s", classes=classes, name="q", eta0=0.05)]
+    configs = [ProbeConfig("s", classes=classes, name="p", eta0=0.003, alpha=1e-4),
+               ProbeConfig("s", classes=classes, name="q", eta0=0.05, alpha=1e-4)]
     probes = [Probe(c, random_state=0) for c in configs]
     bank = ProbeBank(probes, rows_per_step=1)
     bank.start(RunContext(training={c.name: Training(classes=tuple(classes)) for c in configs}))

@@ -74,12 +74,20 @@ def test_saved_twins_predict_the_same(twins, tmp_path):
     assert loaded[SITE].compute()["alpha"] == pytest.approx(runner.metrics.loc[SITE, "alpha"])
 
 
-def test_the_torch_backend_leaves_twins_to_scikit_learn(twins):
+def test_the_torch_backend_bank_steps_the_twins(twins):
+    """With backend="torch" the bank trains the twins of a linear probe (each one a banked
+    probe); the probe keeps the twin of lowest validation loss, close to scikit-learn's."""
     data, source, runner = twins
-    torch_runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, Cs=GRID, eta0=0.01)], progress=False,
-                                           backend="torch").fit_probes(data, data, **FIT)
-    assert torch_runner.bank is None
-    np.testing.assert_array_equal(torch_runner[SITE].coef_, runner[SITE].coef_)
+    config = ProbeConfig(SITE, Cs=GRID, eta0=0.01)
+    th = ProbeRunner.from_source(source, [config], progress=False, backend="torch").fit_probes(data, data, **FIT)
+    probe = th[SITE]
+    assert probe.banked and {p.name for p in th.bank.probes} == {t.name for t in probe.twins}
+    assert all(t.n_steps_ > 0 for t in probe.twins)
+    assert probe.C_ == min(probe.twin_losses_, key=probe.twin_losses_.get)
+    chosen = probe.twins[GRID.index(probe.C_)]
+    np.testing.assert_array_equal(probe.coef_, chosen.coef_)
+    for C in GRID:  # each twin close to the scikit-learn backend's twin of the same C
+        assert probe.twin_losses_[C] == pytest.approx(runner[SITE].twin_losses_[C], abs=0.03)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -93,8 +101,15 @@ def test_bad_grids_are_refused_when_the_config_is_built(kwargs, match):
         ProbeConfig(SITE, **kwargs)
 
 
-def test_twins_need_a_validation_split():
-    data, source = synthetic(n=100)
-    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, Cs=GRID)], progress=False)
-    with pytest.raises(ValueError, match=r"val_size=0\) leaves none: give val_size > 0"):
-        runner.fit_probes(data, val_size=0)
+def test_without_validation_only_the_default_strength_trains():
+    """val_size=0 leaves nothing to choose C on: the twin nearest alpha="auto"'s C (0.005)
+    trains alone, and equals the one probe of alpha="auto"."""
+    data, source = synthetic(n=200)
+    grid = (0.001, 0.004, 0.5)
+    runner = ProbeRunner.from_source(source, [ProbeConfig(SITE, Cs=grid)], progress=False)
+    runner.fit_probes(data, val_size=0, num_epochs=3)
+    probe = runner[SITE]
+    assert probe.C_ == 0.004 and [t.n_steps_ for t in probe.twins] == [0, 3 * 13, 0]
+    alone = ProbeRunner.from_source(source, [ProbeConfig(SITE, alpha=1 / (0.004 * 200))], progress=False)
+    alone.fit_probes(data, val_size=0, num_epochs=3)
+    np.testing.assert_allclose(probe.coef_, alone[SITE].coef_, rtol=1e-10)
