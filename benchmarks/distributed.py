@@ -1,8 +1,8 @@
 """Data parallelism: throughput of K = 1 and 2 torchrun processes on the same examples.
 
 Each run is ``torchrun --nproc-per-node K`` over this script (one thread per process, gloo on
-the CPU; NCCL where GPUs are found, one per rank), timing ``fit_probes`` (3 epochs, replay
-cache, validation and test) with ``batch_size=B/K`` per rank, so that every run makes the same
+the CPU; NCCL where GPUs are found, one per rank), timing ``fit_probes`` (3 epochs of one
+probe per site, replay cache, validation and test) with ``batch_size=B/K`` per rank, so that every run makes the same
 global batches of B examples and trains the same probes. It prints the wall seconds of the
 timed call, the examples per second (training + test examples traced once each, over the
 seconds) and the scaling efficiency (throughput of K processes / (K x that of 1)); rank 0 also
@@ -57,10 +57,12 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     model, data, sites = setup(args.quick, args.n, device)
     train, test = data.tt_split(0.2, seed=0)
-    runner = ProbeRunner(model, [ProbeConfig(s) for s in sites], seed=0, progress=False)
+    # a fixed amount of probe work (3 epochs, one probe per site: the defaults until December 2026), so
+    # that the runs differ only in how the forwards are shared out
+    runner = ProbeRunner(model, [ProbeConfig(s, eta0=0.003, alpha=1e-4) for s in sites], seed=0, progress=False)
     dist.barrier()
     start = time.perf_counter()
-    runner.fit_probes(train, test, batch_size=args.batch // world, n_boot=0)
+    runner.fit_probes(train, test, batch_size=args.batch // world, n_boot=0, num_epochs=3, patience=5, lr_decay=None)
     seconds = time.perf_counter() - start
     if rank == 0:
         metrics = runner.metrics[["accuracy", "loss", "n_steps"]].to_dict()

@@ -8,8 +8,9 @@ per-repetition ratios):
    ``no_grad``) over every training, validation and test example once, in the same
    batches fit_probes uses (training: the seeded bucketed shuffle of the fit split;
    validation and test: length-sorted) = 1.0;
-2. ``fit_probes`` with the defaults (3 epochs, early stopping, validation split, test
-   metrics; the replay cache on), five probes spanning the depth, the last layer included;
+2. ``fit_probes`` with the defaults (up to 100 epochs, early stopping ending them, five SGD
+   twins per probe, validation split, test metrics; the replay cache on), five probes
+   spanning the depth, the last layer included;
 3. the same with a ``Geometry`` at every layer attached;
 4. (``--retrace``) the same as 2 with ``cache=None``: every epoch traced again.
 

@@ -109,7 +109,7 @@ def test_config_rejects(kwargs, error, match):
 
 
 def test_defaults_are_a_small_constant_step_and_can_be_overridden():
-    assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.01, "average": True, "alpha": "auto"}
+    assert DEFAULT_PROBE_KWARGS == {"learning_rate": "constant", "eta0": 0.003, "average": True, "alpha": "auto"}
     assert LinearProbe(ProbeConfig("a.output")).estimator_.get_params()["learning_rate"] == "constant"
     params = LinearProbe(ProbeConfig("a.output", learning_rate="optimal")).estimator_.get_params()
     assert params["learning_rate"] == "optimal"
