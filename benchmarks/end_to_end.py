@@ -99,7 +99,7 @@ def main() -> None:
         device += f", {torch.cuda.get_device_name()}"
     name = "quick (tiny random Llama, 8 layers, hidden 128)" if args.quick else "SmolLM2-135M, Rotten Tomatoes"
     print(f"\n{name}: {len(fit)} fit + {len(val)} validation + {len(test)} test examples, batch {BATCH}, "
-          f"3 epochs, {args.reps} interleaved reps; {device}\n")
+          f"up to 100 epochs (the defaults), {args.reps} interleaved reps; {device}\n")
     print("| run | median s | ratio to bare (min-max) |\n|---|---:|---:|")
     for r in table:
         print(f"| {r['run']} | {r['median_s']:.2f} | {r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")

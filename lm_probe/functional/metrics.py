@@ -78,7 +78,12 @@ def prediction_loss(y: np.ndarray, out: np.ndarray, classes: np.ndarray | None =
     metrics."""
     if classes is None:
         return float(skm.mean_squared_error(np.asarray(y, np.float64), np.asarray(out, np.float64)))
-    return float(skm.log_loss(y, np.asarray(out, np.float64), labels=list(classes)))
+    y, proba, labels = np.asarray(y), np.asarray(out, np.float64), np.unique(np.asarray(classes))
+    col = np.clip(np.searchsorted(labels, y), 0, len(labels) - 1)
+    if not len(y) or proba.shape != (len(y), len(labels)) or np.any(labels[col] != y):  # scikit-learn's errors
+        return float(skm.log_loss(y, proba, labels=list(classes)))
+    eps = np.finfo(np.float64).eps  # scikit-learn's log_loss, without its input checks (a probe validates often)
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), col], eps, 1 - eps))))
 
 
 def confidence_bins(conf: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:

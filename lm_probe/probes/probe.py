@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from loguru import logger
+from sklearn import config_context
 from sklearn.exceptions import NotFittedError
 
 from ..core.consumer import Consumer, NotComputedError, PooledBatch, RunContext, finite_rows
@@ -146,14 +147,12 @@ class Probe(Consumer):
 
     @property
     def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """The standardization's running float64 moments ``(n, mean, m2)``: rows seen,
-        ``(hidden,)`` mean and sum of squared deviations (``scale_`` divides ``m2`` by n)."""
+        """The standardization's running float64 moments ``(n, mean, m2)`` (``scale_ = sqrt(m2 / n)``)."""
         return int(self._n), np.atleast_1d(np.asarray(self._mean, np.float64)), \
             np.atleast_1d(np.asarray(self._m2, np.float64))
 
     def load_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        """Set the standardization's moments (as :attr:`moments` gives them), for a trainer
-        that keeps them outside :meth:`partial_fit` (the torch probe bank)."""
+        """Set the moments (as :attr:`moments` gives them): for the torch probe bank, which keeps its own."""
         self._n, self._mean, self._m2 = int(n), np.array(mean, np.float64), np.array(m2, np.float64)
 
     def load_weights(self, coef: np.ndarray, intercept: np.ndarray, *, n_seen: int) -> None:
@@ -191,10 +190,12 @@ class Probe(Consumer):
         est = self.estimator_
         if self._running is not None:  # step from the plain SGD weights, not their average
             est.coef_, est.intercept_ = self._running[0].copy(), self._running[1].copy()
-        if self.is_classifier:
-            est.partial_fit(self._transform(X), y, classes=self.classes_)
-        else:
-            est.partial_fit(self._transform(X), np.asarray(y, np.float64))
+        started = hasattr(est, "coef_") or hasattr(est, "coefs_")  # checked at the first step; rows are finite
+        with config_context(skip_parameter_validation=started, assume_finite=True):
+            if self.is_classifier:
+                est.partial_fit(self._transform(X), y, **({} if started else {"classes": self.classes_}))
+            else:
+                est.partial_fit(self._transform(X), np.asarray(y, np.float64))
         if self._average:
             self._running = (est.coef_.copy(), np.atleast_1d(est.intercept_).copy())
             seen, start = self._seen - self.avg_from_, self._average if not self.avg_from_ else 1
@@ -316,9 +317,8 @@ class Probe(Consumer):
         return bool(self._eval_every) and self.n_steps_ % self._eval_every == 0
 
     def note_step(self) -> bool:
-        """Count one training step taken outside :meth:`partial_fit` (by the torch probe
-        bank). Returns whether the validation set is scored after it: the trainer then
-        loads the current weights (:meth:`load_weights`) before :meth:`after_step`."""
+        """Count one step taken outside :meth:`partial_fit` (the torch bank's); whether the validation
+        set is scored after it (the trainer then loads its weights, :meth:`load_weights`, first)."""
         self.n_steps_ += 1
         return self._eval_due()
 

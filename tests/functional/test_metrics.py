@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from lm_probe.functional.metrics import (METRIC_COLUMNS, classification_metrics, expected_calibration_error,
-                                         recall_at_fpr)
+                                         prediction_loss, recall_at_fpr)
 
 
 def _data(n, k, seed):
@@ -83,3 +83,20 @@ def test_ece_of_a_perfectly_calibrated_bin_is_zero():
     p = np.array([[0.75, 0.25]] * 4)
     assert expected_calibration_error(np.array([0, 0, 0, 1]), p, np.arange(2)) == pytest.approx(0.0, abs=1e-15)
     assert expected_calibration_error(np.array([1, 1, 1, 1]), p, np.arange(2)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 6])
+def test_prediction_loss_is_scikit_learns_log_loss(n_classes):
+    """The validation loss, computed without scikit-learn's input checks, equals its log_loss
+    (labels not 0..K-1, certain and impossible predictions clipped the same way); bad input
+    still gets scikit-learn's error."""
+    rng = np.random.default_rng(n_classes)
+    classes = np.array([3, 7, 9, 11, 12, 20][:n_classes])
+    for n in (1, 5, 200):
+        proba = rng.dirichlet(np.ones(n_classes), n)
+        proba[: n // 2] = np.eye(n_classes)[rng.integers(0, n_classes, n // 2)]  # 0 and 1 exactly
+        y = rng.choice(classes, n)
+        assert prediction_loss(y, proba, classes) == pytest.approx(skm.log_loss(y, proba, labels=list(classes)),
+                                                                   rel=1e-13, abs=1e-13)
+    with pytest.raises(ValueError):
+        prediction_loss(np.array([3, 4]), np.full((2, n_classes), 1 / n_classes), classes)  # 4 is no class

@@ -119,7 +119,9 @@ def both(gpt2, toy):
     return run("sklearn"), run("torch")
 
 
-def test_torch_backend_matches_sklearn_backend(both):
+def test_torch_backend_matches_sklearn_backend(both, toy):
+    from lm_probe.probes.checks import split_validation
+
     sk, th = both
     linear = [n for n in sk.metrics.index if n != "2mean-mlp"]
     diff = (sk.metrics.loc[linear, "accuracy"] - th.metrics.loc[linear, "accuracy"]).abs()
@@ -129,9 +131,13 @@ def test_torch_backend_matches_sklearn_backend(both):
     for name in linear:
         assert [s for s, _ in th[name].history_][:3] == [s for s, _ in sk[name].history_][:3]
     assert th.metrics.loc["0mean", "accuracy"] > 0.8
-    # the epochs each probe ran, as the scikit-learn backend counts them (the bank once left 0)
-    assert (th.metrics.loc[linear, "n_epochs"] > 0).all()
-    assert th.metrics.loc[linear, "n_epochs"].tolist() == sk.metrics.loc[linear, "n_epochs"].tolist()
+    # the epochs each probe ran, counted from its steps as the scikit-learn backend counts them (the bank
+    # once left 0); float32 and float64 training may stop a probe a few epochs apart
+    per_epoch = -(-len(split_validation(toy[0], 0.1, 0)[0]) // 16)
+    for runner in (sk, th):
+        m = runner.metrics.loc[linear]
+        assert (m["n_epochs"] == -(-m["n_steps"] // per_epoch)).all(), m[["n_steps", "n_epochs"]]
+    assert (th.metrics.loc[linear, "n_epochs"] - sk.metrics.loc[linear, "n_epochs"]).abs().median() <= 3
 
 
 def test_only_linear_classifiers_are_banked(both):
