@@ -73,8 +73,8 @@ class Probe(Consumer):
             (each training row counted once, in the first epoch, whatever the number of
             epochs).
         codelength_: The online codelength of the first epoch's labels (:class:`Codelength`).
-        n_decays_, avg_from_: Step decays so far (``lr_decay``), and the training rows seen
-            at the last one: the average of the iterates restarts there.
+        n_decays_: Step decays so far (``lr_decay``); at each the average of the iterates
+            restarts (its trainer counts the rows: this probe's :meth:`partial_fit`, or the bank).
     """
 
     def __init__(self, config: ProbeConfig, classes: Iterable[int] | None = None,
@@ -98,17 +98,13 @@ class Probe(Consumer):
         self._lbfgs = self.config.solver == "lbfgs"
         self.estimator_, self._average = self.config.build_estimator(self.random_state, self.n_rows_)
         self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
-        self.C_: float | None = None
-        self.converged_: bool | None = None
+        self.C_ = self.converged_ = None  # solver="lbfgs": the C chosen, whether it converged
         self.n_epochs_, self.lr_scale_ = 0, 1.0
-        self._running: tuple[np.ndarray, np.ndarray] | None = None  # plain SGD weights under the average
-        self._avg: tuple[np.ndarray, np.ndarray] | None = None
-        self._seen = self.avg_from_ = self.n_decays_ = 0  # rows seen; at the last step decay; decays
+        self._running = self._avg = None  # (coef, intercept): the plain SGD weights, and their running average
+        self._seen = self._avg_from = 0  # rows seen; rows seen at the last step decay
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
         self.n_steps_, self.best_loss_ = 0, float("inf")
-        self.best_step_: int | None = None
-        self.stopped_reason_ = StopReason.NONE
-        self._best: tuple | None = None
+        self.best_step_, self.stopped_reason_, self._best = None, StopReason.NONE, None
         self.history_: list[tuple[int, float]] = []
         self.codelength_ = Codelength.for_probe(self)  # online codelength of the first epoch's labels
         settings = self._training
@@ -123,6 +119,10 @@ class Probe(Consumer):
         """Resolve ``alpha="auto"`` again for :attr:`n_rows_` (a probe loaded from disk)."""
         if self.config.probe_kwargs.get("alpha") == "auto" and not self._lbfgs:
             self.estimator_.set_params(alpha=default_alpha(self.n_rows_))
+
+    @property
+    def n_decays_(self) -> int:
+        return self._decay.n_decays_ if self._decay is not None else 0
 
     @property
     def mean_(self) -> np.ndarray:
@@ -198,7 +198,7 @@ class Probe(Consumer):
                 est.partial_fit(self._transform(X), np.asarray(y, np.float64))
         if self._average:
             self._running = (est.coef_.copy(), np.atleast_1d(est.intercept_).copy())
-            seen, start = self._seen - self.avg_from_, self._average if not self.avg_from_ else 1
+            seen, start = self._seen - self._avg_from, self._average if not self._avg_from else 1
             self._avg = asgd_average(self._avg, self._running, seen, len(y), start)
             if seen + len(y) >= int(start):
                 est.coef_, est.intercept_ = self._avg[0].copy(), self._avg[1].copy().reshape(est.intercept_.shape)
@@ -341,7 +341,7 @@ class Probe(Consumer):
             decays, self.lr_scale_ = self._decay.n_decays_, self._decay.check(self._stopper.improved_)
             self.estimator_.eta0 = self._eta0 * self.lr_scale_
             if self._decay.n_decays_ > decays:  # the average restarts: it forgets the larger step's iterates
-                self.avg_from_, self.n_decays_ = self._seen, self._decay.n_decays_
+                self._avg_from = self._seen
         if self._stopper.improved_:
             self.best_loss_, self.best_step_ = loss, self.n_steps_
             self._best = (copy.deepcopy(self.estimator_), np.copy(self._mean), np.copy(self._m2), self._n)
