@@ -247,19 +247,29 @@ def pick(outcomes: list[dict], rule) -> dict:
     return next(o for o in outcomes if o["C"] == rule)
 
 
-def check(out: Path, tag: str, task: str, n_probes: int = 4) -> None:
-    """lm_probe's own fit_probes (an ArraySource over the cached rows) beside the replica, on the
-    first ``n_probes`` probes, with the README's softmax schedule (C=0.005, eta0=0.01)."""
-    from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
+def cached_source(f, y: np.ndarray, keys: list[str]):
+    """lm_probe's view of cached rows ``f``: ``(data, source, requests)``, a dataset whose
+    example ids are the rows' positions, labeled ``y``, and an ArraySource serving the rows of
+    ``keys`` (``"X/<site>/<pool>"``) as ``requests[key] = (site, pool)``."""
+    from lm_probe import ProbeDataset
     from lm_probe.core.sites import Site
     from lm_probe.core.sources import ArraySource
 
-    f = np.load(out / f"{tag}.npz")
-    y, keys = f[f"y/{task}"], [k for k in f.files if k.startswith("X/")][:n_probes]
     requests = {key: tuple(key[2:].rsplit("/", 1)) for key in keys}
     data = ProbeDataset([np.ones(int(n), np.int64) for n in f["lengths"]], y)  # rows by position = example id
     source = ArraySource({r: f[key].astype(np.float32) for key, r in requests.items()}, data.example_ids,
                          {site: Site(0, "x", "output", site, None) for site, _ in requests.values()})
+    return data, source, requests
+
+
+def check(out: Path, tag: str, task: str, n_probes: int = 4) -> None:
+    """lm_probe's own fit_probes (an ArraySource over the cached rows) beside the replica, on the
+    first ``n_probes`` probes, with the README's softmax schedule (C=0.005, eta0=0.01)."""
+    from lm_probe import ProbeConfig, ProbeRunner
+
+    f = np.load(out / f"{tag}.npz")
+    y, keys = f[f"y/{task}"], [k for k in f.files if k.startswith("X/")][:n_probes]
+    data, source, requests = cached_source(f, y, keys)
     train, test = data.tt_split(0.25, seed=0)
     configs = [ProbeConfig(site, pool=pool, name=key, head="softmax", alpha="auto", eta0=0.01)
                for key, (site, pool) in requests.items()]
@@ -278,9 +288,7 @@ def run_lm(out: Path, name: str, settings: dict, pairs: list[tuple[str, str]]) -
     ProbeConfig kwargs added for more than two classes, "seed": the runner's seed (its
     validation split and batch order)}``. Saved as a run of one "twin" per
     probe (the probe lm_probe kept), so ``table`` reads it."""
-    from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner
-    from lm_probe.core.sites import Site
-    from lm_probe.core.sources import ArraySource
+    from lm_probe import ProbeConfig, ProbeRunner
 
     path = out / "runs" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
@@ -288,10 +296,7 @@ def run_lm(out: Path, name: str, settings: dict, pairs: list[tuple[str, str]]) -
     for tag, task in pairs:
         f = np.load(out / f"{tag}.npz")
         y, keys = f[f"y/{task}"], [k for k in f.files if k.startswith("X/")]
-        requests = {key: tuple(key[2:].rsplit("/", 1)) for key in keys}
-        data = ProbeDataset([np.ones(int(n), np.int64) for n in f["lengths"]], y)  # rows by position = example id
-        source = ArraySource({r: f[key].astype(np.float32) for key, r in requests.items()}, data.example_ids,
-                             {site: Site(0, "x", "output", site, None) for site, _ in requests.values()})
+        data, source, requests = cached_source(f, y, keys)
         train, test = data.tt_split(0.25, seed=0)
         probe = {**settings.get("probe", {}), **(settings.get("multiclass", {}) if len(np.unique(y)) > 2 else {})}
         configs = [ProbeConfig(site, pool=pool, name=key, **probe) for key, (site, pool) in requests.items()]
