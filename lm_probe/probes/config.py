@@ -15,18 +15,19 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, SGDClassifier, SGDRegressor
+from sklearn.linear_model import LogisticRegression, SGDRegressor
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from ..core.labels import format_labels
 from ..core.pooling import check_pool
+from .online_sgd import OnlineSGDClassifier
 from .softmax import SoftmaxSGDClassifier
 
 __all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SGD_CS", "SOLVERS", "SCORINGS", "PER_PROBE",
            "ORIGINAL_ARGUMENTS", "default_alpha"]
 
 _HEADS: dict[tuple[str, str], type] = {
-    ("classification", "linear"): SGDClassifier,
+    ("classification", "linear"): OnlineSGDClassifier,  # SGDClassifier, its later steps in numpy
     ("classification", "softmax"): SoftmaxSGDClassifier,
     ("classification", "mlp"): MLPClassifier,
     ("regression", "linear"): SGDRegressor,
@@ -99,7 +100,7 @@ def default_alpha(n_rows: int | None, C: float = DEFAULT_SGD_C) -> float:
 
 
 _DEFAULTS: dict[type, dict[str, Any]] = {
-    SGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
+    OnlineSGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
     SoftmaxSGDClassifier: dict(DEFAULT_PROBE_KWARGS),
     SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
     MLPClassifier: {},
@@ -318,10 +319,11 @@ class ProbeConfig:
         unknown = sorted(set(probe_kwargs) - _PARAMS[estimator])
         if unknown:
             raise TypeError(
-                f"probe {self.name!r}: unknown {estimator.__name__} arguments {unknown}; "
+                f"probe {self.name!r}: unknown {'SGDClassifier' if estimator is OnlineSGDClassifier else estimator.__name__} "
+                f"arguments {unknown}; "
                 f"valid ones are {sorted(_PARAMS[estimator] - {'loss'})}"
             )
-        if estimator is SGDClassifier and probe_kwargs.get("loss", "log_loss") != "log_loss":
+        if estimator is OnlineSGDClassifier and probe_kwargs.get("loss", "log_loss") != "log_loss":
             raise ValueError(f"probe {self.name!r}: only loss='log_loss' gives probabilities; remove 'loss'")
         if probe_kwargs.get("class_weight") == "balanced":
             raise ValueError(
