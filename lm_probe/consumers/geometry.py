@@ -40,7 +40,7 @@ from ..functional.hashing import hash_uniform
 from ..functional.sketch import fd_eigh, fd_shrink
 from ..functional.spectra import (SAMPLE_KEYS, SPECTRUM_KEYS, covariance_eigh, linear_cka, normalize_rows,
                                   sample_metrics, spectrum_metrics, subspace_novelty)
-from ..functional.stats import comoment_batch, comoment_merge
+from ..functional.stats import comoment_batch, comoment_merge, comoment_update
 from .geometry_results import SCHEMA_VERSION, GeometryResults, load_results, save_results
 
 __all__ = ["Geometry"]
@@ -127,15 +127,14 @@ class Geometry(Consumer):
         if n == 0:
             return
         for s, x in rows.items():
-            state = comoment_batch(x, x)
             if self.sketch_rank:
-                self._fold_sketch(s, state, x)
+                self._fold_sketch(s, comoment_batch(x, x), x)
             else:
-                self._moments[s] = comoment_merge(*self._moments[s], *state) if s in self._moments else state
+                self._moments[s] = comoment_update(*self._moments.get(s) or _empty(x, x), x, x)
         for a, b in self.pairs:
             if not self.sketch_rank:
-                state = comoment_batch(rows[a], rows[b])
-                self._cross[(a, b)] = comoment_merge(*self._cross[(a, b)], *state) if (a, b) in self._cross else state
+                self._cross[(a, b)] = comoment_update(*self._cross.get((a, b)) or _empty(rows[a], rows[b]),
+                                                      rows[a], rows[b])
             self._cos_sum[(a, b)] += float(np.sum(_row_cosines(rows[a], rows[b])))
         if len(self._keys) == self.sample_limit:  # full: only rows with a smaller key than the largest enter
             enter = keys < self._keys[-1]
@@ -184,7 +183,7 @@ class Geometry(Consumer):
             if s not in other._moments:
                 continue
             if s not in self._moments:
-                self._moments[s] = other._moments[s]
+                self._moments[s] = _copied(other._moments[s])  # updated in place from now on
                 if self.sketch_rank:
                     self._sketch[s] = other._sketch[s]
             elif self.sketch_rank:
@@ -198,7 +197,7 @@ class Geometry(Consumer):
         for pair in self.pairs:
             if pair in other._cross:
                 self._cross[pair] = (comoment_merge(*self._cross[pair], *other._cross[pair])
-                                     if pair in self._cross else other._cross[pair])
+                                     if pair in self._cross else _copied(other._cross[pair]))
             self._cos_sum[pair] += other._cos_sum[pair]
         self._merge_sample(other)
         self.n_rows_ += other.n_rows_
@@ -358,3 +357,13 @@ def _scatter(x: np.ndarray) -> np.ndarray:
 
 def _cross(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return comoment_batch(x, y)[3]
+
+
+def _empty(x: np.ndarray, y: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The co-moment state of no rows, for paired rows like ``x``, ``y``."""
+    return 0, np.zeros(x.shape[1]), np.zeros(y.shape[1]), np.zeros((x.shape[1], y.shape[1]))
+
+
+def _copied(state: tuple) -> tuple:
+    """A state whose arrays are this consumer's own (another's may be updated in place)."""
+    return tuple(np.array(part) if isinstance(part, np.ndarray) else part for part in state)

@@ -1,4 +1,5 @@
-"""Streaming moments in float64: Welford's update and Chan's parallel merge.
+"""Streaming moments in float64: Welford's update and Chan's parallel merge, for
+per-feature moments and for co-moment matrices.
 
 Pure functions on arrays; the stateful classes (probe standardization, geometry
 accumulators) hold ``(n, mean, m2)`` and call these. ``m2`` is the sum of squared
@@ -9,8 +10,9 @@ variance ``m2 / (n - 1)``.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import blas
 
-__all__ = ["welford_update", "welford_merge"]
+__all__ = ["welford_update", "welford_merge", "comoment_merge", "comoment_batch", "comoment_update"]
 
 
 def welford_merge(
@@ -76,3 +78,34 @@ def comoment_batch(x: np.ndarray, y: np.ndarray) -> tuple[int, np.ndarray, np.nd
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mx, my = x.mean(0), y.mean(0)
     return x.shape[0], mx, my, (x - mx).T @ (y - my)
+
+
+def comoment_update(n: int, mx: np.ndarray, my: np.ndarray, C: np.ndarray, x: np.ndarray, y: np.ndarray
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Fold a batch of paired rows ``x (rows, dx)``, ``y (rows, dy)`` into co-moments, in
+    float64, updating ``C`` in place (the caller owns it: copy a state before sharing it).
+
+    The batch form of Welford's co-moment update, ``C += (x - mean_x_new)^T (y - mean_y_old)``:
+    equal to :func:`comoment_merge` of :func:`comoment_batch` (``C_b`` plus the
+    ``n_a n_b / n`` term of the means) in one matrix product added in place (BLAS
+    ``dgemm``), without the ``(dx, dy)`` temporaries of the merge. The first batch
+    (``n == 0``) uses its own y mean.
+
+    Returns:
+        ``(n, mean_x, mean_y, C)`` with the batch folded in (``C`` the same array).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rows = x.shape[0]
+    if rows == 0:
+        return n, mx, my, C
+    total = n + rows
+    mx_new = mx + (x.mean(0) - mx) * (rows / total)
+    my_new = my + (y.mean(0) - my) * (rows / total)
+    A, B = x - mx_new, y - (my if n else my_new)
+    if C.dtype == np.float64 and C.flags.c_contiguous:
+        out = blas.dgemm(1.0, B, A, beta=1.0, c=C.T, trans_a=1, overwrite_c=1)  # C^T (Fortran order) += B^T A
+        if not np.shares_memory(out, C):  # BLAS made a copy after all
+            C[...] = out.T
+    else:
+        C += A.T @ B
+    return total, mx_new, my_new, C

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lm_probe.functional.stats import welford_merge, welford_update
+from lm_probe.functional.stats import comoment_update, welford_merge, welford_update
 
 
 def test_welford_matches_numpy_float64():
@@ -30,3 +30,21 @@ def test_merge_of_halves_equals_one_pass():
 def test_empty_batch_changes_nothing():
     state = welford_update(0, np.zeros(2), np.zeros(2), np.ones((3, 2)))
     assert welford_update(*state, np.zeros((0, 2)))[0] == 3
+
+
+def test_comoment_update_matches_numpy_float64():
+    """Batches folded in place equal the co-moment of all rows at once (large means, x and y
+    of different widths, a one-row and an empty batch, a C that BLAS cannot update in place)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(70, 6)) * 3 + 400.0  # massive activations: means far from 0
+    y = x[:, :4] @ rng.normal(size=(4, 5)) + rng.normal(size=(70, 5)) - 50.0
+    reference = (x - x.mean(0)).T @ (y - y.mean(0))  # numpy float64, two-pass
+    for C in (np.zeros((6, 5)), np.zeros((5, 6)).T):  # C order (in-place dgemm), and Fortran order
+        state = (0, np.zeros(6), np.zeros(5), C)
+        for lo, hi in ((0, 16), (16, 17), (17, 17), (17, 50), (50, 70)):
+            state = comoment_update(*state, x[lo:hi], y[lo:hi])
+        n, mx, my, out = state
+        assert n == 70 and out is C
+        np.testing.assert_allclose(mx, x.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(my, y.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(out, reference, rtol=1e-10, atol=1e-9)
