@@ -200,7 +200,7 @@ def sgd_case(request):
     by hand with the moments of the rows seen so far, its iterates averaged by hand."""
     X, y, batches = labeled()
     settings = dict(learning_rate="constant", eta0=0.01, alpha=1e-4, penalty="l2")
-    config = ProbeConfig(SITE, classes=(0, 1, 2), average=True, **settings)
+    config = ProbeConfig(SITE, classes=(0, 1, 2), head="linear", average=True, **settings)
 
     def reference(state):
         sgd = SGDClassifier(loss="log_loss", average=False, random_state=7, **settings)
@@ -231,7 +231,7 @@ def early_stopping_case(request):
     weights (applied by hand) reproduces."""
     X, y, batches = labeled(n=240, batch=8, seed=1)
     Xv, yv, _ = labeled(n=60, seed=2)
-    config = ProbeConfig(SITE, classes=(0, 1, 2), learning_rate="constant", eta0=0.5)
+    config = ProbeConfig(SITE, classes=(0, 1, 2), head="linear", learning_rate="constant", eta0=0.5)
     training = Training(classes=(0, 1, 2), validation=(Xv.astype(np.float32), yv), eval_every=2,
                         early_stopping=EarlyStopping(patience=2, min_delta=1e-3))
 
@@ -269,9 +269,10 @@ def lbfgs_case(request):
 
 @case("probe_sgd_twins", TwinProbe)
 def twins_case(request):
-    """SGD twins: each twin is the plain probe of its alpha = 1 / (C * rows) (the probe_sgd
-    case checks that probe against scikit-learn), and the probe keeps the one whose weights
-    give the lowest validation log-loss (scikit-learn's, applied by hand to those weights)."""
+    """SGD twins (of the default head: for 3 classes the softmax head): each twin is the plain
+    probe of its alpha = 1 / (C * rows) (tests/probes/test_softmax.py checks that head against
+    a numpy loop), and the probe keeps the one whose weights give the lowest validation
+    log-loss (scikit-learn's, of the softmax of those weights applied by hand)."""
     X, y, batches = labeled(n=240, batch=12, seed=5)
     Xv, yv, _ = labeled(n=60, seed=6)
     config = ProbeConfig(SITE, classes=(0, 1, 2), Cs=[1e-3, 0.1, 10.0], eta0=0.05)
@@ -288,9 +289,10 @@ def twins_case(request):
                     alone.update(batch)
             alone.finish()
             Z = (Xv - alone.mean_) / alone.scale_ @ alone.coef_.T + alone.intercept_
-            proba = 1 / (1 + np.exp(-Z))
+            proba = np.exp(Z - Z.max(1, keepdims=True))
             losses[C] = (log_loss(yv, proba / proba.sum(1, keepdims=True), labels=[0, 1, 2]), alone)
         best = min(losses, key=lambda C: losses[C][0])
+        assert all(v[1].head_ == "softmax" for v in losses.values())
         assert len({round(v[0], 4) for v in losses.values()}) == 3 and state["summary"]["C"] == best
         np.testing.assert_allclose(state["coef"], losses[best][1].coef_, rtol=1e-12)
         assert state["summary"]["best_val_loss"] == pytest.approx(losses[best][0], rel=1e-9)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lm_probe import ProbeConfig, ProbeDataset, ProbeRunner, StopReason, load_model
-from lm_probe.probes import config as probe_module
+from lm_probe.probes import original as probe_module
 from lm_probe.testing import tiny_model, tiny_tokenizer, toy_texts
 
 WIDTH = 16  # GPT-2 pads to 1024 tokens with padding="max_length"; the tiny tokenizer to this

@@ -261,7 +261,7 @@ def _parse_probes(table: Any, problems: Problems) -> ProbesSection | None:
     if not 0 < section.ci < 1:
         problems.add(f"[probes] ci = {section.ci} must be a coverage strictly between 0 and 1, e.g. 0.95")
     extra = {k: v for k, v in table.items() if k not in own}
-    heads = _as_tuple(section.head) or ("linear",)
+    heads = _as_tuple(section.head) or ("auto",)
     valid = set.intersection(*[_estimator_params(h, section.task) for h in heads])
     anywhere = set.union(*[_estimator_params(h, t) for t, h in _HEADS])
     estimator = []

@@ -83,9 +83,10 @@ class ProbesSection:
     pool: Any = _key("mean", types=(str, list), items=str, choices=("mean", "last", "first", "max"),
                      help="pooling of each example's tokens (sweepable; token-level probes, pool 'none', need "
                           "word-tagged data: use the Python API)")
-    head: Any = _key("linear", types=(str, list), items=str, choices=("linear", "softmax", "mlp"),
-                     help="'linear' (SGD logistic regression, one-vs-rest for more than two classes), "
-                          "'softmax' (SGD multinomial logistic regression) or 'mlp' (sweepable)")
+    head: Any = _key("auto", types=(str, list), items=str, choices=("auto", "linear", "softmax", "mlp"),
+                     help="'auto' ('softmax' for more than two classes, else 'linear'), 'linear' (SGD "
+                          "logistic regression, one-vs-rest for more than two classes), 'softmax' (SGD "
+                          "multinomial logistic regression) or 'mlp' (sweepable)")
     task: str = _key("classification", types=(str,), choices=("classification", "regression"),
                      help="'classification' (integer or named labels) or 'regression' (numeric labels)")
     control: Any = _key(False, types=(bool, list), items=bool,

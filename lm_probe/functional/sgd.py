@@ -3,7 +3,7 @@
 * :func:`asgd_weight`: the weight of the newest iterate in the running average of SGD
   iterates (ASGD), every training row counted once, as scikit-learn's ``average``; the
   probe and the torch probe bank both average with it.
-* :func:`logistic_sgd_step`: one step of one-vs-rest logistic regression for many probes
+* :func:`logistic_sgd_step`: one step of one-vs-rest (or multinomial) logistic regression for many probes
   at once, on ``(probes, rows, hidden)`` torch tensors (the torch probe bank,
   ``backend="torch"``), with its one-vs-rest targets (:func:`ovr_targets`) and the
   float64 moments of its standardization (:func:`masked_moments`).
@@ -87,9 +87,9 @@ def masked_moments(X: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def logistic_sgd_step(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, T: torch.Tensor, weight: torch.Tensor,
-                      eta: torch.Tensor, alpha: torch.Tensor, fit_intercept: torch.Tensor
+                      eta: torch.Tensor, alpha: torch.Tensor, fit_intercept: torch.Tensor, multinomial: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step of one-vs-rest logistic regression for many probes at once.
+    """One SGD step of one-vs-rest (or multinomial) logistic regression for many probes at once.
 
     Each row moves the weights by its own step size times its own log-loss gradient
     (evaluated at the batch's starting weights, summed over the batch); L2 decay
@@ -105,12 +105,15 @@ def logistic_sgd_step(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, T: torc
         eta: ``(probes, rows)`` step size of each row (0 for rows a probe skips).
         alpha: ``(probes,)`` L2 strengths (0 for no penalty).
         fit_intercept: ``(probes,)`` 1.0 to learn the intercept, 0.0 to keep it at 0.
+        multinomial: One softmax over the outputs (``T`` one-hot: the cross-entropy gradient
+            of :func:`softmax_sgd_step`) instead of one sigmoid per output.
 
     Returns:
         The new ``(W, b)``.
     """
     Z = torch.einsum("prd,pkd->prk", X, W) + b[:, None, :]
-    G = (torch.sigmoid(Z) - T) * weight * eta[:, :, None]
+    P = torch.softmax(Z, dim=-1) if multinomial else torch.sigmoid(Z)
+    G = (P - T) * weight * eta[:, :, None]
     decay = torch.clamp(1 - eta * alpha[:, None], min=0).prod(1)
     W = W * decay[:, None, None] - torch.einsum("prk,prd->pkd", G, X)
     b = b - fit_intercept[:, None] * G.sum(1)

@@ -1,17 +1,13 @@
 """Probes: online classifiers and regressors on pooled activations.
 
-A :class:`Probe` wraps a scikit-learn estimator that learns with ``partial_fit``
-(``head="linear"``: ``SGDClassifier(loss="log_loss")`` or, for ``task="regression"``,
-``SGDRegressor``; ``head="mlp"``: ``MLPClassifier`` / ``MLPRegressor``; see
-:mod:`lm_probe.probes.config`) and trains it one batch at a time, standardizing features
-with running float64 moments (on by default, as SGD is sensitive to feature scale). It is
-a :class:`~lm_probe.core.consumer.Consumer`: the runner feeds it pooled activations,
-it evaluates itself on a cached validation set every ``eval_every`` steps, asks its
+A :class:`Probe` trains a scikit-learn estimator with ``partial_fit`` one batch at a time
+(:mod:`lm_probe.probes.config`: ``SGDClassifier(loss="log_loss")``, the multinomial softmax
+head, ``SGDRegressor``, an MLP), on features standardized with running float64 moments. It
+is a :class:`~lm_probe.core.consumer.Consumer`: the runner feeds it pooled activations, it
+scores a cached validation set every ``eval_every`` steps, asks its
 :class:`~lm_probe.probes.early_stopping.EarlyStopping` whether to stop, and keeps the
-weights of its best validation loss. Learned state ends in ``_`` (scikit-learn's
-convention); predicting or ``compute()`` before any training raises
-:class:`ProbeNotFittedError` (both the consumers' :class:`NotComputedError` and
-scikit-learn's ``NotFittedError``).
+weights of its best validation loss. Learned state ends in ``_``; predicting or
+``compute()`` before any training raises :class:`ProbeNotFittedError`.
 
 ``fit_probes`` gives each probe its settings for a pass as a :class:`Training` in
 ``start(context)`` (``context.training[probe.name]``); the torch probe bank trains the
@@ -61,6 +57,7 @@ class Probe(Consumer):
 
     Attributes:
         estimator_: The scikit-learn estimator (best validation state once trained).
+        head_: The head trained (``config.head``; ``"auto"`` resolved by the classes).
         classes_: ``(n_classes,)`` labels in the column order of ``predict_proba``
             (``None`` for regression).
         coef_, intercept_: Weights on standardized features (linear heads).
@@ -96,7 +93,9 @@ class Probe(Consumer):
         pass's :class:`Training` settings stay, with fresh early stopping and decay)."""
         self.classes_ = self._classes if self.is_classifier else None
         self._lbfgs = self.config.solver == "lbfgs"
-        self.estimator_, self._average = self.config.build_estimator(self.random_state, self.n_rows_)
+        n_classes = len(self.classes_) if self.is_classifier else None  # head="auto": softmax past two classes
+        self.head_ = self.config.resolve_head(n_classes)
+        self.estimator_, self._average = self.config.build_estimator(self.random_state, self.n_rows_, n_classes)
         self._eta0 = float(getattr(self.estimator_, "eta0", 0.0) or 0.0)
         self.C_ = self.converged_ = None  # solver="lbfgs": the C chosen, whether it converged
         self.n_epochs_, self.lr_scale_ = 0, 1.0

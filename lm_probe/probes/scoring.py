@@ -94,7 +94,8 @@ def _scored(probe: Probe, acts: Mapping[Request, np.ndarray], dataset: ProbeData
     classes = probe.classes_ if probe.is_classifier else None
     keep, y, unseen, nonfinite = scored_mask(probe, acts[probe.requests[0]], dataset, classes, "test", control)
     X, y = acts[probe.requests[0]][keep], y[keep]
-    info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": probe.config.head,
+    head = getattr(probe, "head_", probe.config.head)  # the head trained ("auto" resolved)
+    info = {"site": site.name, "pool": probe.config.pool, "layer": site.layer, "head": head,
             "n_scored": len(y), "n_unseen_label": unseen, "n_nonfinite": nonfinite,
             "n_nonfinite_fit": probe.n_nonfinite_, **probe.codelength_.compute()}
     columns = METRIC_COLUMNS if probe.is_classifier else REGRESSION_COLUMNS

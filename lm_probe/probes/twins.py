@@ -15,7 +15,7 @@ Without a validation split only the twin nearest ``alpha="auto"``'s ``C`` trains
 The twins read the same pooled rows: the forward and the replay cache cost the same as one
 probe; the probe steps cost ``len(Cs)`` times as much. A control twin (``control=True``) is
 a :class:`TwinProbe` too, choosing its own ``C`` on the control labels. With the torch
-backend the bank steps the twins of linear heads with every other probe
+backend the bank steps the twins of linear and softmax heads with every other probe
 (:attr:`TwinProbe.banked`); this probe then only chooses among them at the end.
 """
 

@@ -300,7 +300,7 @@ def test_site_problems_found_before_any_forward(workdir, model):
 
 def test_option_values_checked_before_any_forward(workdir, model):
     errors(workdir, experiment_text(probes="alpha = -1.0"),
-           r"probe 'model.layers.1.output': The 'alpha' parameter of SGDClassifier must be", model)
+           r"probe 'model.layers.1.output': The 'alpha' parameter of OnlineSGDClassifier must be", model)
     errors(workdir, experiment_text(gauges="n_samples = 24\nnormalization = 'markov'\nalpha = 2.0"),
            r"\[gauges\] alpha must be in \[0, 1\]", model)
     errors(workdir, experiment_text(gauges="n_samples = 24\nknn = 30"), r"\[gauges\] knn=30", model)

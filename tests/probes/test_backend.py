@@ -65,7 +65,7 @@ def test_one_row_per_batch_is_sklearns_update(settings, n_classes):
     settings = dict(settings)
     if n_classes == 3 and "class_weight" in settings:
         settings["class_weight"] = {0: 2.0, 1: 0.5, 2: 1.5}
-    config = ProbeConfig("s", classes=range(n_classes), **settings)
+    config = ProbeConfig("s", classes=range(n_classes), head="linear", **settings)  # one-vs-rest, as SGDClassifier
     ref, banked = train_both(config, X, y, batch=1)
     scale = np.abs(ref.coef_).max()
     np.testing.assert_allclose(banked.coef_, ref.coef_, atol=2e-5 * scale)
@@ -98,7 +98,7 @@ def test_batched_step_against_a_float64_reference():
 
 def test_larger_batches_stay_close_to_sklearn():
     X, y = rows(n=480, n_classes=3)
-    ref, banked = train_both(ProbeConfig("s", classes=range(3)), X, y, batch=16)
+    ref, banked = train_both(ProbeConfig("s", classes=range(3), head="linear"), X, y, batch=16)
     assert np.abs(banked.predict_proba(X) - ref.predict_proba(X)).max() < 0.01
     assert (banked.predict(X) == ref.predict(X)).mean() > 0.98
 

@@ -73,7 +73,8 @@ def feed(consumer, X, y, batch, epochs=1):
 
 
 def probe(n_classes=2, **kwargs):
-    sgd = kwargs.get("head", "linear") == "linear" and kwargs.get("solver", "sgd") == "sgd"
+    kwargs = {"head": "linear", **kwargs}  # one-vs-rest, as the scikit-learn recomputation
+    sgd = kwargs["head"] == "linear" and kwargs.get("solver", "sgd") == "sgd"
     settings = {**(dict(eta0=0.003, alpha=1e-4) if sgd else {}), **kwargs}  # the reference's step and L2 strength
     return Probe(ProbeConfig("s", classes=range(n_classes), name="p", **settings), random_state=0)
 
@@ -122,8 +123,8 @@ def test_bank_codes_each_probe_with_its_own_weights(n_classes):
     float32), and each probe, of a different step, is coded with its own."""
     X, y = rows(n=96, n_classes=n_classes)
     classes = list(range(n_classes))
-    configs = [ProbeConfig("s", classes=classes, name="p", eta0=0.003, alpha=1e-4),
-               ProbeConfig("s", classes=classes, name="q", eta0=0.05, alpha=1e-4)]
+    configs = [ProbeConfig("s", classes=classes, name="p", head="linear", eta0=0.003, alpha=1e-4),
+               ProbeConfig("s", classes=classes, name="q", head="linear", eta0=0.05, alpha=1e-4)]
     probes = [Probe(c, random_state=0) for c in configs]
     bank = ProbeBank(probes, rows_per_step=1)
     bank.start(RunContext(training={c.name: Training(classes=tuple(classes)) for c in configs}))

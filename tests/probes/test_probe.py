@@ -47,7 +47,8 @@ def test_averaged_sgd_equals_sklearns_single_pass_fit(classes):
     kwargs = dict(loss="log_loss", learning_rate="constant", eta0=0.01, alpha=1e-4)
     ref = SGDClassifier(**kwargs, average=True, shuffle=False, max_iter=1, tol=None, random_state=0)
     ref.fit(X, y)
-    probe = LinearProbe(ProbeConfig("x.output", classes=classes, standardize=False, **kwargs), random_state=0)
+    probe = LinearProbe(ProbeConfig("x.output", classes=classes, standardize=False, head="linear", **kwargs),
+                        random_state=0)
     for i in range(len(y)):
         probe.partial_fit(X[i:i + 1], y[i:i + 1])
     np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-9, atol=1e-12)
@@ -96,7 +97,7 @@ def test_predict_before_fit_is_a_clear_error():
     [
         (dict(classes=[1]), ValueError, "at least two classes"),
         (dict(pool="avg"), ValueError, "unknown pool 'avg'"),
-        (dict(head="cnn"), ValueError, r"head must be 'linear', 'softmax' \(classification\) or 'mlp'"),
+        (dict(head="cnn"), ValueError, r"head must be 'auto', 'linear', 'softmax' \(classification\) or 'mlp'"),
         (dict(task="regression", classes=[0, 1]), ValueError, "regression probe has no classes"),
         (dict(task="regression", control=True), ValueError, "control tasks are defined for classification"),
         (dict(head="mlp", eta0=0.1), TypeError, r"unknown MLPClassifier arguments \['eta0'\]"),
