@@ -13,7 +13,7 @@ from lm_probe.functional.sgd import logistic_sgd_step
 from lm_probe.probes.online_sgd import OnlineSGDClassifier
 from lm_probe.probes.probe import Probe
 from lm_probe.probes.softmax import SoftmaxSGDClassifier
-from lm_probe.testing import tiny_tokenizer
+from lm_probe.testing import tiny_tokenizer, toy_texts
 
 from test_backend import rows, train_both
 from test_token_probes import tagged
@@ -119,3 +119,17 @@ def test_metrics_name_the_head_trained(llama):
     assert rows_["sklearn"]["head"] == rows_["torch"]["head"] == "softmax"
     assert rows_["sklearn"]["accuracy"] > 0.5
     assert abs(rows_["sklearn"]["accuracy"] - rows_["torch"]["accuracy"]) <= 0.02
+
+
+def test_a_saved_softmax_probe_loads_as_one(gpt2, tmp_path):
+    texts, _ = toy_texts(90, seed=7)
+    labels = [len(t.split()) % 3 for t in texts]  # 3 classes
+    data = ProbeDataset.from_texts(texts, labels, tiny_tokenizer())
+    train, test = data.tt_split(0.25, seed=0)
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", name="p", Cs=(0.05, 1.0))], progress=False)
+    runner.fit_probes(train, test, num_epochs=2, batch_size=16, eval_every=2, patience=2)
+    runner.save(tmp_path / "run")
+    back = ProbeRunner.load(tmp_path / "run")
+    assert runner["p"].head_ == back["p"].head_ == "softmax" and back.metrics["head"].iloc[0] == "softmax"
+    X = np.random.default_rng(0).normal(size=(5, runner["p"].coef_.shape[1]))
+    np.testing.assert_array_equal(back["p"].predict_proba(X), runner["p"].predict_proba(X))
