@@ -10,10 +10,13 @@ of SmolLM2-135M activations scikit-learn's own one-vs-rest ``LogisticRegression`
 
 :class:`SoftmaxSGDClassifier` minimizes the multinomial objective of scikit-learn's SGD
 family, ``mean(cross-entropy) + alpha / 2 * |W|^2`` (intercepts not penalized): at
-``alpha = 1 / (C * rows)`` the minimizer of ``LogisticRegression(C)``. Each batch is one
-step with the summed gradient of its rows against the weights of the batch start, each
-row moving the weights by ``eta`` times its own gradient, and the L2 shrinkage compounded
-once per row, as the torch probe backend steps ``SGDClassifier``'s model. The math is the
+``alpha = 1 / (C * rows)`` the minimizer of ``LogisticRegression(C)``. A batch's rows are
+stepped ``rows_per_step`` (4) at a time, in order: each chunk one step with the summed
+gradient of its rows against the weights of the chunk's start, each row moving the weights
+by ``eta`` times its own gradient, the L2 shrinkage compounded once per row, as the torch
+probe backend steps (its ``rows_per_step``, also 4: the two backends take the same steps).
+A whole batch in one step converged too slowly on token-level batches (about 160 rows): on
+notebook 02's word classes most softmax probes reached the 100-epoch bound. The math is the
 pure function :func:`lm_probe.functional.sgd.softmax_sgd_step`; the class holds state and speaks scikit-learn's
 estimator API (``partial_fit``, ``predict_proba``, ``coef_`` ``(K, hidden)``), so the probe
 averages, snapshots, scores and saves it like any other head. Two classes are a softmax
@@ -45,14 +48,17 @@ class SoftmaxSGDClassifier(ClassifierMixin, BaseEstimator):
         class_weight: ``{class: weight}`` or ``None``.
         average: Accepted for the probe's API (the probe averages the iterates itself).
         random_state: Unused (the step is deterministic); kept for the probe's API.
+        rows_per_step: Rows of a batch stepped together against the same weights (1: plain
+            per-row SGD).
     """
 
     def __init__(self, alpha: float = 1e-4, eta0: float = 0.01, learning_rate: str = "constant",
                  power_t: float = 0.5, fit_intercept: bool = True, class_weight: dict | None = None,
-                 average: bool | int = False, random_state: int | None = None) -> None:
+                 average: bool | int = False, random_state: int | None = None, rows_per_step: int = 4) -> None:
         self.alpha, self.eta0, self.learning_rate, self.power_t = alpha, eta0, learning_rate, power_t
         self.fit_intercept, self.class_weight, self.average, self.random_state = (fit_intercept, class_weight,
                                                                                    average, random_state)
+        self.rows_per_step = rows_per_step
 
     def partial_fit(self, X: np.ndarray, y: np.ndarray, classes: Any = None) -> "SoftmaxSGDClassifier":
         """One step on the batch ``X (rows, hidden)``, labels ``y (rows,)``."""
@@ -74,10 +80,14 @@ class SoftmaxSGDClassifier(ClassifierMixin, BaseEstimator):
         Y[np.arange(len(y)), index] = 1.0
         cw = self.class_weight or {}
         weight = np.array([float(cw.get(c, 1.0)) for c in self.classes_])[index]
-        eta = self.eta0 if self.learning_rate == "constant" else self.eta0 / self.t_ ** self.power_t
-        self.coef_, self.intercept_ = softmax_sgd_step(self.coef_, np.asarray(self.intercept_, np.float64), X, Y,
-                                                       weight, float(eta), float(self.alpha), self.fit_intercept)
-        self.t_ += len(y)
+        step = max(1, int(self.rows_per_step))
+        for lo in range(0, len(y), step):
+            rows = slice(lo, lo + step)
+            eta = self.eta0 if self.learning_rate == "constant" else self.eta0 / self.t_ ** self.power_t
+            self.coef_, self.intercept_ = softmax_sgd_step(self.coef_, np.asarray(self.intercept_, np.float64),
+                                                           X[rows], Y[rows], weight[rows], float(eta),
+                                                           float(self.alpha), self.fit_intercept)
+            self.t_ += len(Y[rows])
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:

@@ -133,3 +133,17 @@ def test_a_saved_softmax_probe_loads_as_one(gpt2, tmp_path):
     assert runner["p"].head_ == back["p"].head_ == "softmax" and back.metrics["head"].iloc[0] == "softmax"
     X = np.random.default_rng(0).normal(size=(5, runner["p"].coef_.shape[1]))
     np.testing.assert_array_equal(back["p"].predict_proba(X), runner["p"].predict_proba(X))
+
+
+def test_both_backends_step_the_softmax_head_four_rows_at_a_time():
+    """16-row batches: the softmax head (scikit-learn backend) and the bank both step each
+    batch in 4-row chunks, so their iterates agree to float32 precision, batch after batch
+    (their averages differ: the bank averages after each chunk, the probe after each batch)."""
+    X, y = rows(n=320, n_classes=4)
+    ref, banked = train_both(ProbeConfig("s", classes=range(4), average=False), X, y, batch=16)
+    assert ref.estimator_.rows_per_step == 4 and ref.head_ == "softmax"
+    scale = np.abs(ref.coef_).max()
+    np.testing.assert_allclose(banked.coef_, ref.coef_, atol=2e-5 * scale)
+    np.testing.assert_allclose(banked.predict_proba(X), ref.predict_proba(X), atol=1e-5)
+    ref, banked = train_both(ProbeConfig("s", classes=range(4)), X, y, batch=16)  # averaged: close
+    assert np.abs(banked.predict_proba(X) - ref.predict_proba(X)).max() < 0.01

@@ -50,6 +50,30 @@ def test_one_step_is_the_summed_cross_entropy_gradient():
     np.testing.assert_allclose(b2, b - eta * gb, rtol=1e-12)
 
 
+@pytest.mark.parametrize("rows_per_step", [1, 4, 100])
+def test_a_batch_is_stepped_rows_per_step_rows_at_a_time(rows_per_step):
+    """partial_fit against a slow loop: the batch's rows in order, ``rows_per_step`` at a
+    time, each chunk one step of its rows' summed gradient at the chunk's starting weights
+    (``rows_per_step=1``: plain per-row SGD), invscaling's step from the rows seen before the chunk."""
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
+    est = SoftmaxSGDClassifier(alpha=0.1, eta0=0.2, learning_rate="invscaling", power_t=0.5,
+                               class_weight={2: 3.0}, rows_per_step=rows_per_step)
+    est.partial_fit(X, y, classes=[0, 1, 2])
+    W, b, t = np.zeros((3, 4)), np.zeros(3), 1.0
+    for lo in range(0, 10, rows_per_step):
+        eta, gW, gb = 0.2 / t ** 0.5, np.zeros((3, 4)), np.zeros(3)
+        for x, label in zip(X[lo:lo + rows_per_step], y[lo:lo + rows_per_step]):
+            z = W @ x + b
+            g = (np.exp(z) / np.exp(z).sum() - np.eye(3)[label]) * (3.0 if label == 2 else 1.0)
+            gW, gb = gW + np.outer(g, x), gb + g
+        n = len(y[lo:lo + rows_per_step])
+        W, b, t = W * (1 - eta * 0.1) ** n - eta * gW, b - eta * gb, t + n
+    np.testing.assert_allclose(est.coef_, W, rtol=1e-12)
+    np.testing.assert_allclose(est.intercept_, b, rtol=1e-12)
+    assert est.t_ == t == 11
+
+
 def test_it_converges_to_the_multinomial_logistic_regression_with_the_same_C():
     """Many epochs with a decaying step: the averaged weights reach the minimizer of
     LogisticRegression(C) at alpha = 1 / (C * rows) (same standardized rows)."""
