@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from loguru import logger
 
-__all__ = ["IGNORE", "labeled", "encode_labels", "format_labels"]
+__all__ = ["IGNORE", "labeled", "class_columns", "encode_labels", "format_labels"]
 
 #: Label of positions that no probe trains or is scored on (padding, continuation
 #: subwords, special tokens), as in Hugging Face token classification.
@@ -27,6 +27,20 @@ def labeled(y: np.ndarray) -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating):
         return np.isfinite(y)
     return y != IGNORE
+
+
+def class_columns(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(rows,)`` the column of each label of ``y`` among the sorted ``classes``.
+
+    Raises:
+        ValueError: some labels are not among ``classes`` (named).
+    """
+    classes, y = np.asarray(classes), np.asarray(y)
+    index = np.searchsorted(classes, y).clip(max=len(classes) - 1)
+    if np.any(classes[index] != y):
+        raise ValueError(f"labels {sorted(set(y[classes[index] != y].tolist()))} are not in classes "
+                         f"{classes.tolist()}")
+    return index
 
 
 def encode_labels(labels: Any, label_names: Sequence[str] | None = None,

@@ -21,6 +21,7 @@ from ..core.labels import format_labels
 from ..core.pooling import check_pool
 from .online_sgd import OnlineSGDClassifier
 from .original import ORIGINAL_ARGUMENTS, from_original
+from .softmax import SCHEDULES as SOFTMAX_SCHEDULES
 from .softmax import SoftmaxSGDClassifier
 
 __all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SGD_CS", "SOLVERS", "SCORINGS", "PER_PROBE",
@@ -350,7 +351,7 @@ class ProbeConfig:
         defaults dropped, a set one the softmax head lacks refused."""
         lacking = {k: v for k, v in kwargs.items() if k not in _SOFTMAX_PARAMS and k != "loss"}
         refused = [f"{k}={v!r}" for k, v in lacking.items() if v != _SGD_DEFAULTS.get(k)]
-        if kwargs.get("learning_rate", "constant") not in ("constant", "invscaling"):
+        if kwargs.get("learning_rate", "constant") not in SOFTMAX_SCHEDULES:
             refused.append(f"learning_rate={kwargs['learning_rate']!r}")
         if refused:
             raise ValueError(f"probe {self.name!r}: head='auto' trains the multinomial softmax head for {n_classes} "

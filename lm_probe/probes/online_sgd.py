@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.utils import check_random_state
 
+from ..core.labels import class_columns
 from ..functional.sgd import plain_sgd_log, shuffled_order
 
 __all__ = ["OnlineSGDClassifier"]
@@ -98,11 +99,7 @@ class OnlineSGDClassifier(SGDClassifier):
         if X.ndim != 2 or X.shape[1] != self.coef_.shape[1] or len(X) != len(y):
             raise ValueError(f"X has shape {X.shape} and y {y.shape}: expected (rows, {self.coef_.shape[1]}) "
                              "features and one label per row")
-        K = len(self.classes_)
-        index = np.searchsorted(self.classes_, y).clip(max=K - 1)
-        if np.any(self.classes_[index] != y):
-            raise ValueError(f"labels {sorted(set(y.tolist()) - set(self.classes_.tolist()))} are not in classes "
-                             f"{self.classes_.tolist()}")
+        K, index = len(self.classes_), class_columns(self.classes_, y)
         cw = self.class_weight or {}  # a dict (or None): 'balanced' is refused by scikit-learn's first call
         weights = np.array([float(cw.get(c, 1.0)) for c in self.classes_.tolist()])
         if K == 2:  # one output: the second class against the first

@@ -30,9 +30,13 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from ..core.labels import class_columns
 from ..functional.sgd import softmax, softmax_sgd_step
 
-__all__ = ["SoftmaxSGDClassifier"]
+__all__ = ["SoftmaxSGDClassifier", "SCHEDULES"]
+
+#: The ``learning_rate`` schedules the softmax head implements.
+SCHEDULES = ("constant", "invscaling")
 
 
 class SoftmaxSGDClassifier(ClassifierMixin, BaseEstimator):
@@ -66,16 +70,13 @@ class SoftmaxSGDClassifier(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "coef_"):
             if classes is None:
                 raise ValueError("classes must be given on the first call to partial_fit")
-            if self.learning_rate not in ("constant", "invscaling"):
+            if self.learning_rate not in SCHEDULES:
                 raise ValueError(f"learning_rate must be 'constant' or 'invscaling', got {self.learning_rate!r}")
             self.classes_ = np.asarray(sorted(classes))
             self.coef_ = np.zeros((len(self.classes_), X.shape[1]))
             self.intercept_ = np.zeros(len(self.classes_))
             self.t_ = 1.0
-        index = np.searchsorted(self.classes_, y)
-        if np.any(index >= len(self.classes_)) or np.any(self.classes_[np.minimum(index, len(self.classes_) - 1)] != y):
-            raise ValueError(f"labels {sorted(set(y.tolist()) - set(self.classes_.tolist()))} are not in classes "
-                             f"{self.classes_.tolist()}")
+        index = class_columns(self.classes_, y)
         Y = np.zeros((len(y), len(self.classes_)))
         Y[np.arange(len(y)), index] = 1.0
         cw = self.class_weight or {}
