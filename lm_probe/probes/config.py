@@ -24,8 +24,8 @@ from .original import ORIGINAL_ARGUMENTS, from_original
 from .softmax import SCHEDULES as SOFTMAX_SCHEDULES
 from .softmax import SoftmaxSGDClassifier
 
-__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SGD_CS", "SOLVERS", "SCORINGS", "PER_PROBE",
-           "ORIGINAL_ARGUMENTS", "default_alpha"]
+__all__ = ["ProbeConfig", "DEFAULT_PROBE_KWARGS", "DEFAULT_CS", "DEFAULT_SGD_C", "SGD_CS", "SOFTMAX_ETA0", "SOLVERS",
+           "SCORINGS", "PER_PROBE", "ORIGINAL_ARGUMENTS", "default_alpha"]
 
 _HEADS: dict[tuple[str, str], type] = {
     ("classification", "auto"): OnlineSGDClassifier,  # its arguments; by the classes: ProbeConfig.resolve_head
@@ -86,6 +86,14 @@ SGD_CS: tuple[float, ...] = (0.001, 0.005, 0.05, 0.5, 1e4)
 #: The probe trains a plain SGD (``average=False``) and keeps the average of its
 #: iterates after each batch, weighted by the batch's rows (:func:`asgd_weight`).
 DEFAULT_PROBE_KWARGS: dict[str, Any] = {"learning_rate": "constant", "eta0": 0.003, "average": True, "alpha": "auto"}
+#: The softmax head's step (``head="softmax"``, and ``head="auto"`` past two classes) unless
+#: ``eta0`` is given: it steps 4 rows at a time whatever the batch size, so the binary
+#: head's caution about 32-example batches does not apply. On benchmarks/quality_sweep.py's
+#: two 6-class tasks (seeds 0 and 1) 0.01 was as good as 0.003 or better: decoder gap
+#: +0.021 / +0.064 and +0.036 / +0.092 against +0.023 / +0.100 and +0.045 / +0.128, encoder
+#: -0.012 / +0.004 and -0.007 / +0.008 against -0.005 / +0.024 and -0.011 / -0.004; on
+#: notebook 02's 7 word classes it made no difference (0.962 against 0.964 at layer 15).
+SOFTMAX_ETA0 = 0.01
 #: ``alpha="auto"``'s regularization in LogisticRegression's units (see :func:`default_alpha`).
 DEFAULT_SGD_C = 0.005
 #: ``alpha="auto"`` for a probe stepped by hand (``partial_fit`` without ``start``): no
@@ -107,7 +115,7 @@ def default_alpha(n_rows: int | None, C: float = DEFAULT_SGD_C) -> float:
 
 _DEFAULTS: dict[type, dict[str, Any]] = {
     OnlineSGDClassifier: {"loss": "log_loss", **DEFAULT_PROBE_KWARGS},
-    SoftmaxSGDClassifier: dict(DEFAULT_PROBE_KWARGS),
+    SoftmaxSGDClassifier: {**DEFAULT_PROBE_KWARGS, "eta0": SOFTMAX_ETA0},
     SGDRegressor: {},  # scikit-learn's: squared error, inverse-scaling step
     MLPClassifier: {},
     MLPRegressor: {},
@@ -190,7 +198,8 @@ class ProbeConfig:
             ``fit_probes(eval_every=...)`` steps.
         **probe_kwargs: Passed to the estimator (for the linear classifier: ``alpha``,
             ``penalty``, ``learning_rate``, ``eta0``, ``class_weight`` as a dict...), on
-            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier. The original
+            top of :data:`DEFAULT_PROBE_KWARGS` for the linear classifier (the softmax head's
+            step is :data:`SOFTMAX_ETA0`; :attr:`given_kwargs` keeps them as given). The original
             lm_probe's ``test_size``, ``threshold``, ``null_label`` and ``model_kwargs``
             are accepted with a warning (:data:`ORIGINAL_ARGUMENTS`).
     """
@@ -238,7 +247,10 @@ class ProbeConfig:
         self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
         self._set_solver(solver, Cs, cv, scoring, probe_kwargs)
         self._set_own(patience=patience, warmup_steps=warmup_steps, max_steps=max_steps)
-        self.probe_kwargs: dict[str, Any] = self._estimator_kwargs(from_original(probe_kwargs))
+        #: The estimator arguments given (``head="auto"`` puts the softmax head's own defaults
+        #: under them), and the config's estimator's defaults with them on top.
+        self.given_kwargs: dict[str, Any] = from_original(probe_kwargs)
+        self.probe_kwargs: dict[str, Any] = self._estimator_kwargs(self.given_kwargs)
 
     def _set_solver(self, solver: str, Cs: Iterable[float] | None, cv: int | str | None, scoring: str | None,
                     probe_kwargs: dict[str, Any]) -> None:
@@ -335,9 +347,7 @@ class ProbeConfig:
             ValueError: ``head="auto"`` trains the softmax head, and an argument given is one
                 it does not take (``SGDClassifier``'s ``penalty="l1"``...).
         """
-        kwargs, estimator = dict(self.probe_kwargs), self.estimator
-        if self.solver == "sgd" and self.head == "auto" and self.resolve_head(n_classes) == "softmax":
-            estimator, kwargs = SoftmaxSGDClassifier, self._softmax_kwargs(kwargs, n_classes)
+        estimator, kwargs = self.head_kwargs(n_classes)
         sgd_linear = self.head in _SGD_LINEAR and self.solver != "lbfgs"
         average = kwargs.pop("average", False) if sgd_linear else False
         if sgd_linear:
@@ -346,18 +356,30 @@ class ProbeConfig:
             kwargs["alpha"] = default_alpha(n_rows, getattr(self, "l2_C", DEFAULT_SGD_C))
         return estimator(random_state=random_state, **kwargs), average
 
-    def _softmax_kwargs(self, kwargs: dict[str, Any], n_classes: int | None) -> dict[str, Any]:
-        """``head="auto"``'s arguments for the softmax head: SGDClassifier's left at their
-        defaults dropped, a set one the softmax head lacks refused."""
-        lacking = {k: v for k, v in kwargs.items() if k not in _SOFTMAX_PARAMS and k != "loss"}
+    def head_kwargs(self, n_classes: int | None) -> tuple[type, dict[str, Any]]:
+        """The estimator class trained for ``n_classes`` classes and its arguments
+        (``alpha`` and ``average`` as given, see :meth:`build_estimator`).
+
+        ``head="auto"`` past two classes trains the softmax head with its own defaults
+        (``eta0=SOFTMAX_ETA0``) under the arguments given: a given SGDClassifier argument left
+        at scikit-learn's default is dropped, one the softmax head lacks is refused.
+
+        Raises:
+            ValueError: such an argument (``penalty="l1"``, ``learning_rate="optimal"``...).
+        """
+        if not (self.solver == "sgd" and self.head == "auto" and self.resolve_head(n_classes) == "softmax"):
+            return self.estimator, dict(self.probe_kwargs)
+        given = getattr(self, "given_kwargs", self.probe_kwargs)  # a config pickled before given_kwargs
+        lacking = {k: v for k, v in given.items() if k not in _SOFTMAX_PARAMS and k != "loss"}
         refused = [f"{k}={v!r}" for k, v in lacking.items() if v != _SGD_DEFAULTS.get(k)]
-        if kwargs.get("learning_rate", "constant") not in SOFTMAX_SCHEDULES:
-            refused.append(f"learning_rate={kwargs['learning_rate']!r}")
+        if given.get("learning_rate", "constant") not in SOFTMAX_SCHEDULES:
+            refused.append(f"learning_rate={given['learning_rate']!r}")
         if refused:
             raise ValueError(f"probe {self.name!r}: head='auto' trains the multinomial softmax head for {n_classes} "
                              f"classes, which does not take {', '.join(refused)}; give head='linear' for one-vs-rest "
                              "SGDClassifier with them")
-        return {k: v for k, v in kwargs.items() if k in _SOFTMAX_PARAMS}
+        own = {k: v for k, v in given.items() if k in _SOFTMAX_PARAMS}
+        return SoftmaxSGDClassifier, {**_DEFAULTS[SoftmaxSGDClassifier], **own}
 
     def training(self, **defaults: Any) -> dict[str, Any]:
         """``fit_probes``' training settings, with this probe's own :data:`PER_PROBE`

@@ -118,6 +118,7 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
             cfg["label_names"] = probe.config.label_names
         probes.append({
             "name": name, "config": _encode(cfg), "probe_kwargs": _encode(probe.config.probe_kwargs),
+            "given_kwargs": _encode(getattr(probe.config, "given_kwargs", probe.config.probe_kwargs)),
             "random_state": probe.random_state, "n": n, "n_steps": probe.n_steps_,
             "best_loss": probe.best_loss_, "best_step": probe.best_step_, "stop_reason": str(probe.stopped_reason_),
             "n_nonfinite": probe.n_nonfinite_, "C": probe.C_, "converged": probe.converged_,
@@ -175,7 +176,8 @@ class SavedProbes:
         self._states = []
         for entry in document["probes"]:
             cfg = _decode(entry["config"])
-            config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(entry["probe_kwargs"]))
+            kwargs = entry.get("given_kwargs", entry["probe_kwargs"])  # older saves keep only the merged ones
+            config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(kwargs))
             configs.setdefault(config.name, config)
             self._states.append((config, entry))
         self.configs = list(configs.values())  #: one per probe name (a control twin shares its probe's)

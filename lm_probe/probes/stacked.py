@@ -33,8 +33,9 @@ _SKLEARN_DEFAULTS = SGDClassifier().get_params()
 
 def check_kwargs(probe: Probe) -> dict[str, Any]:
     """The probe's SGDClassifier arguments, or a ValueError naming what the bank cannot do."""
-    kw = {**_SKLEARN_DEFAULTS, **probe.config.probe_kwargs}
-    unsupported = sorted(k for k, v in probe.config.probe_kwargs.items()
+    _, own = probe.config.head_kwargs(None if probe.classes_ is None else len(probe.classes_))
+    kw = {**_SKLEARN_DEFAULTS, **own}
+    unsupported = sorted(k for k, v in own.items()
                          if k not in _IMPLEMENTED | _NO_EFFECT_ON_PARTIAL_FIT and v != _SKLEARN_DEFAULTS.get(k))
     problems = [f"{k}={kw[k]!r}" for k in unsupported]
     if kw["penalty"] not in ("l2", None):
