@@ -29,17 +29,18 @@ def labeled(y: np.ndarray) -> np.ndarray:
     return y != IGNORE
 
 
-def class_columns(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+def class_columns(classes: np.ndarray, y: np.ndarray, consequence: str = "") -> np.ndarray:
     """``(rows,)`` the column of each label of ``y`` among the sorted ``classes``.
 
     Raises:
-        ValueError: some labels are not among ``classes`` (named).
+        ValueError: some labels are not among ``classes`` (named; ``consequence`` is added
+            to the message: ``": they cannot be coded"``).
     """
     classes, y = np.asarray(classes), np.asarray(y)
     index = np.searchsorted(classes, y).clip(max=len(classes) - 1)
     if np.any(classes[index] != y):
         raise ValueError(f"labels {sorted(set(y[classes[index] != y].tolist()))} are not in classes "
-                         f"{classes.tolist()}")
+                         f"{classes.tolist()}{consequence}")
     return index
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.labels import class_columns
 from ..functional.codelength import label_bits, uniform_bits
 
 __all__ = ["Codelength", "CODELENGTH_COLUMNS"]
@@ -85,11 +86,7 @@ class Codelength:
         """
         if self.reason is not None or len(y) == 0:
             return
-        classes, y = np.asarray(classes), np.asarray(y)
-        index = np.searchsorted(classes, y).clip(max=len(classes) - 1)
-        if np.any(classes[index] != y):
-            raise ValueError(f"labels {sorted(set(y[classes[index] != y].tolist()))} are not among the classes "
-                             f"{classes.tolist()}: they cannot be coded")
+        index = class_columns(classes, y, ": they cannot be coded")
         self.bits += uniform_bits(len(y), self.n_classes) if proba is None else label_bits(proba, index)
         self.n_coded += len(y)
 

@@ -15,7 +15,7 @@ stepped ``rows_per_step`` (4) at a time, in order: each chunk one step with the 
 gradient of its rows against the weights of the chunk's start, each row moving the weights
 by ``eta`` times its own gradient, the L2 shrinkage compounded once per row, as the torch
 probe backend steps (its ``rows_per_step``, also 4: the two backends take the same steps).
-A whole batch in one step converged too slowly on token-level batches (about 160 rows): on
+A whole batch in one step converged too slowly on token-level batches (about 330 rows): on
 notebook 02's word classes most softmax probes reached the 100-epoch bound. The math is the
 pure function :func:`lm_probe.functional.sgd.softmax_sgd_step`; the class holds state and speaks scikit-learn's
 estimator API (``partial_fit``, ``predict_proba``, ``coef_`` ``(K, hidden)``), so the probe

@@ -206,7 +206,7 @@ def test_codelength_state_round_trips():
     assert Codelength.from_dict(state.to_dict()) == state
     none = Codelength(0, reason="a regression probe")
     assert Codelength.from_dict(none.to_dict()) == none
-    with pytest.raises(ValueError, match=r"labels \[5\] are not among the classes \[0, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"labels \[5\] are not in classes \[0, 1, 2\]: they cannot be coded"):
         state.code(None, np.array([0, 5]), np.array([0, 1, 2]))
     assert state == Codelength(3, 12.5, 40)  # nothing added
 
