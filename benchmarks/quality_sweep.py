@@ -31,6 +31,7 @@ Usage (each step writes under --out, default /tmp/sgd_feats):
     python benchmarks/quality_sweep.py run NAME '{"eta0": 0.1, "avg_restart": true}' dec:length
     python benchmarks/quality_sweep.py check dec:length     # lm_probe's fit_probes beside the replica
     python benchmarks/quality_sweep.py lm NAME '{"probe": {"Cs": [0.005, 0.05]}, "fit": {"num_epochs": 100}}' dec:length
+    python benchmarks/quality_sweep.py seeds NAME '{"fit": {"decay_patience": 5}}' 5 dec:length enc:length   # seeds 0-4
     python benchmarks/quality_sweep.py table NAME [NAME ...]   # NAME+NAME: choose among both runs' twins
 """
 
@@ -317,12 +318,49 @@ def _union(runs: list[dict]) -> dict:
     return {key: [o for r in runs for o in r[key]] for key in runs[0] if all(key in r for r in runs)}
 
 
-def table(out: Path, names: list[str]) -> None:
-    """Mean / worst gap (ceiling minus test accuracy) per (model, task) and rule, over the probes
-    that have a ceiling."""
+def ceilings(out: Path) -> dict:
+    """Every probe's ceiling computed so far (``ceiling_*.json``), by ``"tag|task|X/site/pool"``."""
     ceil = {}
     for path in glob.glob(str(out / "ceiling_*.json")):
         ceil.update(json.loads(Path(path).read_text()))
+    return ceil
+
+
+def seeds(out: Path, name: str, settings: dict, n_seeds: int, pairs: list[tuple[str, str]]) -> None:
+    """``lm`` with the runner's seeds 0 to ``n_seeds - 1`` (runs ``NAME_s0``...; a pair already in
+    a seed's run is not trained again), then per seed each pair's mean / worst gap, the pairs
+    within the targets (mean <= 0.02, worst <= 0.05) and the mean gap over the pairs, and these
+    averaged over the seeds. One seed is one validation split and batch order: on these rows a
+    probe's gap moves by up to 0.1 between seeds, so settings are compared over several."""
+    ceil, within, means, per_pair = ceilings(out), [], [], {pair: [] for pair in pairs}
+    print(f"| {name} | seed | " + " | ".join(f"{TAGS[t]} {task}" for t, task in pairs) + " | within | mean |")
+    for seed in range(n_seeds):
+        path = out / "runs" / f"{name}_s{seed}.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        missing = [(t, task) for t, task in pairs if not any(k.startswith(f"{t}|{task}|") for k in done)]
+        if missing:
+            run_lm(out, f"{name}_s{seed}", {**settings, "seed": seed}, missing)
+        results = json.loads(path.read_text())
+        cells, ok, gaps = [], 0, []
+        for tag, task in pairs:
+            keys = [k for k in results if k.startswith(f"{tag}|{task}|") and k in ceil]
+            gap = np.array([ceil[k]["acc"] - results[k][0]["test_acc"] for k in keys])
+            ok += bool(gap.mean() <= 0.02 and gap.max() <= 0.05)
+            gaps.append(gap.mean())
+            per_pair[(tag, task)].append((gap.mean(), gap.max()))
+            cells.append(f"{gap.mean():+.3f} / {gap.max():+.3f}")
+        within.append(ok)
+        means.append(float(np.mean(gaps)))
+        print(f"| | {seed} | " + " | ".join(cells) + f" | {ok} of {len(pairs)} | {means[-1]:+.4f} |")
+    cells = [f"{np.mean([m for m, _ in g]):+.3f} / {max(w for _, w in g):+.3f}" for g in per_pair.values()]
+    print(f"| | mean / worst over seeds | " + " | ".join(cells) + f" | {sum(within)} of {len(pairs) * n_seeds} | "
+          f"{np.mean(means):+.4f} |")
+
+
+def table(out: Path, names: list[str]) -> None:
+    """Mean / worst gap (ceiling minus test accuracy) per (model, task) and rule, over the probes
+    that have a ceiling."""
+    ceil = ceilings(out)
     for name in names:
         results = _union([json.loads((out / "runs" / f"{part}.json").read_text()) for part in name.split("+")])
         rules = ["loss", "acc"] if "+" in name else ["loss", "acc", *[o["C"] for o in next(iter(results.values()))]]
@@ -340,7 +378,7 @@ def table(out: Path, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["rows", "ceiling", "run", "lm", "table", "check"])
+    parser.add_argument("step", choices=["rows", "ceiling", "run", "lm", "seeds", "table", "check"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--out", default="/tmp/sgd_feats")
     a = parser.parse_args()
@@ -359,6 +397,8 @@ def main() -> None:
         run(out, a.args[0], json.loads(a.args[1]), pairs)
     elif a.step == "lm":
         run_lm(out, a.args[0], json.loads(a.args[1]), pairs)
+    elif a.step == "seeds":
+        seeds(out, a.args[0], json.loads(a.args[1]), int(a.args[2]), pairs)
     else:
         table(out, a.args)
     print(f"{a.step}: {time.perf_counter() - clock:.0f} s", file=sys.stderr)
