@@ -247,8 +247,7 @@ class ProbeConfig:
         self.standardize, self.hidden_size, self.control = bool(standardize), int(hidden_size), bool(control)
         self._set_solver(solver, Cs, cv, scoring, probe_kwargs)
         self._set_own(patience=patience, warmup_steps=warmup_steps, max_steps=max_steps)
-        #: The estimator arguments given (``head="auto"`` puts the softmax head's own defaults
-        #: under them), and the config's estimator's defaults with them on top.
+        #: The estimator arguments as given; ``probe_kwargs``: its estimator's defaults under them.
         self.given_kwargs: dict[str, Any] = from_original(probe_kwargs)
         self.probe_kwargs: dict[str, Any] = self._estimator_kwargs(self.given_kwargs)
 
@@ -389,7 +388,8 @@ class ProbeConfig:
 
     def __repr__(self) -> str:
         own = {k: getattr(self, k, None) for k in PER_PROBE if getattr(self, k, None) is not None}
-        extra = "".join(f", {k}={v!r}" for k, v in {**own, **self.probe_kwargs}.items())
+        given = getattr(self, "given_kwargs", self.probe_kwargs)  # as given: the head's defaults go under them
+        extra = "".join(f", {k}={v!r}" for k, v in {**own, **given}.items())
         solver = (f", Cs={self.Cs!r}" if self.Cs else "") if self.solver == "sgd" else f", solver={self.solver!r}"
         names = "" if getattr(self, "label_names", None) is None else f", label_names={self.label_names!r}"
         return (f"ProbeConfig({self.site!r}, classes={self.classes}, pool={self.pool!r}, head={self.head!r}, "

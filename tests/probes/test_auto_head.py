@@ -68,6 +68,7 @@ def test_the_softmax_head_steps_at_its_own_eta0_unless_one_is_given():
     assert eta0(classes=(0, 1)) == eta0(classes=(0, 1, 2), head="linear") == 0.003
     assert eta0(classes=(0, 1, 2), eta0=0.003) == eta0(classes=(0, 1, 2), head="softmax", eta0=0.003) == 0.003
     assert eta0(classes=(0, 1), eta0=0.05) == 0.05
+    assert "eta0" not in repr(ProbeConfig("s")) and "eta0=0.003" in repr(ProbeConfig("s", eta0=0.003))  # as given
     # the other defaults stay: constant, averaged by the probe, alpha="auto"
     probe = Probe(ProbeConfig("s", classes=(0, 1, 2)), random_state=0)
     assert probe.estimator_.learning_rate == "constant" and probe._average is True
