@@ -61,8 +61,8 @@ _LBFGS_DEFAULTS: dict[str, Any] = {"max_iter": 1000}
 #: 0.02 / 0.05 gap targets on 4 and 5 of its 6 (model, task) pairs (seeds 0 and 1; README).
 SGD_CS: tuple[float, ...] = (0.001, 0.005, 0.05, 0.5, 1e4)
 
-#: lm_probe's defaults for ``SGDClassifier`` (and the softmax head), overridden by any
-#: keyword given to a ProbeConfig. scikit-learn's own default schedule
+#: lm_probe's defaults for ``SGDClassifier`` (and the softmax head, at its own
+#: :data:`SOFTMAX_ETA0`), overridden by any keyword given to a ProbeConfig. scikit-learn's own default schedule
 #: (``learning_rate="optimal"``) makes online probes far too confident on real activations
 #: (test log-loss near 10 on the demo data at 85% of the accuracy), which defeats early
 #: stopping on validation log-loss; a constant step that ``fit_probes``' ``lr_decay``

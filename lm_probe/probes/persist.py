@@ -148,6 +148,18 @@ def save_probes(runner: Any, path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def _saved_config(cfg: dict[str, Any], kwargs: dict[str, Any]) -> ProbeConfig:
+    """The saved configuration rebuilt from its fields and estimator arguments. A config's
+    ``Cs=None`` means one SGD probe, where the argument ``Cs=None`` asks for the default
+    twins: a probe saved without twins is rebuilt with ``Cs=()`` when its arguments alone
+    would add them (none given, e.g. no ``alpha``)."""
+    site, classes = cfg.pop("site"), cfg.pop("classes")
+    config = ProbeConfig(site, classes, **cfg, **kwargs)
+    if cfg.get("Cs") is None and config.Cs is not None:
+        config = ProbeConfig(site, classes, **{**cfg, "Cs": ()}, **kwargs)
+    return config
+
+
 class SavedProbes:
     """A folder written by :func:`save_probes`, read in the order a runner is rebuilt from it
     (:meth:`lm_probe.ProbeRunner.load`): the document and configurations first (checked
@@ -175,9 +187,8 @@ class SavedProbes:
         configs: dict[str, ProbeConfig] = {}
         self._states = []
         for entry in document["probes"]:
-            cfg = _decode(entry["config"])
             kwargs = entry.get("given_kwargs", entry["probe_kwargs"])  # older saves keep only the merged ones
-            config = ProbeConfig(cfg.pop("site"), cfg.pop("classes"), **cfg, **_decode(kwargs))
+            config = _saved_config(_decode(entry["config"]), _decode(kwargs))
             configs.setdefault(config.name, config)
             self._states.append((config, entry))
         self.configs = list(configs.values())  #: one per probe name (a control twin shares its probe's)

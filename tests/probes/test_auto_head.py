@@ -90,6 +90,8 @@ def test_saved_probes_keep_the_arguments_given(gpt2, tmp_path):
     runner.save(tmp_path / "run")
     back = ProbeRunner.load(tmp_path / "run")
     assert back["default"].config.given_kwargs == {} and back["given"].config.given_kwargs == {"eta0": 0.003}
+    for name in ("default", "given"):  # one probe each (Cs=()), not the default twins
+        assert type(back[name]) is Probe and back[name].config == runner[name].config
     assert back["default"].estimator_.eta0 == runner["default"].estimator_.eta0 == 0.01
     assert back["given"].estimator_.eta0 == runner["given"].estimator_.eta0 == 0.003
     document = json.loads((tmp_path / "run" / "probes.json").read_text())
